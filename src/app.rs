@@ -1,0 +1,159 @@
+//! Startup: opens the store, builds the CRM client, starts the HTTP server on a pre-bound
+//! listener and the background tasks; stops them together.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::web;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::crm::{CrmClient, CrmError};
+use crate::http::{self, AppState};
+use crate::registration::{self, RegistrationState, RegistrationStatus};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crm(#[from] CrmError),
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+pub struct Application {
+    server: Server,
+    handle: ServerHandle,
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Application {
+    /// Binds `http.listen` and builds the application.
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let listener =
+            TcpListener::bind(&config.http.listen).map_err(|source| StartError::Bind {
+                addr: config.http.listen.clone(),
+                source,
+            })?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    /// Builds the application on an already-bound listener (tests bind 127.0.0.1:0).
+    pub async fn build_with_listener(
+        config: Config,
+        listener: TcpListener,
+    ) -> Result<Application, StartError> {
+        let config = Arc::new(config);
+        let addr = listener.local_addr().map_err(StartError::Http)?;
+        let store = Store::open(&config.storage.path)?;
+        let client_id = store.client_id(&config.crm.client_id).await?;
+        let crm = CrmClient::new(&config.crm)?;
+
+        let mut tasks = Vec::new();
+        let registration = if !crm.is_configured() {
+            tracing::warn!("crm.api_key is empty: not talking to retailCRM (set it in the config or PBXGATE__CRM__API_KEY)");
+            RegistrationStatus::new(RegistrationState::Disabled("crm.api_key is empty"))
+        } else if !config.crm.register_on_start {
+            RegistrationStatus::new(RegistrationState::Disabled("crm.register_on_start = false"))
+        } else {
+            let status = RegistrationStatus::new(RegistrationState::Pending);
+            tasks.push(tokio::spawn(registration::register_until_done(
+                crm.clone(),
+                config.clone(),
+                client_id.clone(),
+                status.clone(),
+            )));
+            status
+        };
+
+        let state = web::Data::new(AppState {
+            config: config.clone(),
+            store,
+            client_id,
+            crm,
+            registration,
+            started: Instant::now(),
+        });
+        let server = http::server(listener, state.clone()).map_err(StartError::Http)?;
+        let handle = server.handle();
+        tracing::info!(listen = %addr, public_url = %config.http.public_url, store = %config.storage.path.display(),
+            "pbxgate started");
+        Ok(Application {
+            server,
+            handle,
+            addr,
+            state,
+            tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Stops the server gracefully when awaited (in-flight requests finish).
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Runs until the server is stopped through its handle; then stops the background tasks and
+    /// flushes the store.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Err(e) = self.state.store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        result
+    }
+
+    /// Runs until SIGINT/SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> std::io::Result<()> {
+        let handle = self.handle();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            handle.stop(true).await;
+        });
+        self.run_until_stopped().await
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

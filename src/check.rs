@@ -1,0 +1,109 @@
+//! `pbxgate check`: a configuration doctor. Each check prints one line, ✓ or ✗ with a reason.
+
+use std::io::Write;
+
+use crate::config::{Config, Origin};
+use crate::crm::CrmClient;
+use crate::store::Store;
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub ok: bool,
+    pub text: String,
+}
+
+impl std::fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", if self.ok { "✓" } else { "✗" }, self.text)
+    }
+}
+
+fn line(ok: bool, text: impl Into<String>) -> CheckLine {
+    CheckLine {
+        ok,
+        text: text.into(),
+    }
+}
+
+/// Runs every check (config validity was checked by loading it), printing each line as it is
+/// known. Returns whether all passed.
+pub async fn run(config: &Config, origin: &Origin, out: &mut dyn Write) -> bool {
+    let mut all_ok = true;
+    let mut emit = |l: CheckLine| {
+        all_ok &= l.ok;
+        let _ = writeln!(out, "{l}");
+        let _ = out.flush();
+    };
+
+    emit(line(true, format!("config valid ({origin})")));
+    emit(check_store(config).await);
+    emit(check_crm(config).await);
+    emit(check_ami(config).await);
+    all_ok
+}
+
+async fn check_store(config: &Config) -> CheckLine {
+    let path = config.storage.path.display().to_string();
+    match Store::open(&config.storage.path) {
+        Ok(store) => match store.check_writable().await {
+            Ok(()) => line(true, format!("store writable ({path})")),
+            Err(e) => line(false, format!("store not writable: {e}")),
+        },
+        Err(e) => line(false, format!("store cannot be opened: {e}")),
+    }
+}
+
+async fn check_crm(config: &Config) -> CheckLine {
+    let url = &config.crm.url;
+    let crm = match CrmClient::new(&config.crm) {
+        Ok(c) => c,
+        Err(e) => return line(false, format!("CRM client: {e}")),
+    };
+    if !crm.is_configured() {
+        return line(false, format!("CRM {url}: crm.api_key is empty"));
+    }
+    match crm.credentials().await {
+        Ok(c) => {
+            let mut granted: Vec<&str> = c.scopes.iter().map(String::as_str).collect();
+            if granted.is_empty() {
+                granted = c.credentials.iter().map(String::as_str).collect();
+            }
+            let telephony = granted.iter().any(|s| s.contains("telephony"));
+            let modules = granted.iter().any(|s| s.contains("integration"));
+            let mut text = format!(
+                "CRM {url} reachable, key accepted; scopes: {}",
+                granted.join(", ")
+            );
+            if !c.sites_available.is_empty() {
+                text.push_str(&format!("; shops: {}", c.sites_available.join(", ")));
+            }
+            let ok = telephony && modules;
+            if !ok {
+                text.push_str("; missing access to");
+                if !telephony {
+                    text.push_str(" telephony");
+                }
+                if !modules {
+                    text.push_str(" integration modules");
+                }
+            }
+            line(ok, text)
+        }
+        Err(e) => line(false, format!("CRM {url}: {e}")),
+    }
+}
+
+async fn check_ami(config: &Config) -> CheckLine {
+    let addr = format!("{}:{}", config.ami.host, config.ami.port);
+    match crate::ami::probe_login(&config.ami).await {
+        Ok(banner) => line(
+            true,
+            format!(
+                "AMI {addr} reachable ({banner}), login accepted for {}",
+                config.ami.username
+            ),
+        ),
+        Err(e) => line(false, format!("AMI {addr}: {e}")),
+    }
+}

@@ -1,0 +1,127 @@
+//! Command line: `pbxgate [--config PATH] [serve|register|check]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::Application;
+use crate::config::Config;
+use crate::crm::CrmClient;
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pbxgate",
+    version,
+    about = "Asterisk ↔ retailCRM telephony connector"
+)]
+pub struct Cli {
+    /// Configuration file (default: ./config.toml if present, else built-in defaults).
+    #[arg(long, short, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Register (or update) the integration module in retailCRM, then exit.
+    Register,
+    /// Check the config, the store, the CRM key and the AMI login; exit non-zero on any failure.
+    Check,
+}
+
+/// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config, origin) = match Config::load(cli.config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&config.log);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                tracing::info!(config = %origin, "loading");
+                match Application::build(config).await {
+                    Ok(app) => match app.run_until_signal().await {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            tracing::error!(error = %e, "server failed");
+                            ExitCode::from(1)
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("pbxgate: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Register => register(&config).await,
+            Command::Check => {
+                let ok = crate::check::run(&config, &origin, &mut std::io::stdout()).await;
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+        }
+    })
+}
+
+async fn register(config: &Config) -> ExitCode {
+    let result = async {
+        let crm = CrmClient::new(&config.crm)?;
+        if !crm.is_configured() {
+            return Err(crate::crm::CrmError::NotConfigured.into());
+        }
+        let store = Store::open(&config.storage.path)?;
+        let client_id = store.client_id(&config.crm.client_id).await?;
+        let info = crate::registration::register(&crm, config, &client_id).await?;
+        Ok::<_, Box<dyn std::error::Error>>(info)
+    }
+    .await;
+    match result {
+        Ok(info) => {
+            println!(
+                "registered module {} at {}",
+                config.crm.module_code, config.crm.url
+            );
+            if !info.not_exist_users_ids.is_empty() {
+                println!(
+                    "warning: unknown CRM user ids: {:?}",
+                    info.not_exist_users_ids
+                );
+            }
+            if !info.not_exist_site_codes.is_empty() {
+                println!(
+                    "warning: unknown shop codes: {:?}",
+                    info.not_exist_site_codes
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("registration failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! Configuration: built-in defaults < TOML file < `PBXGATE__<SECTION>__<KEY>` environment variables.
+//!
+//! Unknown keys are errors, wherever they come from. After loading, every value is validated and
+//! all problems are reported together, one line each, naming the key (`crm.url: ...`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use validator::{Validate, ValidationError, ValidationErrors, ValidationErrorsKind};
+
+use crate::secret::Secret;
+
+/// Prefix of environment variables that override the file: `PBXGATE__CRM__API_KEY`.
+pub const ENV_PREFIX: &str = "PBXGATE__";
+/// The file read when `--config` is not given; a missing default file means "built-in defaults".
+pub const DEFAULT_PATH: &str = "config.toml";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    #[validate(nested)]
+    pub http: HttpConfig,
+    #[validate(nested)]
+    pub crm: CrmConfig,
+    #[validate(nested)]
+    pub ami: AmiConfig,
+    #[validate(nested)]
+    pub storage: StorageConfig,
+    #[validate(nested)]
+    pub log: LogConfig,
+    /// CRM user ↔ extension (sent as `additionalCodes`).
+    #[validate(nested)]
+    pub users: Vec<UserCode>,
+    /// Shop ↔ external number (sent as `externalPhones`).
+    #[validate(nested)]
+    pub external_phones: Vec<ExternalPhone>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    #[validate(custom(function = "socket_addr"))]
+    pub listen: String,
+    /// The address retailCRM uses to reach us; every URL we register is built from it.
+    #[validate(custom(function = "http_url"))]
+    pub public_url: String,
+    /// Largest request body accepted on any endpoint.
+    #[validate(range(
+        min = 1024,
+        max = 16777216,
+        message = "must be between 1024 and 16777216 bytes"
+    ))]
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8088".into(),
+            public_url: "http://127.0.0.1:8088".into(),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct CrmConfig {
+    #[validate(custom(function = "http_url"))]
+    pub url: String,
+    /// Empty: the CRM is not contacted (the service still runs, records and queues).
+    pub api_key: Secret,
+    #[validate(custom(function = "module_code"))]
+    pub module_code: String,
+    #[validate(length(min = 1, max = 255, message = "must be 1 to 255 characters"))]
+    pub module_name: String,
+    /// Empty: generated once and kept in the store.
+    #[validate(custom(function = "client_id"))]
+    pub client_id: Secret,
+    pub site: String,
+    pub register_on_start: bool,
+    /// `false`: the module's settings can be changed only through the API.
+    pub allow_edit: bool,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub timeout: Duration,
+    /// Requests per second per API key, general routes.
+    #[validate(range(min = 1, max = 1000, message = "must be between 1 and 1000"))]
+    pub rps: u32,
+    /// Requests per second per API key, `/api/v5/telephony/*`.
+    #[validate(range(min = 1, max = 1000, message = "must be between 1 and 1000"))]
+    pub telephony_rps: u32,
+    /// Retries after the first attempt for 503/429/5xx/timeouts.
+    #[validate(range(max = 20, message = "must be at most 20"))]
+    pub max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub retry_max: Duration,
+}
+
+impl Default for CrmConfig {
+    fn default() -> Self {
+        CrmConfig {
+            url: "https://example.retailcrm.ru".into(),
+            api_key: Secret::default(),
+            module_code: "pbxgate".into(),
+            module_name: "pbxgate".into(),
+            client_id: Secret::default(),
+            site: String::new(),
+            register_on_start: true,
+            allow_edit: false,
+            timeout: Duration::from_secs(10),
+            rps: 10,
+            telephony_rps: 40,
+            max_retries: 4,
+            retry_base: Duration::from_millis(250),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmiConfig {
+    #[validate(length(min = 1, max = 255, message = "must not be empty"))]
+    pub host: String,
+    #[validate(range(min = 1, message = "must be between 1 and 65535"))]
+    pub port: u16,
+    #[validate(length(min = 1, max = 80, message = "must be 1 to 80 characters"))]
+    pub username: String,
+    pub secret: Secret,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub connect_timeout: Duration,
+}
+
+impl Default for AmiConfig {
+    fn default() -> Self {
+        AmiConfig {
+            host: "127.0.0.1".into(),
+            port: 5038,
+            username: "pbxgate".into(),
+            secret: Secret::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    #[validate(custom(function = "non_empty_path"))]
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("data/pbxgate.sled"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `pbxgate=debug,actix_web=warn`, ...
+    #[validate(custom(function = "log_filter"))]
+    pub level: String,
+    /// `text` or `json`.
+    #[validate(custom(function = "log_format"))]
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserCode {
+    #[validate(range(min = 1, message = "must be a positive CRM user id"))]
+    pub user_id: u64,
+    #[validate(custom(function = "extension_code"))]
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalPhone {
+    #[validate(length(min = 1, max = 255, message = "must not be empty"))]
+    pub site: String,
+    #[validate(custom(function = "phone_number"))]
+    pub number: String,
+}
+
+impl HttpConfig {
+    /// `public_url` without a trailing slash, ready to have absolute paths appended.
+    pub fn public_base(&self) -> &str {
+        self.public_url.trim_end_matches('/')
+    }
+}
+
+/// Every problem found while loading, one per line, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "config error: {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Where the configuration came from, for the startup log line.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    File(PathBuf),
+    Defaults,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads from `path` (or `./config.toml` if it exists, else the defaults) and the process
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Same as [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Origin), ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::one(format!("--config {}: cannot read: {e}", p.display()))
+                })?;
+                (text, Origin::File(p.to_path_buf()))
+            }
+            None => match std::fs::read_to_string(DEFAULT_PATH) {
+                Ok(text) => (text, Origin::File(PathBuf::from(DEFAULT_PATH))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (String::new(), Origin::Defaults)
+                }
+                Err(e) => {
+                    return Err(ConfigError::one(format!(
+                        "{DEFAULT_PATH}: cannot read: {e}"
+                    )))
+                }
+            },
+        };
+        let config = Self::from_toml_and_env(&text, env).map_err(|mut e| {
+            if let Origin::File(p) = &origin {
+                for line in &mut e.problems {
+                    if line.starts_with("TOML syntax") {
+                        *line = format!("{}: {line}", p.display());
+                    }
+                }
+            }
+            e
+        })?;
+        Ok((config, origin))
+    }
+
+    /// Parses TOML text, applies `PBXGATE__*` overrides from `env`, fills defaults, validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::one(format!("TOML syntax: {}", e.message()))
+        })?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::one(format!("internal: defaults do not serialise: {e}")))?;
+
+        let mut problems = Vec::new();
+        let overrides: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        for (var, raw) in overrides {
+            if let Err(p) = apply_env(&mut tree, &defaults, &var, &raw) {
+                problems.push(p);
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().message().to_string();
+                ConfigError::one(if path == "." {
+                    inner
+                } else {
+                    format!("{path}: {inner}")
+                })
+            })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Runs every validation rule and reports all violations.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(errors) = self.validate() {
+            flatten_errors("", &errors, &mut problems);
+        }
+        self.check_mappings(&mut problems);
+        problems.sort();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    fn check_mappings(&self, problems: &mut Vec<String>) {
+        let mut codes = BTreeMap::new();
+        let mut ids = BTreeMap::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if let Some(first) = codes.insert(u.code.as_str(), i) {
+                problems.push(format!(
+                    "users[{i}].code: extension {} is already given to users[{first}]",
+                    u.code
+                ));
+            }
+            if let Some(first) = ids.insert(u.user_id, i) {
+                problems.push(format!(
+                    "users[{i}].user_id: user {} is already mapped in users[{first}]",
+                    u.user_id
+                ));
+            }
+        }
+        let mut numbers = BTreeMap::new();
+        for (i, p) in self.external_phones.iter().enumerate() {
+            if let Some(first) = numbers.insert(p.number.as_str(), i) {
+                problems.push(format!(
+                    "external_phones[{i}].number: {} is already listed in external_phones[{first}]",
+                    p.number
+                ));
+            }
+        }
+        if self.crm.retry_base > self.crm.retry_max {
+            problems.push("crm.retry_base: must not be larger than crm.retry_max".into());
+        }
+    }
+}
+
+/// Applies one `PBXGATE__A__B=value` to the tree. The type of the value is taken from the
+/// built-in default at that key, so `PBXGATE__CRM__API_KEY=12345` stays a string.
+fn apply_env(
+    tree: &mut toml::Table,
+    defaults: &toml::Table,
+    var: &str,
+    raw: &str,
+) -> Result<(), String> {
+    let segments: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let key = segments.join(".");
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(format!(
+            "{var}: malformed name (expected PBXGATE__<SECTION>__<KEY>)"
+        ));
+    }
+    let mut default: Option<&toml::Value> = None;
+    let mut table = defaults;
+    for (i, seg) in segments.iter().enumerate() {
+        match table.get(seg) {
+            Some(toml::Value::Table(t)) if i + 1 < segments.len() => table = t,
+            Some(v) if i + 1 == segments.len() => default = Some(v),
+            _ => break,
+        }
+    }
+    let Some(default) = default else {
+        return Err(format!(
+            "{key}: unknown key (from environment variable {var})"
+        ));
+    };
+    let value = coerce(default, raw)
+        .map_err(|why| format!("{key}: {why} (from environment variable {var})"))?;
+
+    let mut node = tree;
+    for seg in &segments[..segments.len() - 1] {
+        let entry = node
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(format!(
+                    "{key}: {seg} is not a section (from environment variable {var})"
+                ))
+            }
+        };
+    }
+    node.insert(segments[segments.len() - 1].clone(), value);
+    Ok(())
+}
+
+fn coerce(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    let trimmed = raw.trim();
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(raw.to_string())),
+        toml::Value::Integer(_) => trimmed
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        toml::Value::Float(_) => trimmed
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| format!("expected a number, got {raw:?}")),
+        toml::Value::Boolean(_) => match trimmed.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {raw:?}")),
+        },
+        // Arrays and tables: a TOML inline value, e.g. `[{user_id = 1, code = "101"}]`.
+        _ => {
+            let doc: toml::Table = format!("v = {trimmed}")
+                .parse()
+                .map_err(|_| "expected a TOML inline array or table".to_string())?;
+            doc.get("v")
+                .cloned()
+                .ok_or_else(|| "expected a value".to_string())
+        }
+    }
+}
+
+fn flatten_errors(prefix: &str, errors: &ValidationErrors, out: &mut Vec<String>) {
+    for (field, kind) in errors.errors() {
+        let key = if field == "__all__" {
+            prefix.to_string()
+        } else if prefix.is_empty() {
+            field.to_string()
+        } else {
+            format!("{prefix}.{field}")
+        };
+        match kind {
+            ValidationErrorsKind::Field(list) => {
+                for e in list {
+                    let msg = e.message.as_deref().unwrap_or(&e.code);
+                    out.push(format!("{key}: {msg}"));
+                }
+            }
+            ValidationErrorsKind::Struct(inner) => flatten_errors(&key, inner, out),
+            ValidationErrorsKind::List(items) => {
+                for (i, inner) in items {
+                    flatten_errors(&format!("{key}[{i}]"), inner, out);
+                }
+            }
+        }
+    }
+}
+
+fn problem(msg: impl Into<String>) -> ValidationError {
+    let msg: String = msg.into();
+    ValidationError::new("invalid").with_message(msg.into())
+}
+
+fn non_empty_path(value: &Path) -> Result<(), ValidationError> {
+    if value.as_os_str().is_empty() {
+        Err(problem("must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn socket_addr(value: &str) -> Result<(), ValidationError> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| problem(format!("{value:?} is not an address like 127.0.0.1:8088")))
+}
+
+fn http_url(value: &str) -> Result<(), ValidationError> {
+    let url = url::Url::parse(value)
+        .map_err(|e| problem(format!("{value:?} is not an absolute URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(problem(format!(
+            "{value:?} must start with http:// or https://"
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(problem(format!("{value:?} has no host")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(problem(format!(
+            "{value:?} must not have a query or a fragment"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(problem("must not contain credentials"));
+    }
+    Ok(())
+}
+
+fn module_code(value: &str) -> Result<(), ValidationError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be 1 to 64 of a-z, A-Z, 0-9, '-', '_'"
+        )))
+    }
+}
+
+fn client_id(value: &Secret) -> Result<(), ValidationError> {
+    let v = value.expose();
+    if v.is_empty() {
+        return Ok(());
+    }
+    if v.len() < 16 || v.len() > 128 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(problem(
+            "must be empty (generated) or 16 to 128 printable ASCII characters without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn request_timeout(value: &Duration) -> Result<(), ValidationError> {
+    if value.is_zero() || *value > Duration::from_secs(300) {
+        return Err(problem("must be more than 0 and at most 5m"));
+    }
+    Ok(())
+}
+
+fn backoff(value: &Duration) -> Result<(), ValidationError> {
+    if value.is_zero() || *value > Duration::from_secs(3600) {
+        return Err(problem("must be more than 0 and at most 1h"));
+    }
+    Ok(())
+}
+
+fn log_filter(value: &str) -> Result<(), ValidationError> {
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(|_| ())
+        .map_err(|e| problem(format!("{value:?} is not a log filter ({e})")))
+}
+
+fn log_format(value: &str) -> Result<(), ValidationError> {
+    match value {
+        "text" | "json" => Ok(()),
+        _ => Err(problem(format!("{value:?} must be \"text\" or \"json\""))),
+    }
+}
+
+/// An extension code as retailCRM stores it: 1 to 16 of digits, `*`, `#`.
+pub fn is_extension_code(value: &str) -> bool {
+    (1..=16).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
+}
+
+fn extension_code(value: &str) -> Result<(), ValidationError> {
+    if is_extension_code(value) {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be 1 to 16 of 0-9, '*', '#'"
+        )))
+    }
+}
+
+fn phone_number(value: &str) -> Result<(), ValidationError> {
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    if (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be 3 to 20 digits with an optional leading '+'"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        let c = Config::from_toml_and_env("", env(&[])).unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:8088");
+        assert_eq!(c.crm.module_code, "pbxgate");
+        assert_eq!(c.crm.telephony_rps, 40);
+        assert!(c.users.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let c = Config::from_toml_and_env(&text, env(&[])).unwrap();
+        assert_eq!(c.storage.path, PathBuf::from("data/pbxgate.sled"));
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_keeps_strings_strings() {
+        let text = "[crm]\napi_key = \"from-file\"\nrps = 5\n";
+        let c = Config::from_toml_and_env(
+            text,
+            env(&[
+                ("PBXGATE__CRM__API_KEY", "12345"),
+                ("PBXGATE__CRM__RPS", "7"),
+                ("PBXGATE__CRM__REGISTER_ON_START", "false"),
+                ("PBXGATE__USERS", "[{user_id = 3, code = \"103\"}]"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.crm.api_key.expose(), "12345");
+        assert_eq!(c.crm.rps, 7);
+        assert!(!c.crm.register_on_start);
+        assert_eq!(
+            c.users,
+            vec![UserCode {
+                user_id: 3,
+                code: "103".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml_and_env("[crm]\napi_kye = \"x\"\n", env(&[])).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert!(
+            e.problems[0].contains("crm") && e.problems[0].contains("api_kye"),
+            "{e}"
+        );
+
+        let e = Config::from_toml_and_env("", env(&[("PBXGATE__CRM__NOPE", "1")])).unwrap_err();
+        assert!(e.problems[0].starts_with("crm.nope: unknown key"), "{e}");
+
+        let e = Config::from_toml_and_env("[nosuch]\nx = 1\n", env(&[])).unwrap_err();
+        assert!(e.problems[0].contains("nosuch"), "{e}");
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_with_its_key() {
+        let text = r#"
+            [http]
+            listen = "nowhere"
+            public_url = "ftp://x"
+            [crm]
+            url = "not a url"
+            rps = 0
+            module_code = "bad code"
+            [log]
+            format = "xml"
+            [[users]]
+            user_id = 0
+            code = "10a"
+            [[users]]
+            user_id = 2
+            code = "102"
+            [[users]]
+            user_id = 2
+            code = "102"
+            [[external_phones]]
+            site = "shop"
+            number = "12"
+        "#;
+        let e = Config::from_toml_and_env(text, env(&[])).unwrap_err();
+        let all = e.to_string();
+        for key in [
+            "http.listen:",
+            "http.public_url:",
+            "crm.url:",
+            "crm.rps:",
+            "crm.module_code:",
+            "log.format:",
+            "users[0].user_id:",
+            "users[0].code:",
+            "users[2].code:",
+            "users[2].user_id:",
+            "external_phones[0].number:",
+        ] {
+            assert!(all.contains(key), "missing {key} in:\n{all}");
+        }
+        assert_eq!(all.lines().count(), e.problems.len());
+    }
+
+    #[test]
+    fn bad_env_values_name_the_key_and_the_variable() {
+        let e = Config::from_toml_and_env("", env(&[("PBXGATE__AMI__PORT", "http")])).unwrap_err();
+        assert!(
+            e.problems[0].starts_with("ami.port: expected an integer"),
+            "{e}"
+        );
+        assert!(e.problems[0].contains("PBXGATE__AMI__PORT"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_in_the_file_name_the_key() {
+        let e = Config::from_toml_and_env("[ami]\nport = \"x\"\n", env(&[])).unwrap_err();
+        assert!(e.problems[0].starts_with("ami.port:"), "{e}");
+        let e = Config::from_toml_and_env("[crm]\ntimeout = \"soon\"\n", env(&[])).unwrap_err();
+        assert!(e.problems[0].starts_with("crm.timeout:"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config::from_toml_and_env(
+            "",
+            env(&[
+                ("PBXGATE__CRM__API_KEY", "supersecretkey"),
+                ("PBXGATE__AMI__SECRET", "amisecret"),
+            ]),
+        )
+        .unwrap();
+        let dump = format!("{c:?}");
+        assert!(
+            !dump.contains("supersecretkey") && !dump.contains("amisecret"),
+            "{dump}"
+        );
+    }
+}

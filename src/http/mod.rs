@@ -1,0 +1,104 @@
+//! The HTTP server: retailCRM's callbacks, health/readiness, the admin page and its assets.
+
+pub mod callbacks;
+pub mod error;
+pub mod params;
+pub mod status;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::{Server, Service};
+use actix_web::http::StatusCode;
+use actix_web::middleware::ErrorHandlers;
+use actix_web::{web, App, HttpServer};
+
+use crate::config::Config;
+use crate::crm::CrmClient;
+use crate::registration::RegistrationStatus;
+use crate::secret::Secret;
+use crate::store::Store;
+pub use error::ApiError;
+
+/// Paths we serve; the registration builds retailCRM's URLs from the same constants.
+pub mod paths {
+    pub const MAKE_CALL: &str = "/crm/make-call";
+    pub const USER_STATUS: &str = "/crm/user-status";
+    /// Relative to `baseUrl`, as retailCRM's `actions` expect.
+    pub const ACTIVITY: &str = "/crm/activity";
+    pub const LOGO: &str = "/static/logo.svg";
+    pub const HEALTH: &str = "/health";
+    pub const READY: &str = "/ready";
+}
+
+/// Everything a handler may need; shared by all workers.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    /// The clientId retailCRM must present in every callback.
+    pub client_id: Secret,
+    pub crm: CrmClient,
+    pub registration: RegistrationStatus,
+    pub started: Instant,
+}
+
+/// Builds the server on an already-bound listener (port 0 in tests). The returned future must
+/// be awaited or spawned; stop it through its handle.
+pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Result<Server> {
+    let max_body = state.config.http.max_body_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(max_body))
+            .app_data(web::FormConfig::default().limit(max_body))
+            .app_data(web::JsonConfig::default().limit(max_body))
+            .wrap(
+                ErrorHandlers::new()
+                    .default_handler_client(error::json_error_body)
+                    .handler(StatusCode::INTERNAL_SERVER_ERROR, error::json_error_body),
+            )
+            .wrap_fn(|req, srv| {
+                // Log the path only: query strings carry the clientId and customers' numbers.
+                let method = req.method().clone();
+                let path = req.path().to_owned();
+                let started = Instant::now();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    let status = res.status().as_u16();
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    if path == paths::HEALTH || path == paths::READY {
+                        tracing::debug!(%method, path, status, ms, "http request");
+                    } else {
+                        tracing::info!(%method, path, status, ms, "http request");
+                    }
+                    Ok(res)
+                }
+            })
+            .configure(routes)
+    })
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(5)
+    .run();
+    Ok(server)
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/").route(web::get().to(status::admin_page)))
+        .service(web::resource(paths::LOGO).route(web::get().to(status::logo)))
+        .service(web::resource(paths::HEALTH).route(web::get().to(status::health)))
+        .service(web::resource(paths::READY).route(web::get().to(status::ready)))
+        .service(
+            web::resource(paths::MAKE_CALL)
+                .route(web::get().to(callbacks::make_call))
+                .route(web::post().to(callbacks::make_call)),
+        )
+        .service(
+            web::resource(paths::USER_STATUS)
+                .route(web::get().to(callbacks::user_status))
+                .route(web::post().to(callbacks::user_status)),
+        )
+        .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)));
+}

@@ -1,0 +1,68 @@
+//! Liveness, readiness, the admin page and static assets (embedded in the binary).
+
+use actix_web::http::header::{self, CacheControl, CacheDirective};
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+use crate::registration::RegistrationState;
+
+const ADMIN_PAGE: &str = include_str!("../../static/index.html");
+const LOGO_SVG: &str = include_str!("../../static/logo.svg");
+
+/// `GET /health`: the process is alive and serving.
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: can this instance do its job? 200 when the store answers, 503 otherwise; the
+/// body details every dependency so operators see why.
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let store_ok = state.store.is_readable();
+    let activity = state.store.activity().unwrap_or_default();
+    let (registration, registration_error) = match state.registration.get() {
+        RegistrationState::Registered => ("registered", None),
+        RegistrationState::Pending => ("pending", None),
+        RegistrationState::Disabled(why) => ("disabled", Some(why.to_string())),
+        RegistrationState::Failed(e) => ("failed", Some(e)),
+    };
+    let body = json!({
+        "ready": store_ok,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+        "store": { "ok": store_ok },
+        "crm": {
+            "configured": state.crm.is_configured(),
+            "url": state.crm.base_url(),
+            "registration": registration,
+            "registrationError": registration_error,
+            "active": activity.active,
+            "freeze": activity.freeze,
+            "pushing": activity.may_push(),
+        },
+    });
+    if store_ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /`: a small status page reading `/ready`.
+pub async fn admin_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(ADMIN_PAGE)
+}
+
+/// `GET /static/logo.svg`: the logo retailCRM shows for the module.
+pub async fn logo() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("image/svg+xml")
+        .insert_header(CacheControl(vec![
+            CacheDirective::Public,
+            CacheDirective::MaxAge(86400),
+        ]))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .body(LOGO_SVG)
+}

@@ -1,0 +1,24 @@
+//! pbxgate connects an Asterisk PBX to retailCRM's telephony API (v5, integration module).
+//!
+//! Modules, one concern each:
+//! - [`config`]: layered configuration (defaults < TOML file < `PBXGATE__*` env), validation.
+//! - [`secret`]: strings that never print.
+//! - [`store`]: the sled database behind a small API.
+//! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
+//! - [`registration`]: the integration-module registration.
+//! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
+//! - [`ami`]: the Asterisk Manager Interface.
+//! - [`app`]: startup and shutdown of everything above.
+//! - [`check`], [`cli`], [`telemetry`]: operator-facing entry points and logging.
+
+pub mod ami;
+pub mod app;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod crm;
+pub mod http;
+pub mod registration;
+pub mod secret;
+pub mod store;
+pub mod telemetry;

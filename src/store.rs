@@ -1,0 +1,294 @@
+//! The durable store: one sled database per process, opened once, hidden behind this API.
+//!
+//! Trees: `meta` (the generated clientId, the module's activity state). Later concerns get their
+//! own trees through methods here, so no other module touches sled types.
+//! Values are JSON with a version field, so a field added later does not break old data.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+const META_TREE: &str = "meta";
+const KEY_CLIENT_ID: &str = "client_id";
+const KEY_ACTIVITY: &str = "activity";
+const KEY_PROBE: &str = "probe";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path} is locked by another process (is pbxgate already running?)")]
+    Locked { path: PathBuf },
+    #[error("store {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: cannot decode {key}: {source}")]
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Cheap to clone: sled's handles are reference-counted.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// The module's state as retailCRM last told us through the activity callback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Activity {
+    #[serde(default = "version_1")]
+    pub v: u32,
+    pub active: bool,
+    pub freeze: bool,
+    /// The account's current address, as sent in `systemUrl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_url: Option<String>,
+    /// Unix seconds of the callback; 0 for the assumed initial state.
+    #[serde(default)]
+    pub updated_at: u64,
+}
+
+fn version_1() -> u32 {
+    1
+}
+
+impl Default for Activity {
+    /// Before retailCRM says anything, the module is as we registered it: active.
+    fn default() -> Self {
+        Activity {
+            v: 1,
+            active: true,
+            freeze: false,
+            system_url: None,
+            updated_at: 0,
+        }
+    }
+}
+
+impl Activity {
+    pub fn new(active: bool, freeze: bool, system_url: Option<String>) -> Self {
+        Activity {
+            v: 1,
+            active,
+            freeze,
+            system_url,
+            updated_at: unix_now(),
+        }
+    }
+
+    /// Whether we may push events and uploads to the CRM.
+    pub fn may_push(&self) -> bool {
+        self.active && !self.freeze
+    }
+}
+
+/// sled reports a held lock as an I/O error wrapping `WouldBlock`.
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock
+        || e.raw_os_error() == Some(11)
+        || e.to_string().contains("could not acquire lock")
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`. Only one process may hold it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                source: sled::Error::Io(e),
+            })?;
+        }
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if is_lock_error(io) => StoreError::Locked {
+                path: path.to_path_buf(),
+            },
+            other => StoreError::Open {
+                path: path.to_path_buf(),
+                source: other,
+            },
+        })?;
+        let meta = db.open_tree(META_TREE)?;
+        Ok(Store {
+            db,
+            meta,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes every write so far durable (across a process crash; see sled's own caveats).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The clientId retailCRM must echo in its callbacks: the configured one, else the one
+    /// generated on first start and kept here ever after.
+    pub async fn client_id(&self, configured: &Secret) -> Result<Secret, StoreError> {
+        if !configured.is_empty() {
+            return Ok(configured.clone());
+        }
+        let fresh = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        // Compare-and-swap so two racing callers agree on one value.
+        let stored = match self.meta.compare_and_swap(
+            KEY_CLIENT_ID,
+            None::<&[u8]>,
+            Some(fresh.as_bytes()),
+        )? {
+            Ok(()) => {
+                self.flush().await?;
+                fresh
+            }
+            Err(cas) => {
+                String::from_utf8_lossy(cas.current.as_deref().unwrap_or_default()).into_owned()
+            }
+        };
+        Ok(Secret::new(stored))
+    }
+
+    pub fn activity(&self) -> Result<Activity, StoreError> {
+        Ok(self.get_json(&self.meta, KEY_ACTIVITY)?.unwrap_or_default())
+    }
+
+    /// Persists the activity state durably before returning.
+    pub async fn set_activity(&self, activity: &Activity) -> Result<(), StoreError> {
+        self.put_json(&self.meta, KEY_ACTIVITY, activity)?;
+        self.flush().await
+    }
+
+    /// Writes, reads back and flushes a probe value: proves the store is usable.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let stamp = unix_now().to_be_bytes();
+        self.meta.insert(KEY_PROBE, &stamp)?;
+        self.flush().await?;
+        match self.meta.get(KEY_PROBE)? {
+            Some(v) if v.as_ref() == stamp => Ok(()),
+            _ => Err(StoreError::Sled(sled::Error::ReportableBug(
+                "probe value did not read back".into(),
+            ))),
+        }
+    }
+
+    /// A cheap read proving the database answers (for `/ready`).
+    pub fn is_readable(&self) -> bool {
+        self.meta.get(KEY_ACTIVITY).is_ok()
+    }
+
+    fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match tree.get(key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Decode {
+                        key: key.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn put_json<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
+            key: key.to_string(),
+            source,
+        })?;
+        tree.insert(key, bytes)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn client_id_is_generated_once_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let first = {
+            let store = Store::open(&path).unwrap();
+            let a = store.client_id(&Secret::default()).await.unwrap();
+            let b = store.client_id(&Secret::default()).await.unwrap();
+            assert_eq!(a.expose(), b.expose());
+            assert_eq!(a.expose().len(), 32);
+            a
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.client_id(&Secret::default()).await.unwrap().expose(),
+            first.expose()
+        );
+        let configured = Secret::new("configured-client-id-0001");
+        assert_eq!(
+            store.client_id(&configured).await.unwrap().expose(),
+            configured.expose()
+        );
+    }
+
+    #[tokio::test]
+    async fn activity_defaults_to_active_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            assert!(store.activity().unwrap().may_push());
+            let a = Activity::new(true, true, Some("https://x.retailcrm.ru".into()));
+            store.set_activity(&a).await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let a = store.activity().unwrap();
+        assert!(a.active && a.freeze && !a.may_push());
+        assert_eq!(a.system_url.as_deref(), Some("https://x.retailcrm.ru"));
+    }
+
+    #[test]
+    fn a_second_open_reports_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _held = Store::open(&path).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn probe_writes_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store.check_writable().await.unwrap();
+        assert!(store.is_readable());
+    }
+}
