@@ -124,20 +124,36 @@ pub enum RegistrationState {
     Failed(String),
 }
 
-/// Shared, observable registration state (for `/ready`).
+/// Shared, observable registration state (for `/ready`, and for whoever waits for it).
 #[derive(Debug, Clone)]
-pub struct RegistrationStatus(std::sync::Arc<std::sync::RwLock<RegistrationState>>);
+pub struct RegistrationStatus(std::sync::Arc<tokio::sync::watch::Sender<RegistrationState>>);
 
 impl RegistrationStatus {
     pub fn new(initial: RegistrationState) -> Self {
-        RegistrationStatus(std::sync::Arc::new(std::sync::RwLock::new(initial)))
+        RegistrationStatus(std::sync::Arc::new(tokio::sync::watch::Sender::new(
+            initial,
+        )))
     }
 
     pub fn get(&self) -> RegistrationState {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.borrow().clone()
     }
 
     pub fn set(&self, state: RegistrationState) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.0.send_replace(state);
+    }
+
+    /// Waits until the state satisfies `done` and returns it.
+    pub async fn wait_for(
+        &self,
+        done: impl FnMut(&RegistrationState) -> bool,
+    ) -> RegistrationState {
+        let mut rx = self.0.subscribe();
+        let state = match rx.wait_for(done).await {
+            Ok(s) => s.clone(),
+            // The sender lives in `self`, so the channel cannot close while we wait.
+            Err(_) => self.get(),
+        };
+        state
     }
 }

@@ -1,0 +1,152 @@
+//! The binary itself: exit codes and messages.
+
+use std::process::Output;
+
+use tokio::process::Command;
+
+use crate::support::{fake_crm, FakeAmi, FakeCrm};
+
+async fn pbxgate(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run pbxgate")
+}
+
+#[tokio::test]
+async fn invalid_config_exits_2_with_one_line_per_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[crm]\nurl = \"nope\"\nrps = 0\n[ami]\nport = 0\n").unwrap();
+    let out = pbxgate(
+        dir.path(),
+        &["--config", path.to_str().unwrap(), "check"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines.iter().any(|l| l.contains("crm.url")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("crm.rps")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("ami.port")), "{err}");
+
+    let out = pbxgate(
+        dir.path(),
+        &["check"],
+        &[("PBXGATE__CRM__NO_SUCH_KEY", "1".into())],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crm.no_such_key: unknown key"));
+}
+
+fn env_for(
+    dir: &std::path::Path,
+    crm: &FakeCrm,
+    ami: &FakeAmi,
+    ami_secret: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("PBXGATE__CRM__URL", crm.url.clone()),
+        ("PBXGATE__CRM__API_KEY", fake_crm::API_KEY.to_string()),
+        ("PBXGATE__AMI__HOST", "127.0.0.1".to_string()),
+        ("PBXGATE__AMI__PORT", ami.addr.port().to_string()),
+        ("PBXGATE__AMI__SECRET", ami_secret.to_string()),
+        (
+            "PBXGATE__STORAGE__PATH",
+            dir.join("store").display().to_string(),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn check_passes_against_working_peers_and_fails_on_a_wrong_ami_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s3cret").await;
+
+    let out = pbxgate(
+        dir.path(),
+        &["check"],
+        &env_for(dir.path(), &crm, &ami, "s3cret"),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines.iter().all(|l| l.starts_with('✓')), "{stdout}");
+    assert!(stdout.contains("telephony_write"), "{stdout}");
+
+    let out = pbxgate(
+        dir.path(),
+        &["check"],
+        &env_for(dir.path(), &crm, &ami, "wrong"),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let ami_line = stdout.lines().find(|l| l.contains("AMI")).unwrap();
+    assert!(
+        ami_line.starts_with('✗') && ami_line.contains("Authentication failed"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("wrong") && !stdout.contains(fake_crm::API_KEY),
+        "no secrets printed: {stdout}"
+    );
+}
+
+#[tokio::test]
+async fn check_reports_an_unusable_crm_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s").await;
+    let mut env = env_for(dir.path(), &crm, &ami, "s");
+    env.push(("PBXGATE__CRM__API_KEY", "not-the-key".into()));
+    let out = pbxgate(dir.path(), &["check"], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("✗ CRM") && l.contains("API key")),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn register_command_registers_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s").await;
+    let mut env = env_for(dir.path(), &crm, &ami, "s");
+    env.push(("PBXGATE__USERS", "[{user_id = 7, code = \"107\"}]".into()));
+    let out = pbxgate(dir.path(), &["register"], &env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let module = crm.module().expect("module registered");
+    assert_eq!(
+        module["integrations"]["telephony"]["additionalCodes"],
+        serde_json::json!([{"userId": 7, "code": "107"}])
+    );
+    // The clientId generated by `register` is the one `serve` will check: it is in the store.
+    let id = module["clientId"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+}

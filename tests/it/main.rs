@@ -1,0 +1,11 @@
+//! Black-box tests of pbxgate against the fake retailCRM and the scripted AMI peer, over real
+//! HTTP and TCP on loopback.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod activity;
+mod cli;
+mod crm_client;
+mod http_api;
+mod registration;
