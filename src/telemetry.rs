@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` to stderr, as text or JSON, filtered by `log.level` (or `RUST_LOG`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
