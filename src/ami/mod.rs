@@ -4,6 +4,8 @@
 //! (`Asterisk Call Manager/<version>`), then messages of `Key: Value` lines ending with an empty
 //! line, all CRLF.
 
+pub mod frame;
+
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
