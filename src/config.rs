@@ -29,6 +29,10 @@ pub struct Config {
     #[validate(nested)]
     pub ami: AmiConfig,
     #[validate(nested)]
+    pub click_to_call: ClickToCallConfig,
+    #[validate(nested)]
+    pub manager_status: ManagerStatusConfig,
+    #[validate(nested)]
     pub storage: StorageConfig,
     #[validate(nested)]
     pub log: LogConfig,
@@ -126,6 +130,16 @@ impl Default for CrmConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmiAuth {
+    /// `Login` with `Secret`.
+    #[default]
+    Plain,
+    /// `Challenge` then `Login` with `Key = md5(challenge + secret)`: the secret never crosses the wire.
+    Md5,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmiConfig {
@@ -136,9 +150,48 @@ pub struct AmiConfig {
     #[validate(length(min = 1, max = 80, message = "must be 1 to 80 characters"))]
     pub username: String,
     pub secret: Secret,
+    pub auth: AmiAuth,
+    /// The `Events:` value at login: `on`, `off`, or a class list such as `call,agent,cdr,system`.
+    #[validate(custom(function = "ami_events"))]
+    pub events: String,
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "request_timeout"))]
     pub connect_timeout: Duration,
+    /// Time allowed for Asterisk to answer an action.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub action_timeout: Duration,
+    /// Keepalive: a `Ping` this often; no answer within `ping_timeout` means the link is dead.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub ping_timeout: Duration,
+    /// Reconnect backoff: exponential with jitter between these bounds.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub reconnect_max: Duration,
+    /// Events buffered per subscriber before it is told it lagged.
+    #[validate(range(min = 16, max = 1048576, message = "must be between 16 and 1048576"))]
+    pub event_buffer: usize,
+    /// Context where managers' extensions are dialled (`{context}` in `originate_channel`).
+    #[validate(custom(function = "dialplan_name"))]
+    pub internal_context: String,
+    /// Context where the customer's number is dialled.
+    #[validate(custom(function = "dialplan_name"))]
+    pub outbound_context: String,
+    /// The manager's leg of a click-to-call: `{code}` is the extension, `{context}` the
+    /// internal context. E.g. `Local/{code}@{context}` or `PJSIP/{code}`.
+    #[validate(custom(function = "channel_template"))]
+    pub originate_channel: String,
+    /// How long the manager's phone rings before the click-to-call gives up.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub originate_timeout: Duration,
 }
 
 impl Default for AmiConfig {
@@ -148,7 +201,65 @@ impl Default for AmiConfig {
             port: 5038,
             username: "pbxgate".into(),
             secret: Secret::default(),
+            auth: AmiAuth::Plain,
+            events: "on".into(),
             connect_timeout: Duration::from_secs(5),
+            action_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            event_buffer: 8192,
+            internal_context: "from-internal".into(),
+            outbound_context: "from-internal".into(),
+            originate_channel: "Local/{code}@{context}".into(),
+            originate_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickToCallConfig {
+    /// The same (extension, number) again within this window is answered but not dialled twice.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// Originates allowed per extension per minute (0 = no limit).
+    pub per_extension_per_minute: u32,
+    /// Originates allowed in total per minute (0 = no limit).
+    pub global_per_minute: u32,
+}
+
+impl Default for ClickToCallConfig {
+    fn default() -> Self {
+        ClickToCallConfig {
+            dedupe_window: Duration::from_secs(5),
+            per_extension_per_minute: 10,
+            global_per_minute: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerStatusConfig {
+    /// Statuses that pause the manager in the queues (`QueuePause Paused=true Reason=<status>`);
+    /// any other status unpauses.
+    #[validate(custom(function = "user_statuses"))]
+    pub pause_statuses: Vec<String>,
+    /// The queue member interface of a manager; `{code}` is the extension.
+    #[validate(custom(function = "channel_template"))]
+    pub queue_interface: String,
+    /// Queues to act on; empty = all queues.
+    pub queues: Vec<String>,
+}
+
+impl Default for ManagerStatusConfig {
+    fn default() -> Self {
+        ManagerStatusConfig {
+            pause_statuses: vec!["dinner".into(), "break".into()],
+            queue_interface: "PJSIP/{code}".into(),
+            queues: Vec::new(),
         }
     }
 }
@@ -381,6 +492,19 @@ impl Config {
                 ));
             }
         }
+        if self.ami.reconnect_min > self.ami.reconnect_max {
+            problems.push("ami.reconnect_min: must not be larger than ami.reconnect_max".into());
+        }
+        if self.ami.ping_timeout > self.ami.ping_interval {
+            problems.push("ami.ping_timeout: must not be larger than ami.ping_interval".into());
+        }
+        for (i, q) in self.manager_status.queues.iter().enumerate() {
+            if q.is_empty() || q.len() > 128 || q.chars().any(|c| c.is_control()) {
+                problems.push(format!(
+                    "manager_status.queues[{i}]: must be 1 to 128 printable characters"
+                ));
+            }
+        }
         if self.crm.retry_base > self.crm.retry_max {
             problems.push("crm.retry_base: must not be larger than crm.retry_max".into());
         }
@@ -577,6 +701,63 @@ fn backoff(value: &Duration) -> Result<(), ValidationError> {
         return Err(problem("must be more than 0 and at most 1h"));
     }
     Ok(())
+}
+
+fn ami_events(value: &str) -> Result<(), ValidationError> {
+    let ok = !value.is_empty()
+        && value.len() <= 200
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b',' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be on, off, or a comma-separated class list"
+        )))
+    }
+}
+
+fn dialplan_name(value: &str) -> Result<(), ValidationError> {
+    let ok = !value.is_empty()
+        && value.len() <= 80
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be 1 to 80 of a-z, A-Z, 0-9, '-', '_', '.'"
+        )))
+    }
+}
+
+fn channel_template(value: &str) -> Result<(), ValidationError> {
+    if !value.contains("{code}") {
+        return Err(problem(format!("{value:?} must contain {{code}}")));
+    }
+    if !value.contains('/')
+        || value.chars().any(|c| c.is_control() || c == ',')
+        || value.len() > 200
+    {
+        return Err(problem(format!(
+            "{value:?} must look like TECH/{{code}} (e.g. PJSIP/{{code}})"
+        )));
+    }
+    Ok(())
+}
+
+fn user_statuses(value: &[String]) -> Result<(), ValidationError> {
+    match value
+        .iter()
+        .find(|s| !matches!(s.as_str(), "free" | "busy" | "dinner" | "break"))
+    {
+        Some(bad) => Err(problem(format!(
+            "{bad:?} is not one of free, busy, dinner, break"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn log_filter(value: &str) -> Result<(), ValidationError> {

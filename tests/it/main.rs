@@ -5,6 +5,7 @@
 mod support;
 
 mod activity;
+mod ami_client;
 mod ami_parser;
 mod cli;
 mod crm_client;

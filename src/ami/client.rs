@@ -1,0 +1,793 @@
+//! The AMI client: one supervisor task owns the connection; callers hold a cloneable handle.
+//!
+//! ```text
+//!  handle.send(action) ──mpsc──► supervisor ──write──► socket ──► Asterisk
+//!                                    │ registers pending[ActionID]
+//!  oneshot ◄── reader task ◄──read── socket ◄── Asterisk
+//!              │ responses/list items → pending[ActionID]
+//!              └ events → broadcast (bounded; a slow subscriber gets Lagged, the reader never waits)
+//! ```
+//!
+//! The reader drains the socket continuously (Asterisk drops a client that stalls its writes past
+//! `writetimeout`). Actions in flight when the link drops fail with [`AmiError::Disconnected`] and
+//! are never re-sent: a re-sent Originate rings a phone twice. Reconnects use capped exponential
+//! backoff with jitter, one at a time, and every new session is announced as
+//! [`AmiEvent::Connected`] so state owners can resync.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::frame::{Frame, Item, Limits, Parser};
+use crate::config::{AmiAuth, AmiConfig};
+
+/// Most events collected for one event-list action.
+const MAX_LIST_ITEMS: usize = 100_000;
+
+/// An action to send: its name and headers, in order.
+#[derive(Debug, Clone)]
+pub struct Action {
+    name: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Action {
+    pub fn new(name: &str) -> Action {
+        Action {
+            name: name.to_string(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a header. CR and LF are removed from keys and values: they would end the header
+    /// (or the whole action) early and let a value inject headers.
+    pub fn header(mut self, key: &str, value: impl AsRef<str>) -> Action {
+        let clean = |s: &str| {
+            s.chars()
+                .filter(|c| *c != '\r' && *c != '\n')
+                .collect::<String>()
+        };
+        self.headers.push((clean(key), clean(value.as_ref())));
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    fn to_wire(&self, action_id: &str) -> String {
+        let mut out = format!("Action: {}\r\nActionID: {action_id}\r\n", self.name);
+        for (k, v) in &self.headers {
+            out.push_str(k);
+            out.push_str(": ");
+            out.push_str(v);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        out
+    }
+}
+
+/// The answer to an action: the response frame and, for event-list actions, the list items
+/// (without the closing `...Complete` event, which is in `complete`).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub action_id: String,
+    pub response: Frame,
+    pub events: Vec<Frame>,
+    pub complete: Option<Frame>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AmiError {
+    #[error("AMI link is down: {0}")]
+    NotConnected(String),
+    #[error(
+        "AMI link dropped before the answer; the action's outcome is unknown (it is not re-sent)"
+    )]
+    Disconnected,
+    #[error("no answer from Asterisk within {0:?}")]
+    Timeout(Duration),
+    #[error("Asterisk refused the action: {0}")]
+    Refused(String),
+    #[error("AMI login refused: {0}")]
+    Auth(String),
+    #[error("AMI connection failed: {0}")]
+    Io(String),
+    #[error("{0} is not an Asterisk manager (first line: {1:?})")]
+    NotAmi(String, String),
+    #[error("AMI client stopped")]
+    Stopped,
+}
+
+/// What subscribers receive, in arrival order.
+#[derive(Debug, Clone)]
+pub enum AmiEvent {
+    /// A new session is logged in (the first one or after a reconnect): resync now.
+    Connected {
+        session: u64,
+    },
+    /// The session ended; events in between are lost.
+    Disconnected {
+        reason: String,
+    },
+    Event(Arc<Frame>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Connecting {
+        attempt: u32,
+        last_error: Option<String>,
+    },
+    Connected {
+        session: u64,
+        banner: String,
+        since: Instant,
+    },
+    Stopped,
+}
+
+impl LinkState {
+    pub fn is_connected(&self) -> bool {
+        matches!(self, LinkState::Connected { .. })
+    }
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Reply, AmiError>>,
+    response: Option<Frame>,
+    events: Vec<Frame>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+type PendingMap = Arc<Mutex<HashMap<String, Pending>>>;
+
+struct Command {
+    action: Action,
+    reply: oneshot::Sender<Result<Reply, AmiError>>,
+    timeout: Duration,
+}
+
+/// A cloneable handle to the AMI connection.
+#[derive(Clone)]
+pub struct AmiClient {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<AmiEvent>,
+    state: watch::Receiver<LinkState>,
+    action_timeout: Duration,
+    stop: Arc<watch::Sender<bool>>,
+    counters: Arc<Counters>,
+}
+
+/// Counters for `/ready` and logs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sessions: AtomicU64,
+    pub events: AtomicU64,
+    pub skipped_frames: AtomicU64,
+}
+
+impl std::fmt::Debug for AmiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmiClient")
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl AmiClient {
+    /// Starts the supervisor; it connects, logs in and keeps the link up until [`AmiClient::stop`].
+    pub fn start(cfg: AmiConfig) -> AmiClient {
+        let (commands, rx) = mpsc::channel(1024);
+        let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
+        let (state_tx, state) = watch::channel(LinkState::Connecting {
+            attempt: 0,
+            last_error: None,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let counters = Arc::new(Counters::default());
+        let client = AmiClient {
+            commands,
+            events: events.clone(),
+            state,
+            action_timeout: cfg.action_timeout,
+            stop: Arc::new(stop_tx),
+            counters: counters.clone(),
+        };
+        tokio::spawn(supervise(cfg, rx, events, state_tx, stop_rx, counters));
+        client
+    }
+
+    /// Sends an action and waits for its answer (and, for event lists, all items).
+    /// `Response: Error` becomes [`AmiError::Refused`] with Asterisk's message.
+    pub async fn send(&self, action: Action) -> Result<Reply, AmiError> {
+        self.send_with_timeout(action, self.action_timeout).await
+    }
+
+    pub async fn send_with_timeout(
+        &self,
+        action: Action,
+        timeout: Duration,
+    ) -> Result<Reply, AmiError> {
+        if !self.state.borrow().is_connected() {
+            return Err(AmiError::NotConnected(self.describe_down()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command {
+                action,
+                reply: tx,
+                timeout,
+            })
+            .await
+            .map_err(|_| AmiError::Stopped)?;
+        rx.await.unwrap_or(Err(AmiError::Disconnected))
+    }
+
+    fn describe_down(&self) -> String {
+        match &*self.state.borrow() {
+            LinkState::Connecting {
+                last_error: Some(e),
+                ..
+            } => e.clone(),
+            LinkState::Connecting { .. } => "connecting".into(),
+            LinkState::Stopped => "stopped".into(),
+            LinkState::Connected { .. } => "connected".into(),
+        }
+    }
+
+    /// Events and link changes, in order. A subscriber that falls behind gets
+    /// `RecvError::Lagged(n)` and should resync.
+    pub fn subscribe(&self) -> broadcast::Receiver<AmiEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.state.borrow().clone()
+    }
+
+    /// Link state changes, for whoever wants to wait on them.
+    pub fn watch_state(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Waits until a session is logged in.
+    pub async fn wait_connected(&self) {
+        let mut rx = self.state.clone();
+        let _ = rx.wait_for(LinkState::is_connected).await;
+    }
+
+    /// Waits until the link is not connected (after a drop).
+    pub async fn wait_disconnected(&self) {
+        let mut rx = self.state.clone();
+        let _ = rx.wait_for(|s| !s.is_connected()).await;
+    }
+
+    /// Stops the supervisor; pending actions fail.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Connects once, logs in, logs off: for `pbxgate check`. Returns the banner.
+    pub async fn probe(cfg: &AmiConfig) -> Result<String, AmiError> {
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default());
+        let (mut session, banner) = Session::open(cfg, &shared, 0).await?;
+        let _ = session
+            .request(&shared, Action::new("Logoff"), cfg.action_timeout)
+            .await;
+        session.close().await;
+        Ok(banner)
+    }
+}
+
+/// What the reader task and the supervisor share for one client.
+struct Shared {
+    pending: PendingMap,
+    events: broadcast::Sender<AmiEvent>,
+    next_id: AtomicU64,
+    prefix: String,
+    counters: Arc<Counters>,
+}
+
+impl Shared {
+    fn new(events: broadcast::Sender<AmiEvent>, counters: Arc<Counters>) -> Arc<Shared> {
+        Arc::new(Shared {
+            pending: Arc::default(),
+            events,
+            next_id: AtomicU64::new(1),
+            prefix: format!("pbxgate-{:08x}", rand::random::<u32>()),
+            counters,
+        })
+    }
+
+    fn action_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn fail_all(&self, err: AmiError) {
+        let drained: Vec<Pending> = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            map.drain().map(|(_, p)| p).collect()
+        };
+        for p in drained {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+    }
+
+    fn expire(&self, now: Instant) {
+        let expired: Vec<(String, Pending)> = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove(&id).map(|p| (id, p)))
+                .collect()
+        };
+        for (id, p) in expired {
+            tracing::warn!(action_id = %id, "AMI action timed out");
+            let _ = p.reply.send(Err(AmiError::Timeout(p.timeout)));
+        }
+    }
+
+    /// Routes one frame: answers and list items to their pending action, events to subscribers.
+    fn dispatch(&self, frame: Frame) {
+        let id = frame.action_id().map(str::to_string);
+        if frame.event().is_some() {
+            if let Some(id) = &id {
+                let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let in_list = map
+                    .get(id)
+                    .is_some_and(|p| is_list_start(p.response.as_ref()));
+                if in_list {
+                    let done = frame.get("EventList").is_some_and(|v| {
+                        v.eq_ignore_ascii_case("Complete") || v.eq_ignore_ascii_case("cancelled")
+                    });
+                    if done {
+                        if let Some(p) = map.remove(id) {
+                            drop(map);
+                            let response = p
+                                .response
+                                .unwrap_or_else(|| Frame::from_pairs::<&str, &str>([]));
+                            let reply = Reply {
+                                action_id: id.clone(),
+                                response,
+                                events: p.events,
+                                complete: Some(frame),
+                            };
+                            let _ = p.reply.send(Ok(reply));
+                        }
+                    } else if let Some(p) = map.get_mut(id) {
+                        if p.events.len() < MAX_LIST_ITEMS {
+                            p.events.push(frame);
+                        }
+                    }
+                    return;
+                }
+            }
+            self.counters.events.fetch_add(1, Ordering::Relaxed);
+            // OriginateResponse carries our ActionID but is an event: it goes to subscribers.
+            let _ = self.events.send(AmiEvent::Event(Arc::new(frame)));
+            return;
+        }
+        let Some(id) = id else {
+            tracing::debug!(?frame, "AMI frame without ActionID ignored");
+            return;
+        };
+        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = map.get_mut(&id) else {
+            tracing::debug!(action_id = %id, "AMI answer to no pending action");
+            return;
+        };
+        if frame
+            .get("EventList")
+            .is_some_and(|v| v.eq_ignore_ascii_case("start"))
+        {
+            p.response = Some(frame);
+            return;
+        }
+        let Some(p) = map.remove(&id) else { return };
+        drop(map);
+        let result = match frame.response() {
+            Some(r) if r.eq_ignore_ascii_case("Error") => Err(AmiError::Refused(
+                frame.get("Message").unwrap_or("no message").to_string(),
+            )),
+            _ => Ok(Reply {
+                action_id: id,
+                response: frame,
+                events: Vec::new(),
+                complete: None,
+            }),
+        };
+        let _ = p.reply.send(result);
+    }
+}
+
+fn is_list_start(response: Option<&Frame>) -> bool {
+    response.is_some_and(|r| {
+        r.get("EventList")
+            .is_some_and(|v| v.eq_ignore_ascii_case("start"))
+    })
+}
+
+/// One logged-in connection: the write half plus the reader task.
+struct Session {
+    write: OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<()>,
+    /// Fires when the reader stops (EOF, error).
+    closed: oneshot::Receiver<String>,
+}
+
+impl Session {
+    /// Connects, reads the banner and logs in.
+    async fn open(
+        cfg: &AmiConfig,
+        shared: &Arc<Shared>,
+        session_no: u64,
+    ) -> Result<(Session, String), AmiError> {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| AmiError::Io(format!("connect to {addr}: timed out")))?
+            .map_err(|e| AmiError::Io(format!("connect to {addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let (banner_tx, banner_rx) = oneshot::channel();
+        let (closed_tx, closed) = oneshot::channel();
+        let reader = tokio::spawn(read_loop(
+            read,
+            shared.clone(),
+            banner_tx,
+            closed_tx,
+            session_no,
+        ));
+        let mut session = Session {
+            write,
+            reader,
+            closed,
+        };
+
+        let banner = match tokio::time::timeout(cfg.connect_timeout, banner_rx).await {
+            Ok(Ok(Ok(b))) => b,
+            Ok(Ok(Err(first_line))) => {
+                session.close().await;
+                return Err(AmiError::NotAmi(addr, first_line));
+            }
+            _ => {
+                session.close().await;
+                return Err(AmiError::Io(format!(
+                    "{addr}: no AMI banner within {:?}",
+                    cfg.connect_timeout
+                )));
+            }
+        };
+
+        let login = match cfg.auth {
+            AmiAuth::Plain => Action::new("Login")
+                .header("Username", &cfg.username)
+                .header("Secret", cfg.secret.expose())
+                .header("Events", &cfg.events),
+            AmiAuth::Md5 => {
+                let challenge = session
+                    .request(
+                        shared,
+                        Action::new("Challenge").header("AuthType", "MD5"),
+                        cfg.action_timeout,
+                    )
+                    .await;
+                let challenge = match challenge {
+                    Ok(r) => r.response.get("Challenge").unwrap_or_default().to_string(),
+                    Err(e) => {
+                        session.close().await;
+                        return Err(AmiError::Auth(format!("MD5 challenge: {e}")));
+                    }
+                };
+                let key = hex(&Md5::digest(
+                    format!("{challenge}{}", cfg.secret.expose()).as_bytes(),
+                ));
+                Action::new("Login")
+                    .header("AuthType", "MD5")
+                    .header("Username", &cfg.username)
+                    .header("Key", key)
+                    .header("Events", &cfg.events)
+            }
+        };
+        match session.request(shared, login, cfg.action_timeout).await {
+            Ok(_) => Ok((session, banner)),
+            Err(e) => {
+                session.close().await;
+                Err(match e {
+                    AmiError::Refused(msg) => AmiError::Auth(msg),
+                    AmiError::Disconnected => {
+                        AmiError::Auth("connection closed during login".into())
+                    }
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Registers, writes and awaits one action (used for login before the supervisor loop).
+    async fn request(
+        &mut self,
+        shared: &Shared,
+        action: Action,
+        timeout: Duration,
+    ) -> Result<Reply, AmiError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.write_action(shared, &action, tx, timeout).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(r) => r.unwrap_or(Err(AmiError::Disconnected)),
+            Err(_) => {
+                shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(AmiError::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn write_action(
+        &mut self,
+        shared: &Shared,
+        action: &Action,
+        reply: oneshot::Sender<Result<Reply, AmiError>>,
+        timeout: Duration,
+    ) -> Result<String, AmiError> {
+        let id = shared.action_id();
+        let pending = Pending {
+            reply,
+            response: None,
+            events: Vec::new(),
+            deadline: Instant::now() + timeout,
+            timeout,
+        };
+        shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), pending);
+        let wire = action.to_wire(&id);
+        if let Err(e) = self.write.write_all(wire.as_bytes()).await {
+            let p = shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let Some(p) = p {
+                let _ = p.reply.send(Err(AmiError::Disconnected));
+            }
+            return Err(AmiError::Io(format!("write: {e}")));
+        }
+        Ok(id)
+    }
+
+    async fn close(mut self) {
+        let _ = self.write.shutdown().await;
+        self.reader.abort();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn read_loop(
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    shared: Arc<Shared>,
+    banner: oneshot::Sender<Result<String, String>>,
+    closed: oneshot::Sender<String>,
+    session_no: u64,
+) {
+    let mut parser = Parser::new(Limits::default());
+    let mut banner = Some(banner);
+    let mut buf = vec![0u8; 64 * 1024];
+    let reason = loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) => break "closed by Asterisk".to_string(),
+            Ok(n) => n,
+            Err(e) => break format!("read: {e}"),
+        };
+        parser.push(&buf[..n]);
+        while let Some(item) = parser.next_item() {
+            match item {
+                Item::Banner(b) => {
+                    if let Some(tx) = banner.take() {
+                        let ok = b.starts_with("Asterisk Call Manager/");
+                        let _ = tx.send(if ok { Ok(b) } else { Err(b) });
+                    }
+                }
+                Item::Frame(frame) => {
+                    if let Some(tx) = banner.take() {
+                        // A frame before any banner: not an AMI server (or a broken one).
+                        let _ = tx.send(Err(frame
+                            .to_wire()
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string()));
+                        break;
+                    }
+                    shared.dispatch(frame);
+                }
+                Item::Skipped { reason, bytes } => {
+                    shared
+                        .counters
+                        .skipped_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(session = session_no, bytes, reason = %reason, "AMI: skipped unreadable data");
+                }
+            }
+        }
+    };
+    let _ = closed.send(reason);
+}
+
+async fn supervise(
+    cfg: AmiConfig,
+    mut commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<AmiEvent>,
+    state: watch::Sender<LinkState>,
+    mut stop: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+) {
+    let shared = Shared::new(events.clone(), counters.clone());
+    let mut attempt: u32 = 0;
+    let mut session_no: u64 = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let opened = tokio::select! {
+            r = Session::open(&cfg, &shared, session_no + 1) => r,
+            _ = stop.changed() => break,
+        };
+        match opened {
+            Ok((session, banner)) => {
+                session_no += 1;
+                counters.sessions.fetch_add(1, Ordering::Relaxed);
+                let since = Instant::now();
+                tracing::info!(session = session_no, banner = %banner, host = %cfg.host, port = cfg.port, "AMI connected");
+                state.send_replace(LinkState::Connected {
+                    session: session_no,
+                    banner,
+                    since,
+                });
+                let _ = events.send(AmiEvent::Connected {
+                    session: session_no,
+                });
+                let reason = run_session(&cfg, session, &shared, &mut commands, &mut stop).await;
+                shared.fail_all(AmiError::Disconnected);
+                let _ = events.send(AmiEvent::Disconnected {
+                    reason: reason.clone(),
+                });
+                if *stop.borrow() {
+                    break;
+                }
+                tracing::warn!(session = session_no, reason = %reason, "AMI link lost; reconnecting");
+                // A session that stayed up a while resets the backoff.
+                if since.elapsed() >= Duration::from_secs(30) {
+                    attempt = 0;
+                }
+                state.send_replace(LinkState::Connecting {
+                    attempt,
+                    last_error: Some(reason),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "AMI connection attempt failed");
+                state.send_replace(LinkState::Connecting {
+                    attempt,
+                    last_error: Some(e.to_string()),
+                });
+            }
+        }
+        let delay = crate::crm::limiter::backoff(attempt, cfg.reconnect_min, cfg.reconnect_max)
+            .max(cfg.reconnect_min / 2);
+        attempt = attempt.saturating_add(1);
+        // While down, actions fail at once rather than queueing (a late Originate is worse than none).
+        let wake = tokio::time::sleep(delay);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                _ = stop.changed() => break,
+                cmd = commands.recv() => match cmd {
+                    Some(c) => { let _ = c.reply.send(Err(AmiError::NotConnected("reconnecting".into()))); }
+                    None => break,
+                },
+            }
+        }
+    }
+    shared.fail_all(AmiError::Stopped);
+    state.send_replace(LinkState::Stopped);
+    while let Ok(c) = commands.try_recv() {
+        let _ = c.reply.send(Err(AmiError::Stopped));
+    }
+}
+
+/// Runs one logged-in session until it ends; returns why.
+async fn run_session(
+    cfg: &AmiConfig,
+    mut session: Session,
+    shared: &Arc<Shared>,
+    commands: &mut mpsc::Receiver<Command>,
+    stop: &mut watch::Receiver<bool>,
+) -> String {
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
+    let mut pong: Option<oneshot::Receiver<Result<Reply, AmiError>>> = None;
+    let mut pong_deadline = tokio::time::Instant::now();
+
+    let reason = loop {
+        tokio::select! {
+            why = &mut session.closed => break why.unwrap_or_else(|_| "reader stopped".into()),
+            _ = stop.changed() => {
+                let _ = session.write.write_all(b"Action: Logoff\r\nActionID: pbxgate-logoff\r\n\r\n").await;
+                break "stopped".into();
+            }
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { break "client dropped".into() };
+                if let Err(e) = session.write_action(shared, &cmd.action, cmd.reply, cmd.timeout).await {
+                    break e.to_string();
+                }
+            }
+            _ = ping.tick() => {
+                if pong.is_some() {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                if let Err(e) = session.write_action(shared, &Action::new("Ping"), tx, cfg.ping_timeout).await {
+                    break e.to_string();
+                }
+                pong = Some(rx);
+                pong_deadline = tokio::time::Instant::now() + cfg.ping_timeout;
+            }
+            _ = sweep.tick() => {
+                shared.expire(Instant::now());
+                if let Some(rx) = &mut pong {
+                    match rx.try_recv() {
+                        Ok(Ok(_)) => pong = None,
+                        Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                            break format!("no answer to Ping within {:?}", cfg.ping_timeout);
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            if tokio::time::Instant::now() >= pong_deadline {
+                                break format!("no answer to Ping within {:?}", cfg.ping_timeout);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    session.close().await;
+    reason
+}
