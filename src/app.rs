@@ -9,9 +9,12 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::web;
 use tokio::task::JoinHandle;
 
+use crate::ami::AmiClient;
+use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::{CrmClient, CrmError};
 use crate::http::{self, AppState};
+use crate::manager_status::ManagerStatus;
 use crate::registration::{self, RegistrationState, RegistrationStatus};
 use crate::store::{Store, StoreError};
 
@@ -77,12 +80,22 @@ impl Application {
             status
         };
 
+        let ami = AmiClient::start(config.ami.clone());
+        let click_to_call = ClickToCall::new(config.clone(), ami.clone());
+        tasks.push(tokio::spawn(click_to_call.clone().log_outcomes()));
+        let (manager_status, worker) =
+            ManagerStatus::start(config.clone(), store.clone(), ami.clone());
+        tasks.push(worker);
+
         let state = web::Data::new(AppState {
             config: config.clone(),
             store,
             client_id,
             crm,
             registration,
+            ami,
+            click_to_call,
+            manager_status,
             started: Instant::now(),
         });
         let server = http::server(listener, state.clone()).map_err(StartError::Http)?;
@@ -115,6 +128,7 @@ impl Application {
     /// flushes the store.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        self.state.ami.stop();
         for t in &self.tasks {
             t.abort();
         }

@@ -7,7 +7,9 @@
 //! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
 //! - [`registration`]: the integration-module registration.
 //! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
-//! - [`ami`]: the Asterisk Manager Interface.
+//! - [`ami`]: the Asterisk Manager Interface (frame parser and client).
+//! - [`click_to_call`]: `makeCallUrl` → AMI Originate, with dedupe and rate limits.
+//! - [`manager_status`]: `changeUserStatusUrl` → stored status → queue pause on the PBX.
 //! - [`app`]: startup and shutdown of everything above.
 //! - [`check`], [`cli`], [`telemetry`]: operator-facing entry points and logging.
 
@@ -15,9 +17,11 @@ pub mod ami;
 pub mod app;
 pub mod check;
 pub mod cli;
+pub mod click_to_call;
 pub mod config;
 pub mod crm;
 pub mod http;
+pub mod manager_status;
 pub mod registration;
 pub mod secret;
 pub mod store;

@@ -13,6 +13,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::secret::Secret;
 
 const META_TREE: &str = "meta";
+const USER_STATUS_TREE: &str = "user_status";
 const KEY_CLIENT_ID: &str = "client_id";
 const KEY_ACTIVITY: &str = "activity";
 const KEY_PROBE: &str = "probe";
@@ -37,6 +38,7 @@ pub enum StoreError {
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
+    user_status: sled::Tree,
     path: PathBuf,
 }
 
@@ -103,6 +105,19 @@ fn is_lock_error(e: &std::io::Error) -> bool {
         || e.to_string().contains("could not acquire lock")
 }
 
+/// A manager's status as retailCRM last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredUserStatus {
+    #[serde(default = "version_1")]
+    pub v: u32,
+    pub user_id: i64,
+    pub code: String,
+    pub status: crate::crm::UserStatus,
+    /// Unix seconds when this status was set.
+    pub since: u64,
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -129,9 +144,11 @@ impl Store {
             },
         })?;
         let meta = db.open_tree(META_TREE)?;
+        let user_status = db.open_tree(USER_STATUS_TREE)?;
         Ok(Store {
             db,
             meta,
+            user_status,
             path: path.to_path_buf(),
         })
     }
@@ -178,6 +195,31 @@ impl Store {
     pub async fn set_activity(&self, activity: &Activity) -> Result<(), StoreError> {
         self.put_json(&self.meta, KEY_ACTIVITY, activity)?;
         self.flush().await
+    }
+
+    /// Stores a manager's status durably (one record per CRM user).
+    pub async fn put_user_status(&self, status: &StoredUserStatus) -> Result<(), StoreError> {
+        self.put_json(&self.user_status, &status.user_id.to_string(), status)?;
+        self.flush().await
+    }
+
+    pub fn user_status(&self, user_id: i64) -> Result<Option<StoredUserStatus>, StoreError> {
+        self.get_json(&self.user_status, &user_id.to_string())
+    }
+
+    /// Every stored manager status; unreadable records are logged and skipped.
+    pub fn user_statuses(&self) -> Result<Vec<StoredUserStatus>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.user_status.iter() {
+            let (key, value) = item?;
+            match serde_json::from_slice(&value) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    tracing::error!(key = %String::from_utf8_lossy(&key), error = %e, "unreadable stored user status skipped")
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes, reads back and flushes a probe value: proves the store is usable.

@@ -393,6 +393,16 @@ pub enum UserStatus {
 }
 
 impl UserStatus {
+    pub fn parse(s: &str) -> Option<UserStatus> {
+        match s {
+            "free" => Some(UserStatus::Free),
+            "busy" => Some(UserStatus::Busy),
+            "dinner" => Some(UserStatus::Dinner),
+            "break" => Some(UserStatus::Break),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             UserStatus::Free => "free",

@@ -1,6 +1,5 @@
 //! Endpoints retailCRM calls: the module's activity, click-to-call, user status.
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
@@ -76,7 +75,7 @@ pub async fn activity(
     Ok(HttpResponse::Ok().json(json!({"success": true})))
 }
 
-/// `makeCallUrl` — click-to-call. The clientId check is in place; originating is not yet.
+/// `makeCallUrl` — click-to-call: check clientId, validate, originate; 200 once Asterisk accepts.
 pub async fn make_call(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -84,14 +83,11 @@ pub async fn make_call(
 ) -> Result<HttpResponse, ApiError> {
     let params = Params::from_request(&req, &body)?;
     params.check_client_id(&state.client_id)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "click-to-call is not available in this version",
-    ))
+    let answer = crate::click_to_call::handle(&state.click_to_call, &params).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }
 
-/// `changeUserStatusUrl` — a manager's status changed in the CRM. The clientId check is in
-/// place; acting on it is not yet.
+/// `changeUserStatusUrl` — a manager's status changed in the CRM: stored, then mirrored on the PBX.
 pub async fn user_status(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -99,8 +95,6 @@ pub async fn user_status(
 ) -> Result<HttpResponse, ApiError> {
     let params = Params::from_request(&req, &body)?;
     params.check_client_id(&state.client_id)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "user status sync is not available in this version",
-    ))
+    let answer = state.manager_status.handle(&params).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }

@@ -44,6 +44,20 @@ impl ApiError {
         }
     }
 
+    /// Several fields at once; the message lists them all.
+    pub fn fields(status: StatusCode, errors: BTreeMap<String, String>) -> Self {
+        let message = errors
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError {
+            status,
+            message,
+            errors,
+        }
+    }
+
     pub fn bad_field(field: &str, problem: impl Into<String>) -> Self {
         Self::field(StatusCode::BAD_REQUEST, field, problem)
     }

@@ -14,8 +14,11 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::{web, App, HttpServer};
 
+use crate::ami::AmiClient;
+use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::CrmClient;
+use crate::manager_status::ManagerStatus;
 use crate::registration::RegistrationStatus;
 use crate::secret::Secret;
 use crate::store::Store;
@@ -40,6 +43,9 @@ pub struct AppState {
     pub client_id: Secret,
     pub crm: CrmClient,
     pub registration: RegistrationStatus,
+    pub ami: AmiClient,
+    pub click_to_call: ClickToCall,
+    pub manager_status: ManagerStatus,
     pub started: Instant,
 }
 

@@ -5,6 +5,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::AppState;
+use crate::ami::LinkState;
 use crate::registration::RegistrationState;
 
 const ADMIN_PAGE: &str = include_str!("../../static/index.html");
@@ -15,8 +16,10 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: can this instance do its job? 200 when the store answers, 503 otherwise; the
-/// body details every dependency so operators see why.
+/// `GET /ready`: 200 when the store answers, 503 otherwise. The body details every dependency
+/// (CRM registration, module activity, the AMI link, PBX failures) so operators see what is
+/// degraded; a PBX or CRM outage does not make the instance unready, because it keeps
+/// accepting callbacks and queueing work meanwhile.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let store_ok = state.store.is_readable();
     let activity = state.store.activity().unwrap_or_default();
@@ -26,6 +29,34 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         RegistrationState::Disabled(why) => ("disabled", Some(why.to_string())),
         RegistrationState::Failed(e) => ("failed", Some(e)),
     };
+    let ami = match state.ami.state() {
+        LinkState::Connected {
+            session,
+            banner,
+            since,
+        } => json!({
+            "connected": true, "session": session, "banner": banner, "connectedSeconds": since.elapsed().as_secs(),
+        }),
+        LinkState::Connecting {
+            attempt,
+            last_error,
+        } => json!({
+            "connected": false, "reconnectAttempt": attempt, "lastError": last_error,
+        }),
+        LinkState::Stopped => json!({"connected": false, "lastError": "stopped"}),
+    };
+    let counters = state.ami.counters();
+    let mut ami = ami;
+    ami["events"] = json!(counters.events.load(std::sync::atomic::Ordering::Relaxed));
+    ami["skippedFrames"] = json!(counters
+        .skipped_frames
+        .load(std::sync::atomic::Ordering::Relaxed));
+    let status_failures: serde_json::Map<String, serde_json::Value> = state
+        .manager_status
+        .failures()
+        .into_iter()
+        .map(|(user, why)| (user.to_string(), json!(why)))
+        .collect();
     let body = json!({
         "ready": store_ok,
         "version": env!("CARGO_PKG_VERSION"),
@@ -40,6 +71,8 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "freeze": activity.freeze,
             "pushing": activity.may_push(),
         },
+        "ami": ami,
+        "managerStatus": { "pbxFailures": status_failures },
     });
     if store_ok {
         HttpResponse::Ok().json(body)

@@ -101,7 +101,7 @@ async fn callbacks_check_the_client_id_from_query_or_form() {
             .await
             .unwrap();
         assert_eq!(r.status(), 403, "{path}");
-        // Right clientId gets past the check (the action itself comes later: 501).
+        // Right clientId gets past the check to the parameter validation.
         let r = app
             .http
             .get(app.url(path))
@@ -109,7 +109,7 @@ async fn callbacks_check_the_client_id_from_query_or_form() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 501, "{path}");
+        assert_eq!(r.status(), 400, "{path}");
         let r = app
             .http
             .post(app.url(path))
@@ -117,8 +117,10 @@ async fn callbacks_check_the_client_id_from_query_or_form() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 501, "{path}");
-        assert_eq!(r.json::<Value>().await.unwrap()["success"], false);
+        assert_eq!(r.status(), 400, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["success"], false);
+        assert!(body["errors"]["code"].is_string(), "{body}");
     }
 }
 

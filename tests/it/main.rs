@@ -8,6 +8,8 @@ mod activity;
 mod ami_client;
 mod ami_parser;
 mod cli;
+mod click_to_call;
 mod crm_client;
 mod http_api;
+mod manager_status;
 mod registration;

@@ -58,6 +58,7 @@ pub fn test_config(crm_url: &str, dir: &TempDir) -> Config {
 pub struct TestApp {
     pub base: String,
     pub crm: FakeCrm,
+    pub ami: FakeAmi,
     pub state: web::Data<AppState>,
     pub http: reqwest::Client,
     handle: ServerHandle,
@@ -76,7 +77,12 @@ impl TestApp {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let ami = FakeAmi::start("pbxgate", "ami-secret").await;
         let mut config = test_config(&crm.url, &dir);
+        config.ami.port = ami.addr.port();
+        config.ami.secret = Secret::new("ami-secret");
+        config.ami.reconnect_min = Duration::from_millis(20);
+        config.ami.reconnect_max = Duration::from_millis(200);
         config.http.listen = listener.local_addr().unwrap().to_string();
         config.http.public_url = base.clone();
         customize(&mut config);
@@ -90,6 +96,7 @@ impl TestApp {
         TestApp {
             base,
             crm,
+            ami,
             state,
             http: reqwest::Client::new(),
             handle,
@@ -103,6 +110,13 @@ impl TestApp {
 
     pub fn client_id(&self) -> String {
         self.state.client_id.expose().to_string()
+    }
+
+    /// Waits until pbxgate's AMI link is up (at most 10 s).
+    pub async fn ami_connected(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.state.ami.wait_connected())
+            .await
+            .expect("AMI link up");
     }
 
     pub async fn stop(&self) {

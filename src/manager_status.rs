@@ -1,0 +1,226 @@
+//! Managers' statuses from retailCRM (`changeUserStatusUrl`): stored durably per user, and
+//! mirrored on the PBX as queue pauses (`QueuePause`), re-applied after every AMI reconnect.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use actix_web::http::StatusCode;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+use crate::ami::{Action, AmiClient, AmiEvent};
+use crate::config::Config;
+use crate::crm::UserStatus;
+use crate::http::params::Params;
+use crate::http::ApiError;
+use crate::store::{unix_now, Store, StoredUserStatus};
+
+#[derive(Clone)]
+pub struct ManagerStatus {
+    config: Arc<Config>,
+    store: Store,
+    ami: AmiClient,
+    apply: mpsc::UnboundedSender<i64>,
+    /// The last PBX failure per user (cleared by the next success), for `/ready`.
+    failures: Arc<Mutex<BTreeMap<i64, String>>>,
+}
+
+impl ManagerStatus {
+    /// Creates the service and its worker task (which applies statuses in order, one at a time).
+    pub fn start(
+        config: Arc<Config>,
+        store: Store,
+        ami: AmiClient,
+    ) -> (ManagerStatus, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let service = ManagerStatus {
+            config,
+            store,
+            ami,
+            apply: tx,
+            failures: Arc::default(),
+        };
+        let worker = tokio::spawn(service.clone().run(rx));
+        (service, worker)
+    }
+
+    /// Validates and stores a status change; the PBX is updated in the background (its failure
+    /// does not fail the CRM's request: the CRM could not act on it).
+    pub async fn handle(&self, params: &Params) -> Result<serde_json::Value, ApiError> {
+        let mut errors = BTreeMap::new();
+        let user_id = match params
+            .get("userId")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => {
+                errors.insert("userId".to_string(), "is required".to_string());
+                0
+            }
+            Some(v) => match v.parse::<i64>() {
+                Ok(id) if id > 0 => id,
+                _ => {
+                    errors.insert("userId".into(), "must be a positive integer".into());
+                    0
+                }
+            },
+        };
+        let code = params
+            .get("code")
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string();
+        if code.is_empty() {
+            errors.insert("code".into(), "is required".into());
+        } else if !crate::config::is_extension_code(&code) {
+            errors.insert("code".into(), "must be 1 to 16 of 0-9, '*', '#'".into());
+        }
+        let status = match params
+            .get("status")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => {
+                errors.insert("status".into(), "is required".into());
+                None
+            }
+            Some(s) => {
+                let parsed = UserStatus::parse(s);
+                if parsed.is_none() {
+                    errors.insert(
+                        "status".into(),
+                        "must be one of free, busy, dinner, break".into(),
+                    );
+                }
+                parsed
+            }
+        };
+        let (Some(status), true) = (status, errors.is_empty()) else {
+            return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
+        };
+
+        let record = StoredUserStatus {
+            v: 1,
+            user_id,
+            code,
+            status,
+            since: unix_now(),
+        };
+        self.store
+            .put_user_status(&record)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        tracing::info!(user_id, code = %record.code, status = status.as_str(), "manager status changed");
+        let _ = self.apply.send(user_id);
+        Ok(serde_json::json!({"success": true}))
+    }
+
+    /// Users whose last PBX update failed, with the reason.
+    pub fn failures(&self) -> BTreeMap<i64, String> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<i64>) {
+        let mut events = self.ami.subscribe();
+        if self.ami.state().is_connected() {
+            self.apply_all().await;
+        }
+        loop {
+            tokio::select! {
+                user = rx.recv() => match user {
+                    Some(id) => match self.store.user_status(id) {
+                        Ok(Some(s)) => self.apply(&s).await,
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(user_id = id, error = %e, "cannot read stored status"),
+                    },
+                    None => return,
+                },
+                ev = events.recv() => match ev {
+                    Ok(AmiEvent::Connected { session }) => {
+                        tracing::info!(session, "re-applying managers' statuses on the PBX");
+                        self.apply_all().await;
+                    }
+                    Ok(_) => {}
+                    // We may have missed a reconnect: re-apply, it is idempotent.
+                    Err(RecvError::Lagged(_)) => self.apply_all().await,
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    async fn apply_all(&self) {
+        match self.store.user_statuses() {
+            Ok(all) => {
+                for s in all {
+                    self.apply(&s).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read stored statuses"),
+        }
+    }
+
+    /// The `QueuePause` actions for one status (one per configured queue, or one for all).
+    pub fn actions(config: &Config, status: &StoredUserStatus) -> Vec<Action> {
+        let ms = &config.manager_status;
+        let interface = ms.queue_interface.replace("{code}", &status.code);
+        let paused = ms
+            .pause_statuses
+            .iter()
+            .any(|p| p == status.status.as_str());
+        let queues: Vec<Option<&String>> = if ms.queues.is_empty() {
+            vec![None]
+        } else {
+            ms.queues.iter().map(Some).collect()
+        };
+        queues
+            .into_iter()
+            .map(|queue| {
+                let mut a = Action::new("QueuePause")
+                    .header("Interface", &interface)
+                    .header("Paused", if paused { "true" } else { "false" });
+                if let Some(q) = queue {
+                    a = a.header("Queue", q);
+                }
+                if paused {
+                    a = a.header("Reason", status.status.as_str());
+                }
+                a
+            })
+            .collect()
+    }
+
+    async fn apply(&self, status: &StoredUserStatus) {
+        if !self.ami.state().is_connected() {
+            // Applied on the next Connected.
+            return;
+        }
+        let mut failure = None;
+        for action in Self::actions(&self.config, status) {
+            let interface = action
+                .headers()
+                .iter()
+                .find(|(k, _)| k == "Interface")
+                .map(|(_, v)| v.clone());
+            let queue = action
+                .headers()
+                .iter()
+                .find(|(k, _)| k == "Queue")
+                .map(|(_, v)| v.clone());
+            if let Err(e) = self.ami.send(action).await {
+                let iface = interface.unwrap_or_default();
+                tracing::warn!(user_id = status.user_id, interface = %iface, queue = ?queue, error = %e,
+                    "QueuePause failed; the manager's queue state on the PBX does not follow the CRM");
+                failure = Some(format!("{iface}: {e}"));
+            }
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failure {
+            Some(f) => failures.insert(status.user_id, f),
+            None => failures.remove(&status.user_id),
+        };
+    }
+}
