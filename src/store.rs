@@ -13,6 +13,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::secret::Secret;
 
 const META_TREE: &str = "meta";
+/// How long `open` waits for a lock held by a handle that is being dropped.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const USER_STATUS_TREE: &str = "user_status";
 const KEY_CLIENT_ID: &str = "client_id";
 const KEY_ACTIVITY: &str = "activity";
@@ -134,15 +136,28 @@ impl Store {
                 source: sled::Error::Io(e),
             })?;
         }
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if is_lock_error(io) => StoreError::Locked {
-                path: path.to_path_buf(),
-            },
-            other => StoreError::Open {
-                path: path.to_path_buf(),
-                source: other,
-            },
-        })?;
+        // sled releases its file lock from a background thread after the last handle of a
+        // previous open is dropped, so a reopen right after a close may briefly see it held.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            path: path.to_path_buf(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(other) => {
+                    return Err(StoreError::Open {
+                        path: path.to_path_buf(),
+                        source: other,
+                    })
+                }
+            }
+        };
         let meta = db.open_tree(META_TREE)?;
         let user_status = db.open_tree(USER_STATUS_TREE)?;
         Ok(Store {

@@ -325,6 +325,30 @@ impl Shared {
         )
     }
 
+    /// Records a pending action and appends its wire form to `wire`; returns its ActionID.
+    fn register(
+        &self,
+        action: &Action,
+        reply: oneshot::Sender<Result<Reply, AmiError>>,
+        timeout: Duration,
+        wire: &mut String,
+    ) -> String {
+        let id = self.action_id();
+        let pending = Pending {
+            reply,
+            response: None,
+            events: Vec::new(),
+            deadline: Instant::now() + timeout,
+            timeout,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), pending);
+        wire.push_str(&action.to_wire(&id));
+        id
+    }
+
     fn fail_all(&self, err: AmiError) {
         let drained: Vec<Pending> = {
             let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -559,32 +583,30 @@ impl Session {
         reply: oneshot::Sender<Result<Reply, AmiError>>,
         timeout: Duration,
     ) -> Result<String, AmiError> {
-        let id = shared.action_id();
-        let pending = Pending {
-            reply,
-            response: None,
-            events: Vec::new(),
-            deadline: Instant::now() + timeout,
-            timeout,
-        };
-        shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), pending);
-        let wire = action.to_wire(&id);
+        let mut wire = String::new();
+        let id = shared.register(action, reply, timeout, &mut wire);
+        self.write_batch(shared, &wire, std::slice::from_ref(&id))
+            .await?;
+        Ok(id)
+    }
+
+    /// Writes already-registered actions in one go; on failure their callers learn at once.
+    async fn write_batch(
+        &mut self,
+        shared: &Shared,
+        wire: &str,
+        ids: &[String],
+    ) -> Result<(), AmiError> {
         if let Err(e) = self.write.write_all(wire.as_bytes()).await {
-            let p = shared
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            if let Some(p) = p {
+            let mut map = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let failed: Vec<Pending> = ids.iter().filter_map(|id| map.remove(id)).collect();
+            drop(map);
+            for p in failed {
                 let _ = p.reply.send(Err(AmiError::Disconnected));
             }
             return Err(AmiError::Io(format!("write: {e}")));
         }
-        Ok(id)
+        Ok(())
     }
 
     async fn close(mut self) {
@@ -755,7 +777,14 @@ async fn run_session(
             }
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break "client dropped".into() };
-                if let Err(e) = session.write_action(shared, &cmd.action, cmd.reply, cmd.timeout).await {
+                // Under load, several actions wait: write them with one syscall.
+                let mut wire = String::new();
+                let mut ids = vec![shared.register(&cmd.action, cmd.reply, cmd.timeout, &mut wire)];
+                while ids.len() < 64 {
+                    let Ok(more) = commands.try_recv() else { break };
+                    ids.push(shared.register(&more.action, more.reply, more.timeout, &mut wire));
+                }
+                if let Err(e) = session.write_batch(shared, &wire, &ids).await {
                     break e.to_string();
                 }
             }

@@ -440,7 +440,8 @@ impl Parser {
         }
         let raw = &self.buf[self.start..frame_end];
         let (text, fields) = match std::str::from_utf8(raw) {
-            Ok(s) => (Box::<str>::from(s), std::mem::take(&mut self.fields)),
+            // Clone (one exact-size allocation) and keep our buffer for the next frame.
+            Ok(s) => (Box::<str>::from(s), self.fields.clone()),
             // Invalid UTF-8: rebuild the text pair by pair so offsets stay right.
             Err(_) => {
                 let pairs: Vec<(String, String)> = self
@@ -637,5 +638,61 @@ Event: Newchannel\r\nChanVariable: A=1\r\nChanVariable: B=2\r\nUniqueid: 17.1\r\
         let f = Frame::from_pairs([("Action", "Login"), ("Secret", "hunter2"), ("Key", "abcd")]);
         let s = format!("{f:?}");
         assert!(!s.contains("hunter2") && !s.contains("abcd"), "{s}");
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn small() -> Limits {
+        Limits {
+            max_line: 256,
+            max_frame: 2048,
+            max_fields: 32,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes in arbitrary chunks: no panic, and the buffer never holds much more
+        /// than one frame's worth.
+        #[test]
+        fn arbitrary_bytes_never_panic_nor_grow_unbounded(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..512), 0..64)
+        ) {
+            let limits = small();
+            let mut p = Parser::new(limits);
+            for c in &chunks {
+                p.push(c);
+                while p.next_item().is_some() {}
+                prop_assert!(p.buffered() <= limits.max_frame + limits.max_line + 512 + 2, "{}", p.buffered());
+            }
+        }
+
+        /// Bytes that look like AMI (keys, colons, CR/LF in odd places) parse the same whole or split.
+        #[test]
+        fn split_points_do_not_change_the_result(
+            parts in proptest::collection::vec(prop_oneof![
+                Just(b"Event: X\r\n".to_vec()), Just(b"Key: v\r\n".to_vec()), Just(b"\r\n".to_vec()),
+                Just(b"\n".to_vec()), Just(b"Response: Follows\r\n".to_vec()), Just(b"--END COMMAND--\r\n".to_vec()),
+                Just(b"junk".to_vec()), Just(b":".to_vec()), Just(b"\r".to_vec()),
+            ], 0..80),
+            split in 1usize..17,
+        ) {
+            let data: Vec<u8> = parts.concat();
+            let mut whole = Parser::new(small());
+            whole.push(&data);
+            let a: Vec<Item> = std::iter::from_fn(|| whole.next_item()).collect();
+            let mut pieces = Parser::new(small());
+            let mut b = Vec::new();
+            for c in data.chunks(split) {
+                pieces.push(c);
+                b.extend(std::iter::from_fn(|| pieces.next_item()));
+            }
+            prop_assert_eq!(a, b);
+        }
     }
 }

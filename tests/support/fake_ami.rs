@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 use pbxgate::ami::frame::{Frame, Item, Limits, Parser};
@@ -38,7 +38,7 @@ enum Control {
 
 #[derive(Default)]
 struct State {
-    received: Vec<(usize, Frame)>,
+    received: Vec<(usize, Instant, Frame)>,
     replies: HashMap<String, Reply>,
     conns: Vec<mpsc::UnboundedSender<Control>>,
     accepted: usize,
@@ -153,14 +153,19 @@ impl FakeAmi {
 
     /// Every action received with this name, in order.
     pub fn actions(&self, name: &str) -> Vec<Frame> {
+        self.actions_timed(name)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect()
+    }
+
+    /// Like [`FakeAmi::actions`], with the instant each frame was read off the socket.
+    pub fn actions_timed(&self, name: &str) -> Vec<(Instant, Frame)> {
         let s = self.state.lock().unwrap();
         s.received
             .iter()
-            .filter(|(_, f)| {
-                f.get("Action")
-                    .is_some_and(|a| a.eq_ignore_ascii_case(name))
-            })
-            .map(|(_, f)| f.clone())
+            .filter(|(_, _, f)| is_action(f, name))
+            .map(|(_, at, f)| (*at, f.clone()))
             .collect()
     }
 
@@ -189,10 +194,7 @@ impl FakeAmi {
         self.wait(&format!("{n} × {name}"), |s| {
             s.received
                 .iter()
-                .filter(|(_, f)| {
-                    f.get("Action")
-                        .is_some_and(|a| a.eq_ignore_ascii_case(&lname))
-                })
+                .filter(|(_, _, f)| is_action(f, &lname))
                 .count()
                 >= n
         })
@@ -245,6 +247,12 @@ impl Drop for FakeAmi {
         self.task.abort();
         self.drop_all();
     }
+}
+
+fn is_action(frame: &Frame, name: &str) -> bool {
+    frame
+        .get("Action")
+        .is_some_and(|a| a.eq_ignore_ascii_case(name))
 }
 
 fn reply(id: &str, lines: &[(&str, &str)]) -> String {
@@ -302,7 +310,7 @@ async fn connection(
                 parser.push(&buf[..n]);
                 while let Some(item) = parser.next_item() {
                     let Item::Frame(frame) = item else { continue };
-                    state.lock().unwrap().received.push((conn, frame.clone()));
+                    state.lock().unwrap().received.push((conn, Instant::now(), frame.clone()));
                     seen.send_modify(|n| *n += 1);
                     let (out, close) = answer(&frame, &user, &pass, &mut logged_in, &state);
                     if logged_in && frame.get("Action").is_some_and(|a| a.eq_ignore_ascii_case("login")) && !close {

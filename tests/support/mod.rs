@@ -1,5 +1,5 @@
 //! Test support: the fake retailCRM, the scripted AMI peer, and a running pbxgate per test.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod fake_ami;
 pub mod fake_crm;
