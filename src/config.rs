@@ -29,6 +29,10 @@ pub struct Config {
     #[validate(nested)]
     pub ami: AmiConfig,
     #[validate(nested)]
+    pub pbx: PbxConfig,
+    #[validate(nested)]
+    pub calls: CallsConfig,
+    #[validate(nested)]
     pub click_to_call: ClickToCallConfig,
     #[validate(nested)]
     pub manager_status: ManagerStatusConfig,
@@ -214,6 +218,58 @@ impl Default for AmiConfig {
             outbound_context: "from-internal".into(),
             originate_channel: "Local/{code}@{context}".into(),
             originate_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct PbxConfig {
+    /// Names this PBX in call ids (`<system_id>-<linkedid>`), so ids stay unique across PBXs.
+    #[validate(custom(function = "module_code"))]
+    pub system_id: String,
+}
+
+impl Default for PbxConfig {
+    fn default() -> Self {
+        PbxConfig {
+            system_id: "pbx".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Dialplan contexts where calls from the carrier enter.
+    pub inbound_contexts: Vec<String>,
+    /// Endpoints (PJSIP/<endpoint>-...) that are carrier trunks.
+    pub trunk_endpoints: Vec<String>,
+    /// What an internal extension looks like (a regular expression).
+    #[validate(custom(function = "regex_pattern"))]
+    pub extension_pattern: String,
+    /// Shortest number (in digits) treated as external.
+    #[validate(range(min = 3, max = 20, message = "must be between 3 and 20"))]
+    pub min_external_digits: usize,
+    /// Calls with no event for this long are closed by the reaper (their channels vanished).
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub max_silence: Duration,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            inbound_contexts: vec![
+                "from-trunk".into(),
+                "from-pstn".into(),
+                "from-did-direct".into(),
+                "ext-did".into(),
+            ],
+            trunk_endpoints: vec!["trunk".into()],
+            extension_pattern: "^[0-9]{2,5}$".into(),
+            min_external_digits: 6,
+            max_silence: Duration::from_secs(3600),
         }
     }
 }
@@ -701,6 +757,12 @@ fn backoff(value: &Duration) -> Result<(), ValidationError> {
         return Err(problem("must be more than 0 and at most 1h"));
     }
     Ok(())
+}
+
+fn regex_pattern(value: &str) -> Result<(), ValidationError> {
+    regex::Regex::new(value)
+        .map(|_| ())
+        .map_err(|e| problem(format!("{value:?} is not a regular expression ({e})")))
 }
 
 fn ami_events(value: &str) -> Result<(), ValidationError> {

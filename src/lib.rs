@@ -8,6 +8,7 @@
 //! - [`registration`]: the integration-module registration.
 //! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
 //! - [`ami`]: the Asterisk Manager Interface (frame parser and client).
+//! - [`calls`]: the call model (AMI events → live events and finished call records).
 //! - [`click_to_call`]: `makeCallUrl` → AMI Originate, with dedupe and rate limits.
 //! - [`manager_status`]: `changeUserStatusUrl` → stored status → queue pause on the PBX.
 //! - [`app`]: startup and shutdown of everything above.
@@ -15,6 +16,7 @@
 
 pub mod ami;
 pub mod app;
+pub mod calls;
 pub mod check;
 pub mod cli;
 pub mod click_to_call;

@@ -7,6 +7,7 @@ mod support;
 mod activity;
 mod ami_client;
 mod ami_parser;
+mod call_scenarios;
 mod cli;
 mod click_to_call;
 mod crm_client;

@@ -1,0 +1,10 @@
+//! Call tracking: one call model fed by AMI events (see [`model`]), producing live events for
+//! the CRM's pop-ups and finished call records for the history.
+
+pub mod classify;
+pub mod model;
+pub mod record;
+
+pub use classify::Classifier;
+pub use model::{CallModel, ClickToCall, Millis, Output};
+pub use record::{CallRecord, Direction, LiveEvent, Outcome};

@@ -1,0 +1,869 @@
+//! The call model: AMI events in, live call events and finished call records out.
+//!
+//! A **call** is what the customer experiences. It is keyed by the Linkedid its first channel
+//! had; every channel is also indexed by Uniqueid (channels may move between calls when their
+//! Linkedid changes after a transfer; there is no event for that, the next snapshot shows it).
+//! Channels are classified by [`Classifier`]. Who talked to the customer is read from bridges:
+//! a talk segment runs while a customer-side channel and an extension share a bridge, so blind
+//! and attended transfers, pickups and queues need no special cases. Ringing comes from
+//! DialBegin/DialEnd (a DialEnd never downgrades an ANSWER; queues send CANCEL twice).
+//!
+//! The model is synchronous and deterministic: every event comes with its time (the PBX's
+//! `Timestamp:` when present, else the arrival time), so tests replay captures with their times.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::classify::{dial_string_number, Classifier, Role};
+use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
+use crate::ami::Frame;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+#[derive(Debug, Clone)]
+struct Channel {
+    call: String,
+    role: Role,
+    /// The customer's side of the call (inbound customer channel, outbound customer leg, or a
+    /// Local half standing for them).
+    customer: bool,
+    caller_num: String,
+    bridge: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Call {
+    key: String,
+    start: Millis,
+    last_event: Millis,
+    live: HashSet<String>,
+    /// The customer channel (inbound) or customer leg (outbound).
+    customer: Option<String>,
+    inbound: bool,
+    customer_number: Option<String>,
+    did: Option<String>,
+    customer_end: Option<Millis>,
+    customer_dial_status: Option<String>,
+    /// The extension that placed an outbound call (dialled the customer, or was originated).
+    placed_by: Option<String>,
+    /// The first channel's extension (internal calls: the caller).
+    root_extension: Option<String>,
+    originated: bool,
+    originate_exten: Option<String>,
+    originate_failed: bool,
+    click_to_call: Option<ClickToCall>,
+    rings: Vec<Ring>,
+    /// Dest uniqueid → index in `rings`.
+    ring_by_dest: HashMap<String, usize>,
+    talk: Vec<TalkSegment>,
+    recordings: Vec<String>,
+    /// Extensions already announced in a live `in`/`out` event.
+    announced: HashSet<String>,
+    last_hangup: Millis,
+    reaped: bool,
+    /// Names of every channel the call had (to match a late OriginateResponse).
+    names: Vec<String>,
+}
+
+/// A click-to-call we placed, announced before its first channel appears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickToCall {
+    pub code: String,
+    pub phone: String,
+    pub user_id: i64,
+    pub external_phone: Option<String>,
+}
+
+/// What the model produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Live(LiveEvent),
+    Finished(Box<CallRecord>),
+}
+
+pub struct CallModel {
+    classifier: Classifier,
+    system_id: String,
+    channels: HashMap<String, Channel>,
+    calls: HashMap<String, Call>,
+    bridges: HashMap<String, Vec<String>>,
+    expected_c2c: HashMap<String, ClickToCall>,
+    /// Recently hung-up Uniqueids (bounded), so late events do not resurrect them.
+    gone: HashSet<String>,
+    gone_order: std::collections::VecDeque<String>,
+    /// Calls whose channels have all hung up, held for [`GRACE`] ms for late events
+    /// (an OriginateResponse can follow the hangups).
+    closing: Vec<(Millis, Call)>,
+}
+
+/// How long a call whose channels are gone waits for late events before it is finished.
+pub const GRACE: Millis = 2000;
+
+/// How many hung-up Uniqueids are remembered.
+const GONE_MEMORY: usize = 4096;
+
+impl CallModel {
+    pub fn new(classifier: Classifier, system_id: &str) -> CallModel {
+        CallModel {
+            classifier,
+            system_id: system_id.to_string(),
+            channels: HashMap::new(),
+            calls: HashMap::new(),
+            bridges: HashMap::new(),
+            expected_c2c: HashMap::new(),
+            gone: HashSet::new(),
+            gone_order: std::collections::VecDeque::new(),
+            closing: Vec::new(),
+        }
+    }
+
+    /// Calls in progress (including those waiting out their grace period).
+    pub fn live_calls(&self) -> usize {
+        self.calls.len() + self.closing.len()
+    }
+
+    pub fn live_channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Uniqueids of every channel we believe alive (for resync).
+    pub fn channel_ids(&self) -> Vec<String> {
+        self.channels.keys().cloned().collect()
+    }
+
+    /// Our own click-to-call: the channel with Uniqueid `channel_id` will appear shortly.
+    pub fn expect_click_to_call(&mut self, channel_id: &str, c2c: ClickToCall) {
+        self.expected_c2c.insert(channel_id.to_string(), c2c);
+    }
+
+    /// The stable id of a call: unique across PBX restarts and several PBXs.
+    pub fn external_id(&self, linkedid: &str) -> String {
+        format!("{}-{}", self.system_id, linkedid)
+    }
+
+    /// Feeds one AMI event observed at `at`.
+    pub fn on_event(&mut self, frame: &Frame, at: Millis, out: &mut Vec<Output>) {
+        let Some(event) = frame.event() else { return };
+        let at = frame
+            .get("Timestamp")
+            .and_then(parse_timestamp)
+            .unwrap_or(at);
+        self.tick(at, out);
+        match event {
+            "Newchannel" => self.new_channel(frame, "", at),
+            "Newstate" | "NewCallerid" | "NewConnectedLine" | "NewExten" | "Newexten" => {
+                self.touch(frame, "", at);
+            }
+            "DialBegin" => self.dial_begin(frame, at, out),
+            "DialEnd" => self.dial_end(frame, at),
+            "BridgeEnter" => self.bridge_enter(frame, at),
+            "BridgeLeave" => self.bridge_leave(frame, at),
+            "VarSet" => self.var_set(frame, at),
+            "Hangup" => self.hangup(frame, at),
+            "OriginateResponse" => self.originate_response(frame),
+            // Cdr rows carry no Linkedid and arrive around the hangups: not a channel event.
+            "Cdr" => {}
+            _ => {
+                // Any other channel event keeps Linkedids and variables current.
+                if frame.get("Uniqueid").is_some() {
+                    self.touch(frame, "", at);
+                }
+            }
+        }
+        if let Some(uid) = frame.get("Uniqueid") {
+            for v in frame.get_all("ChanVariable") {
+                self.chan_variable(uid, v);
+            }
+        }
+    }
+
+    fn new_channel(&mut self, f: &Frame, prefix: &str, at: Millis) {
+        let get = |k: &str| f.get(&format!("{prefix}{k}")).unwrap_or("").to_string();
+        let uid = get("Uniqueid");
+        if uid.is_empty() || self.channels.contains_key(&uid) {
+            return;
+        }
+        let name = get("Channel");
+        let linkedid = match get("Linkedid") {
+            l if l.is_empty() => uid.clone(),
+            l => l,
+        };
+        let role = self.classifier.role(&name);
+        let context = get("Context");
+        let exten = get("Exten");
+        let caller_num = get("CallerIDNum");
+        let inbound_ctx = self.classifier.is_inbound_context(&context)
+            || super::classify::parse_name(&name)
+                .context
+                .is_some_and(|c| self.classifier.is_inbound_context(c));
+        let is_root = uid == linkedid;
+        let customer_inbound = inbound_ctx || (role == Role::Trunk && is_root);
+
+        let call = self.calls.entry(linkedid.clone()).or_insert_with(|| Call {
+            key: linkedid.clone(),
+            start: at,
+            last_hangup: at,
+            ..Call::default()
+        });
+        call.last_event = at;
+        call.live.insert(uid.clone());
+        if call.names.len() < 64 {
+            call.names.push(name.clone());
+        }
+        if let Some(c2c) = self.expected_c2c.remove(&uid) {
+            call.originated = true;
+            call.placed_by = Some(c2c.code.clone());
+            call.click_to_call = Some(c2c);
+        }
+        if is_root {
+            if let Role::Extension(code) = &role {
+                call.root_extension.get_or_insert(code.clone());
+            }
+        }
+        if customer_inbound && call.customer.is_none() {
+            // The Local half that runs the trunk dialplan (;2) is the customer; ;1 stands for them too.
+            let half = super::classify::parse_name(&name).half;
+            if half != Some(1) || !inbound_ctx {
+                call.customer = Some(uid.clone());
+                call.inbound = true;
+                call.customer_number =
+                    Some(caller_num.clone()).filter(|s| !s.is_empty() && s != "<unknown>");
+                call.did = Some(exten.clone()).filter(|s| !s.is_empty() && s != "s");
+            }
+        }
+        self.channels.insert(
+            uid,
+            Channel {
+                call: linkedid,
+                role,
+                customer: customer_inbound,
+                caller_num,
+                bridge: None,
+            },
+        );
+    }
+
+    /// Keeps a channel's Linkedid current (moving it to another call after a transfer) and
+    /// creates channels we first see through a later event (e.g. after a reconnect).
+    fn touch(&mut self, f: &Frame, prefix: &str, at: Millis) -> Option<String> {
+        let uid = f.get(&format!("{prefix}Uniqueid"))?.to_string();
+        if !self.channels.contains_key(&uid) {
+            // Only a full channel snapshot (with Linkedid) can introduce a channel we missed, and
+            // a channel that hung up is never brought back by a late event (Cdr, DialEnd...).
+            if f.get(&format!("{prefix}Channel")).is_none()
+                || f.get(&format!("{prefix}Linkedid")).is_none()
+                || self.gone.contains(&uid)
+            {
+                return None;
+            }
+            self.new_channel(f, prefix, at);
+        }
+        let linkedid = f
+            .get(&format!("{prefix}Linkedid"))
+            .unwrap_or("")
+            .to_string();
+        let caller = f.get(&format!("{prefix}CallerIDNum")).map(str::to_string);
+        let ch = self.channels.get_mut(&uid)?;
+        if let Some(c) = caller.filter(|c| !c.is_empty() && c != "<unknown>") {
+            ch.caller_num = c;
+        }
+        let old = ch.call.clone();
+        if !linkedid.is_empty() && linkedid != old && self.calls.contains_key(&linkedid) {
+            ch.call = linkedid.clone();
+            if let Some(c) = self.calls.get_mut(&old) {
+                c.live.remove(&uid);
+            }
+            if let Some(c) = self.calls.get_mut(&linkedid) {
+                c.live.insert(uid.clone());
+            }
+        }
+        let ch = self.channels.get(&uid)?;
+        let (call_key, caller_num) = (ch.call.clone(), ch.caller_num.clone());
+        if let Some(c) = self.calls.get_mut(&call_key) {
+            c.last_event = at;
+            // The inbound customer's number may only be known after the channel was created.
+            if c.inbound
+                && c.customer.as_deref() == Some(uid.as_str())
+                && !caller_num.is_empty()
+                && caller_num != "<unknown>"
+            {
+                c.customer_number = Some(caller_num);
+            }
+        }
+        Some(uid)
+    }
+
+    fn dial_begin(&mut self, f: &Frame, at: Millis, out: &mut Vec<Output>) {
+        let caller = self.touch(f, "", at);
+        let Some(dest) = self.touch(f, "Dest", at) else {
+            return;
+        };
+        let dial_string = f.get("DialString").unwrap_or("").to_string();
+        let Some(dest_ch) = self.channels.get(&dest).cloned() else {
+            return;
+        };
+        let caller_ch = caller.as_ref().and_then(|c| self.channels.get(c)).cloned();
+        let Some(call) = self.calls.get_mut(&dest_ch.call) else {
+            return;
+        };
+
+        if call.inbound && call.customer.as_deref() == Some(dest.as_str()) {
+            // A channel that is dialled is not an inbound customer, even if it was created in
+            // an inbound context (a PJSIP trunk endpoint's context, say): this is an outbound leg.
+            call.inbound = false;
+            call.customer = None;
+            call.customer_number = None;
+            call.did = None;
+            if let Some(ch) = self.channels.get_mut(&dest) {
+                ch.customer = false;
+            }
+        }
+        let Some(call) = self.calls.get_mut(&dest_ch.call) else {
+            return;
+        };
+        if caller.is_none() {
+            // A DialBegin without a caller is an Originate's first leg.
+            call.originated = true;
+            if let Role::Extension(code) = &dest_ch.role {
+                call.placed_by.get_or_insert(code.clone());
+            }
+        }
+        match &dest_ch.role {
+            Role::Extension(code) if call.customer.as_ref().is_none_or(|c| c != &dest) => {
+                let idx = call
+                    .rings
+                    .iter()
+                    .position(|r| &r.extension == code && r.end.is_none());
+                let idx = match idx {
+                    Some(i) => i,
+                    None => {
+                        call.rings.push(Ring {
+                            extension: code.clone(),
+                            start: at,
+                            end: None,
+                            status: None,
+                        });
+                        call.rings.len() - 1
+                    }
+                };
+                call.ring_by_dest.insert(dest.clone(), idx);
+                if call.inbound && call.announced.insert(code.clone()) {
+                    out.push(Output::Live(LiveEvent::Ringing {
+                        external_id: format!("{}-{}", self.system_id, call.key),
+                        phone: call.customer_number.clone().unwrap_or_default(),
+                        did: call.did.clone(),
+                        codes: vec![code.clone()],
+                    }));
+                }
+            }
+            Role::Trunk | Role::External(_) if !call.inbound => {
+                // The customer leg of an outbound call.
+                let number = match &dest_ch.role {
+                    Role::External(n) => n.clone(),
+                    _ => dial_string_number(&dial_string).to_string(),
+                };
+                if call.customer.is_none() {
+                    call.customer = Some(dest.clone());
+                    call.customer_number = Some(number);
+                    if let Some(Role::Extension(code)) = caller_ch.as_ref().map(|c| &c.role) {
+                        call.placed_by.get_or_insert(code.clone());
+                    }
+                    if let Some(ch) = self.channels.get_mut(&dest) {
+                        ch.customer = true;
+                    }
+                    let call = self.calls.get_mut(&dest_ch.call).expect("call exists");
+                    if let Some(code) = call
+                        .placed_by
+                        .clone()
+                        .or_else(|| call.root_extension.clone())
+                    {
+                        if call.announced.insert(code.clone()) {
+                            out.push(Output::Live(LiveEvent::Dialing {
+                                external_id: format!("{}-{}", self.system_id, call.key),
+                                phone: call.customer_number.clone().unwrap_or_default(),
+                                codes: vec![code],
+                                click_to_call: call.click_to_call.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dial_end(&mut self, f: &Frame, at: Millis) {
+        let Some(dest) = self.touch(f, "Dest", at) else {
+            return;
+        };
+        let status = f.get("DialStatus").unwrap_or("").to_string();
+        let Some(call_key) = self.channels.get(&dest).map(|c| c.call.clone()) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&call_key) else {
+            return;
+        };
+        if call.customer.as_deref() == Some(dest.as_str()) && !call.inbound {
+            if call.customer_dial_status.as_deref() != Some("ANSWER") {
+                call.customer_dial_status = Some(status.clone());
+            }
+            return;
+        }
+        if let Some(&idx) = call.ring_by_dest.get(&dest) {
+            let ring = &mut call.rings[idx];
+            // Never downgrade: queues send CANCEL twice for each loser, and a Local chain
+            // reports the same ring from several channels.
+            if ring.status.as_deref() != Some("ANSWER") {
+                ring.status = Some(status);
+                ring.end = Some(at);
+            }
+        }
+    }
+
+    fn bridge_enter(&mut self, f: &Frame, at: Millis) {
+        let Some(uid) = self.touch(f, "", at) else {
+            return;
+        };
+        let Some(bridge) = f.get("BridgeUniqueid").map(str::to_string) else {
+            return;
+        };
+        if let Some(ch) = self.channels.get_mut(&uid) {
+            ch.bridge = Some(bridge.clone());
+        }
+        let members = self.bridges.entry(bridge.clone()).or_default();
+        if !members.contains(&uid) {
+            members.push(uid.clone());
+        }
+        if let Some(swapped) = f.get("SwapUniqueid") {
+            members.retain(|m| m != swapped);
+        }
+        self.update_talk(&bridge, at);
+    }
+
+    fn bridge_leave(&mut self, f: &Frame, at: Millis) {
+        let Some(uid) = self.touch(f, "", at) else {
+            return;
+        };
+        let Some(bridge) = f.get("BridgeUniqueid").map(str::to_string) else {
+            return;
+        };
+        if let Some(ch) = self.channels.get_mut(&uid) {
+            ch.bridge = None;
+        }
+        if let Some(members) = self.bridges.get_mut(&bridge) {
+            members.retain(|m| m != &uid);
+            if members.is_empty() {
+                self.bridges.remove(&bridge);
+            }
+        }
+        self.close_talk_of(&uid, at);
+    }
+
+    /// Opens a talk segment for every (customer, extension) pair now sharing `bridge`. In a
+    /// call without a customer (internal), the caller's channel plays the customer's part.
+    fn update_talk(&mut self, bridge: &str, at: Millis) {
+        let Some(members) = self.bridges.get(bridge) else {
+            return;
+        };
+        let chans: Vec<(String, Channel)> = members
+            .iter()
+            .filter_map(|m| self.channels.get(m).map(|c| (m.clone(), c.clone())))
+            .collect();
+        for (cust_id, cust) in &chans {
+            let Some(call) = self.calls.get(&cust.call) else {
+                continue;
+            };
+            let caller_side =
+                !cust.customer && call.customer.is_none() && !call.inbound && *cust_id == call.key;
+            if !cust.customer && !caller_side {
+                continue;
+            }
+            for (ext_id, ext) in &chans {
+                let Role::Extension(code) = &ext.role else {
+                    continue;
+                };
+                if ext.customer || ext_id == cust_id {
+                    continue;
+                }
+                let Some(call) = self.calls.get_mut(&cust.call) else {
+                    continue;
+                };
+                let open = call.talk.iter().any(|t| {
+                    t.end.is_none()
+                        && t.customer_channel == *cust_id
+                        && t.extension_channel == *ext_id
+                });
+                if !open {
+                    call.talk.push(TalkSegment {
+                        extension: code.clone(),
+                        start: at,
+                        end: None,
+                        customer_channel: cust_id.clone(),
+                        extension_channel: ext_id.clone(),
+                    });
+                    if let Some(&idx) = call.ring_by_dest.get(ext_id) {
+                        let ring = &mut call.rings[idx];
+                        if ring.status.is_none() {
+                            ring.status = Some("ANSWER".into());
+                            ring.end = Some(at);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn close_talk_of(&mut self, uid: &str, at: Millis) {
+        for call in self.calls.values_mut() {
+            for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
+                if t.customer_channel == uid || t.extension_channel == uid {
+                    t.end = Some(at);
+                }
+            }
+        }
+    }
+
+    fn var_set(&mut self, f: &Frame, at: Millis) {
+        let Some(uid) = self.touch(f, "", at) else {
+            return;
+        };
+        let (Some(var), Some(value)) = (f.get("Variable"), f.get("Value")) else {
+            return;
+        };
+        self.apply_variable(&uid, var, value);
+    }
+
+    fn chan_variable(&mut self, uid: &str, assignment: &str) {
+        if let Some((var, value)) = assignment.split_once('=') {
+            self.apply_variable(uid, var, value);
+        }
+    }
+
+    fn apply_variable(&mut self, uid: &str, var: &str, value: &str) {
+        let Some(call_key) = self.channels.get(uid).map(|c| c.call.clone()) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&call_key) else {
+            return;
+        };
+        match var {
+            "MIXMONITOR_FILENAME"
+                if !value.is_empty() && !call.recordings.iter().any(|r| r == value) =>
+            {
+                call.recordings.push(value.to_string());
+            }
+            "PBXGATE_C2C" | "__PBXGATE_C2C" => call.originated = true,
+            "PBXGATE_CODE" | "__PBXGATE_CODE" if !value.is_empty() => {
+                call.placed_by.get_or_insert(value.to_string());
+            }
+            _ => {}
+        }
+    }
+
+    fn originate_response(&mut self, f: &Frame) {
+        let uid = f
+            .get("Uniqueid")
+            .filter(|u| !u.starts_with('<'))
+            .map(str::to_string);
+        let chan = f.get("Channel").unwrap_or("").to_string();
+        let matches = |c: &Call| {
+            uid.as_ref()
+                .is_some_and(|u| c.key == *u || c.live.contains(u))
+                || (!chan.is_empty()
+                    && c.names
+                        .iter()
+                        .any(|n| *n == chan || n.starts_with(&format!("{chan}-"))))
+        };
+        let call = match self.calls.values_mut().find(|c| matches(c)) {
+            Some(c) => c,
+            None => match self.closing.iter_mut().rev().find(|(_, c)| matches(c)) {
+                Some((_, c)) => c,
+                None => return,
+            },
+        };
+        call.originated = true;
+        if call.placed_by.is_none() {
+            call.placed_by = call.root_extension.clone();
+        }
+        if let Some(exten) = f.get("Exten").filter(|e| !e.is_empty()) {
+            call.originate_exten.get_or_insert(exten.to_string());
+        }
+        if f.get("Response")
+            .is_some_and(|r| r.eq_ignore_ascii_case("Failure"))
+        {
+            call.originate_failed = true;
+        }
+    }
+
+    fn hangup(&mut self, f: &Frame, at: Millis) {
+        let Some(uid) = self.touch(f, "", at) else {
+            return;
+        };
+        self.remove_channel(&uid, at);
+    }
+
+    fn remove_channel(&mut self, uid: &str, at: Millis) {
+        self.close_talk_of(uid, at);
+        let Some(ch) = self.channels.remove(uid) else {
+            return;
+        };
+        if self.gone.insert(uid.to_string()) {
+            self.gone_order.push_back(uid.to_string());
+            if self.gone_order.len() > GONE_MEMORY {
+                if let Some(old) = self.gone_order.pop_front() {
+                    self.gone.remove(&old);
+                }
+            }
+        }
+        if let Some(b) = &ch.bridge {
+            if let Some(members) = self.bridges.get_mut(b) {
+                members.retain(|m| m != uid);
+                if members.is_empty() {
+                    self.bridges.remove(b);
+                }
+            }
+        }
+        let Some(call) = self.calls.get_mut(&ch.call) else {
+            return;
+        };
+        call.live.remove(uid);
+        call.last_hangup = at;
+        if call.customer.as_deref() == Some(uid) {
+            call.customer_end = Some(at);
+        }
+        for (dest, idx) in &call.ring_by_dest {
+            if dest == uid {
+                let r = &mut call.rings[*idx];
+                if r.end.is_none() {
+                    r.end = Some(at);
+                }
+            }
+        }
+        if call.live.is_empty() {
+            let call = self.calls.remove(&ch.call).expect("present");
+            self.closing.push((at, call));
+        }
+    }
+
+    /// Finishes closing calls whose grace period is over.
+    pub fn tick(&mut self, now: Millis, out: &mut Vec<Output>) {
+        if self.closing.iter().all(|(t, _)| now - t < GRACE) {
+            return;
+        }
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(t, _)| now - t >= GRACE);
+        self.closing = keep;
+        for (_, call) in due {
+            self.finish(call, out);
+        }
+    }
+
+    /// Finishes every closing call now (end of a replay, shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Output>) {
+        for (_, call) in std::mem::take(&mut self.closing) {
+            self.finish(call, out);
+        }
+    }
+
+    /// Closes calls that saw no event for `max_age` (their channels vanished while we were
+    /// away); marked `reaped`.
+    pub fn reap(&mut self, now: Millis, max_age: Millis, out: &mut Vec<Output>) {
+        let stale: Vec<String> = self
+            .calls
+            .values()
+            .filter(|c| now - c.last_event > max_age)
+            .map(|c| c.key.clone())
+            .collect();
+        for key in stale {
+            self.close_call(&key, now, out);
+        }
+    }
+
+    /// After a reconnect: `alive` are the Uniqueids Asterisk still has (CoreShowChannels).
+    /// Channels we know that are gone hung up while we were away; their calls are closed
+    /// (marked `reaped`) once no channel is left.
+    pub fn resync(&mut self, alive: &HashSet<String>, now: Millis, out: &mut Vec<Output>) {
+        let gone: Vec<String> = self
+            .channels
+            .keys()
+            .filter(|u| !alive.contains(*u))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(call) = self
+                .channels
+                .get(&uid)
+                .and_then(|c| self.calls.get_mut(&c.call))
+            {
+                call.reaped = true;
+            }
+            self.remove_channel(&uid, now);
+        }
+        // Nothing more will come for them: finish now.
+        self.tick(now + GRACE, out);
+    }
+
+    fn close_call(&mut self, key: &str, now: Millis, out: &mut Vec<Output>) {
+        let Some(call) = self.calls.get_mut(key) else {
+            return;
+        };
+        call.reaped = true;
+        let uids: Vec<String> = call.live.iter().cloned().collect();
+        for uid in uids {
+            self.remove_channel(&uid, now);
+        }
+        if let Some(call) = self.calls.remove(key) {
+            self.finish(call, out);
+        }
+        if let Some(pos) = self.closing.iter().position(|(_, c)| c.key == key) {
+            let (_, call) = self.closing.remove(pos);
+            self.finish(call, out);
+        }
+    }
+
+    fn finish(&mut self, mut call: Call, out: &mut Vec<Output>) {
+        for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
+            t.end = Some(call.last_hangup);
+        }
+        // Drop blips shorter than 100 ms (event ordering during transfers).
+        call.talk
+            .retain(|t| t.end.unwrap_or(t.start) - t.start >= 100);
+        let direction = if call.inbound {
+            Direction::In
+        } else if call.customer.is_some() || call.originated || call.click_to_call.is_some() {
+            Direction::Out
+        } else {
+            Direction::Internal
+        };
+        // Segments where the caller stood in for a customer count only for internal calls.
+        let key = call.key.clone();
+        let customer = call.customer.clone();
+        call.talk.retain(|t| match direction {
+            Direction::Internal => t.customer_channel == key,
+            _ => t.customer_channel != key || customer.as_deref() == Some(key.as_str()),
+        });
+        let end = match direction {
+            Direction::Internal => call.last_hangup,
+            _ => call.customer_end.unwrap_or(call.last_hangup),
+        };
+        let answer = call.talk.first().map(|t| t.start);
+        let answered = answer.is_some();
+        let customer_number = match direction {
+            Direction::Out => call
+                .customer_number
+                .clone()
+                .or_else(|| call.click_to_call.as_ref().map(|c| c.phone.clone()))
+                .or_else(|| call.originate_exten.clone()),
+            Direction::In => call.customer_number.clone(),
+            Direction::Internal => call.root_extension.clone(),
+        };
+        let outcome = if answered {
+            Outcome::Answered
+        } else {
+            self.unanswered_outcome(&call, direction)
+        };
+        let final_extension = call.talk.last().map(|t| t.extension.clone());
+        let answered_by = call.talk.first().map(|t| t.extension.clone());
+        let code = match direction {
+            Direction::In => final_extension.clone().or_else(|| {
+                let mut exts: Vec<&String> = call.rings.iter().map(|r| &r.extension).collect();
+                exts.dedup();
+                (exts.len() == 1).then(|| exts[0].clone())
+            }),
+            Direction::Out => final_extension.clone().or_else(|| call.placed_by.clone()),
+            Direction::Internal => call.root_extension.clone(),
+        };
+        let record = CallRecord {
+            external_id: format!("{}-{}", self.system_id, call.key),
+            linkedid: call.key.clone(),
+            direction,
+            customer_number: customer_number.unwrap_or_default(),
+            did: call.did.clone(),
+            code,
+            user_id: call.click_to_call.as_ref().map(|c| c.user_id),
+            external_phone: call
+                .click_to_call
+                .as_ref()
+                .and_then(|c| c.external_phone.clone())
+                .or_else(|| call.did.clone()),
+            start: call.start,
+            answer,
+            end,
+            wait_seconds: ms_to_secs(answer.unwrap_or(end) - call.start),
+            talk_seconds: answer.map_or(0, |a| ms_to_secs(end - a)),
+            outcome,
+            answered_by,
+            final_extension,
+            placed_by: call.placed_by.clone(),
+            click_to_call: call.click_to_call.is_some(),
+            rings: call.rings.clone(),
+            talk: call.talk.clone(),
+            recordings: call.recordings.clone(),
+            customer_dial_status: call.customer_dial_status.clone(),
+            reaped: call.reaped,
+        };
+        out.push(Output::Live(LiveEvent::Hangup {
+            external_id: record.external_id.clone(),
+            phone: record.customer_number.clone(),
+            direction,
+            codes: record.code.iter().cloned().collect(),
+            outcome,
+        }));
+        out.push(Output::Finished(Box::new(record)));
+    }
+
+    fn unanswered_outcome(&self, call: &Call, direction: Direction) -> Outcome {
+        let from_status = |s: &str| match s {
+            "BUSY" => Some(Outcome::Busy),
+            "CONGESTION" | "CHANUNAVAIL" | "INVALIDARGS" => Some(Outcome::Failed),
+            "DONTCALL" | "TORTURE" => Some(Outcome::NotAllowed),
+            "NOANSWER" | "CANCEL" | "ANSWER" => Some(Outcome::NoAnswer),
+            _ => None,
+        };
+        if direction == Direction::Out {
+            if let Some(o) = call.customer_dial_status.as_deref().and_then(from_status) {
+                return o;
+            }
+            if call.customer.is_none()
+                && call.originate_failed
+                && call.rings.iter().all(|r| r.status.is_none())
+                && call.rings.is_empty()
+            {
+                return Outcome::Failed;
+            }
+        }
+        let statuses: Vec<Outcome> = call
+            .rings
+            .iter()
+            .filter_map(|r| r.status.as_deref().and_then(from_status))
+            .collect();
+        if !statuses.is_empty() && statuses.iter().all(|s| *s == Outcome::Busy) {
+            return Outcome::Busy;
+        }
+        if !statuses.is_empty() && statuses.iter().all(|s| *s == Outcome::Failed) {
+            return Outcome::Failed;
+        }
+        Outcome::NoAnswer
+    }
+
+    /// Snapshot for `/ready` and debugging: live calls by key with their channel count.
+    pub fn summary(&self) -> BTreeMap<String, usize> {
+        self.calls
+            .iter()
+            .map(|(k, c)| (k.clone(), c.live.len()))
+            .collect()
+    }
+}
+
+fn ms_to_secs(ms: Millis) -> u64 {
+    u64::try_from((ms + 500) / 1000).unwrap_or(0)
+}
+
+/// `Timestamp: 1795264458.556255` (timestampevents=yes) → milliseconds.
+fn parse_timestamp(s: &str) -> Option<Millis> {
+    let (secs, frac) = s.split_once('.').unwrap_or((s, "0"));
+    let secs: i64 = secs.parse().ok()?;
+    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+    Some(secs * 1000 + ms)
+}

@@ -1,0 +1,132 @@
+//! What the call model produces: live events (pop-ups) and finished call records.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{ClickToCall, Millis};
+use crate::crm::{CallResult, HangupStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+    Internal,
+}
+
+/// How a call ended, in the CRM's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Answered,
+    NoAnswer,
+    Busy,
+    Failed,
+    NotAllowed,
+    Unknown,
+}
+
+impl Outcome {
+    /// `calls/upload` `result`.
+    pub fn call_result(self) -> CallResult {
+        match self {
+            Outcome::Answered => CallResult::Answered,
+            Outcome::NoAnswer => CallResult::NoAnswer,
+            Outcome::Busy => CallResult::Busy,
+            Outcome::Failed => CallResult::Failed,
+            Outcome::NotAllowed => CallResult::NotAllowed,
+            Outcome::Unknown => CallResult::Unknown,
+        }
+    }
+
+    /// `call/event` `hangupStatus`.
+    pub fn hangup_status(self) -> HangupStatus {
+        match self {
+            Outcome::Answered => HangupStatus::Answered,
+            Outcome::Busy => HangupStatus::Busy,
+            Outcome::NoAnswer => HangupStatus::NoAnswered,
+            Outcome::Failed | Outcome::NotAllowed | Outcome::Unknown => HangupStatus::Failed,
+        }
+    }
+}
+
+/// One extension rung during the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    pub extension: String,
+    pub start: Millis,
+    pub end: Option<Millis>,
+    /// Final DialStatus (ANSWER, CANCEL, NOANSWER, BUSY, ...), None while ringing.
+    pub status: Option<String>,
+}
+
+/// A span during which the customer was connected with an extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TalkSegment {
+    pub extension: String,
+    pub start: Millis,
+    pub end: Option<Millis>,
+    pub customer_channel: String,
+    pub extension_channel: String,
+}
+
+/// A finished call, ready for the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Stable id: `<pbx.system_id>-<linkedid>`; `externalId` / `callExternalId` in the CRM.
+    pub external_id: String,
+    pub linkedid: String,
+    pub direction: Direction,
+    /// Inbound: the caller; outbound: the number dialled; internal: the calling extension.
+    pub customer_number: String,
+    /// Inbound: the number the customer dialled.
+    pub did: Option<String>,
+    /// The manager: who talked last, else who placed (out) or the only one rung (in).
+    pub code: Option<String>,
+    pub user_id: Option<i64>,
+    pub external_phone: Option<String>,
+    pub start: Millis,
+    pub answer: Option<Millis>,
+    pub end: Millis,
+    /// Until answered (or until the end, if never answered).
+    pub wait_seconds: u64,
+    /// From the first answer to the end.
+    pub talk_seconds: u64,
+    pub outcome: Outcome,
+    pub answered_by: Option<String>,
+    pub final_extension: Option<String>,
+    pub placed_by: Option<String>,
+    pub click_to_call: bool,
+    pub rings: Vec<Ring>,
+    pub talk: Vec<TalkSegment>,
+    pub recordings: Vec<String>,
+    pub customer_dial_status: Option<String>,
+    /// Closed by the reaper or a resync, not by its own hangups: details may be incomplete.
+    pub reaped: bool,
+}
+
+/// Live events for the CRM's pop-ups.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveEvent {
+    /// Inbound: these extensions started ringing.
+    Ringing {
+        external_id: String,
+        phone: String,
+        did: Option<String>,
+        codes: Vec<String>,
+    },
+    /// Outbound: an extension (or our click-to-call) is dialling the customer.
+    Dialing {
+        external_id: String,
+        phone: String,
+        codes: Vec<String>,
+        click_to_call: Option<ClickToCall>,
+    },
+    /// The call ended.
+    Hangup {
+        external_id: String,
+        phone: String,
+        direction: Direction,
+        codes: Vec<String>,
+        outcome: Outcome,
+    },
+}
