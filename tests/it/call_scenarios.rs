@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use pbxgate::ami::frame::{Item, Limits, Parser};
 use pbxgate::ami::Frame;
-use pbxgate::calls::{CallModel, CallRecord, Classifier, Direction, Output};
+use pbxgate::calls::{CallModel, CallRecord, Classifier, Direction, LiveEvent, Outcome, Output};
 use pbxgate::config::Config;
 use serde_json::Value;
 
@@ -105,7 +105,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("14c_click2call_customer_busy", "14c"),
 ];
 
-pub fn check_against_truth(truth_name: &str, records: &[CallRecord]) {
+pub fn check_against_truth(truth_name: &str, records: &[CallRecord], shift: i64) {
     let truth: Value = serde_json::from_str(
         &std::fs::read_to_string(dir().join(format!("truth/{truth_name}.json"))).unwrap(),
     )
@@ -148,10 +148,15 @@ pub fn check_against_truth(truth_name: &str, records: &[CallRecord]) {
             t["final_extension"].as_str(),
             "{ctx}: final extension"
         );
-        close(r.start, ms(&t["start_time"]).unwrap(), "start", &ctx);
-        close(r.end, ms(&t["end_time"]).unwrap(), "end", &ctx);
+        close(
+            r.start - shift,
+            ms(&t["start_time"]).unwrap(),
+            "start",
+            &ctx,
+        );
+        close(r.end - shift, ms(&t["end_time"]).unwrap(), "end", &ctx);
         if let Some(a) = ms(&t["answer_time"]) {
-            close(r.answer.unwrap(), a, "answer", &ctx);
+            close(r.answer.unwrap() - shift, a, "answer", &ctx);
         }
         let secs = |k: &str| t[k].as_f64().unwrap();
         assert!(
@@ -216,30 +221,226 @@ pub fn check_against_truth(truth_name: &str, records: &[CallRecord]) {
 fn every_capture_matches_its_ground_truth() {
     for (capture, truth) in SCENARIOS {
         let (records, _) = run(&timed_frames(capture));
-        check_against_truth(truth, &records);
+        check_against_truth(truth, &records, 0);
+    }
+}
+
+/// The constructed reference stream (inbound queue call, click-to-call, missed call, and an
+/// attended transfer by SIP REFER), frames 50 ms apart.
+fn constructed() -> Vec<(i64, Frame)> {
+    let path = dir().join("../reference/ami-constructed-frames.txt");
+    let text = std::fs::read_to_string(path).unwrap();
+    let stream: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let mut p = Parser::new(Limits::default());
+    p.push(stream.as_bytes());
+    let mut t = 1_716_801_000_000i64;
+    std::iter::from_fn(|| p.next_item())
+        .filter_map(|i| {
+            if let Item::Frame(f) = i {
+                Some(f)
+            } else {
+                None
+            }
+        })
+        .map(|f| {
+            t += 50;
+            (t, f)
+        })
+        .collect()
+}
+
+#[test]
+fn the_constructed_stream_with_an_attended_transfer() {
+    let (records, out) = run(&constructed());
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.linkedid == id)
+            .unwrap_or_else(|| panic!("{id}: {records:#?}"))
+    };
+    // (a) inbound via queue, 101 answers.
+    let a = by_id("1716801000.0");
+    assert_eq!(
+        (a.direction, a.answered_by.as_deref(), a.outcome),
+        (Direction::In, Some("101"), Outcome::Answered)
+    );
+    // (b) click-to-call through Local/101 with preassigned ids.
+    let b = by_id("c2c-42-a");
+    assert_eq!(
+        (
+            b.direction,
+            b.customer_number.as_str(),
+            b.answered_by.as_deref()
+        ),
+        (Direction::Out, "79001234567", Some("101"))
+    );
+    // (c) missed: both rang, nobody answered.
+    let c = by_id("1716801120.5");
+    assert_eq!(
+        (c.direction, c.outcome, c.rings.len()),
+        (Direction::In, Outcome::NoAnswer, 2)
+    );
+    // (d) attended transfer: the customer's call ends with 102; the consultation is internal.
+    let d = by_id("1716801180.8");
+    assert_eq!(
+        (d.direction, d.final_extension.as_deref()),
+        (Direction::In, Some("102"))
+    );
+    let consult = by_id("1716801192.10");
+    assert_eq!(consult.direction, Direction::Internal);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.direction != Direction::Internal)
+            .count(),
+        4
+    );
+    // Live events: the inbound calls announced both ringing phones, the click-to-call its manager.
+    let ringing = out
+        .iter()
+        .filter(|o| matches!(o, Output::Live(LiveEvent::Ringing { .. })))
+        .count();
+    assert_eq!(ringing, 4);
+    assert!(out.iter().any(|o| matches!(o, Output::Live(LiveEvent::Dialing { codes, .. }) if codes == &vec!["101".to_string()])));
+}
+
+/// Shifts every time by `delta` ms.
+fn shifted(frames: Vec<(i64, Frame)>, delta: i64) -> Vec<(i64, Frame)> {
+    frames.into_iter().map(|(t, f)| (t + delta, f)).collect()
+}
+
+#[test]
+fn interleaved_calls_are_tracked_independently() {
+    // Pairs of captures made to overlap in time, merged by time (each keeps its own order).
+    for (a, b) in [(2, 6), (3, 9), (5, 10), (0, 4), (8, 10)] {
+        let (ca, ta) = SCENARIOS[a];
+        let (cb, tb) = SCENARIOS[b];
+        let fa = timed_frames(ca);
+        let fb = timed_frames(cb);
+        let delta = fa[fa.len() / 3].0 - fb[0].0;
+        let mut merged: Vec<(i64, u8, Frame)> = fa.into_iter().map(|(t, f)| (t, 0, f)).collect();
+        merged.extend(shifted(fb, delta).into_iter().map(|(t, f)| (t, 1, f)));
+        merged.sort_by_key(|(t, src, _)| (*t, *src));
+        let frames: Vec<(i64, Frame)> = merged.into_iter().map(|(t, _, f)| (t, f)).collect();
+        let (records, _) = run(&frames);
+        check_against_truth(ta, &records, 0);
+        check_against_truth(tb, &records, delta);
     }
 }
 
 #[test]
-#[ignore]
-fn debug_dump() {
-    let name = std::env::var("CAPTURE").unwrap();
-    let frames = timed_frames(&name);
+fn duplicated_frames_change_nothing() {
+    for (capture, truth) in SCENARIOS {
+        let doubled: Vec<(i64, Frame)> = timed_frames(capture)
+            .into_iter()
+            .flat_map(|x| [x.clone(), x])
+            .collect();
+        let (records, _) = run(&doubled);
+        check_against_truth(truth, &records, 0);
+    }
+}
+
+#[test]
+fn a_gap_in_the_event_stream_is_healed_by_resync() {
+    // The AMI link drops in the middle of the blind-transfer call (07) and comes back 5 s later:
+    // the events in between are lost. A resync tells the model which channels still exist.
+    let frames = timed_frames("07_inbound_blind_transfer");
+    let t0 = frames
+        .iter()
+        .find(|(_, f)| f.event() == Some("BridgeEnter"))
+        .unwrap()
+        .0
+        + 1000;
+    let t1 = t0 + 5000;
     let mut model = CallModel::new(Classifier::new(&lab_config()), "lab");
-    let mut sink = Vec::new();
+    let mut out = Vec::new();
+    let mut alive = std::collections::HashSet::new();
+    let mut resynced = false;
     for (at, f) in &frames {
-        model.on_event(f, *at, &mut sink);
-    }
-    println!("left: {:?}", model.summary());
-    let (records, out) = run(&frames);
-    for o in &out {
-        if let Output::Live(l) = o {
-            println!("{l:?}");
+        // What CoreShowChannels would list at t1: created before t1, not hung up before t1.
+        if *at < t1 {
+            match f.event() {
+                Some("Newchannel") => {
+                    alive.insert(f.get("Uniqueid").unwrap().to_string());
+                }
+                Some("Hangup") => {
+                    alive.remove(f.get("Uniqueid").unwrap());
+                }
+                _ => {}
+            }
         }
+        if *at >= t0 && *at < t1 {
+            continue;
+        }
+        if *at >= t1 && !resynced {
+            model.resync(&alive, *at, &mut out);
+            resynced = true;
+        }
+        model.on_event(f, *at, &mut out);
     }
-    for r in records {
-        println!("{} {:?} cust={} did={:?} code={:?} ans={:?} by={:?} final={:?} wait={} talk={} outcome={:?} rings={:?} talk={:?} cds={:?} placed={:?}",
-            r.linkedid, r.direction, r.customer_number, r.did, r.code, r.answer, r.answered_by, r.final_extension, r.wait_seconds, r.talk_seconds, r.outcome,
-            r.rings.iter().map(|x| (x.extension.clone(), x.status.clone())).collect::<Vec<_>>(), r.talk.iter().map(|t| t.extension.clone()).collect::<Vec<_>>(), r.customer_dial_status, r.placed_by);
+    model.flush(&mut out);
+    let records: Vec<&CallRecord> = out
+        .iter()
+        .filter_map(|o| {
+            if let Output::Finished(r) = o {
+                Some(&**r)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let call = records
+        .iter()
+        .find(|r| r.linkedid == "1795264605.55")
+        .expect("the call is still reported");
+    assert_eq!(call.direction, Direction::In);
+    assert_eq!(call.customer_number, "+491701234567");
+    assert_eq!(call.answered_by.as_deref(), Some("101"));
+    assert_eq!(call.outcome, Outcome::Answered);
+    assert_eq!(model.live_calls(), 0, "nothing left behind");
+}
+
+#[test]
+fn a_call_whose_channels_vanished_is_reaped() {
+    let frames = timed_frames("03_inbound_from_trunk");
+    // Stop 3 s into the conversation: the hangups never arrive.
+    let talking = frames
+        .iter()
+        .find(|(_, f)| f.event() == Some("BridgeEnter"))
+        .unwrap()
+        .0
+        + 3000;
+    let cut = frames.iter().position(|(t, _)| *t > talking).unwrap();
+    let mut model = CallModel::new(Classifier::new(&lab_config()), "lab");
+    let mut out = Vec::new();
+    for (at, f) in &frames[..cut] {
+        model.on_event(f, *at, &mut out);
     }
+    let last = frames[cut - 1].0;
+    model.reap(last + 10_000, 60_000, &mut out);
+    assert!(
+        out.iter().all(|o| !matches!(o, Output::Finished(_))),
+        "not yet stale"
+    );
+    model.reap(last + 61_000, 60_000, &mut out);
+    let r = out
+        .iter()
+        .find_map(|o| {
+            if let Output::Finished(r) = o {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .expect("reaped");
+    assert!(r.reaped);
+    assert_eq!(
+        (r.direction, r.answered_by.as_deref()),
+        (Direction::In, Some("101"))
+    );
+    assert_eq!(model.live_calls(), 0);
 }
