@@ -10,6 +10,7 @@ use actix_web::web;
 use tokio::task::JoinHandle;
 
 use crate::ami::AmiClient;
+use crate::calls::{CallTracker, RecentCalls, TrackerStats};
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::{CrmClient, CrmError};
@@ -81,7 +82,28 @@ impl Application {
         };
 
         let ami = AmiClient::start(config.ami.clone());
-        let click_to_call = ClickToCall::new(config.clone(), ami.clone());
+
+        // Call tracking: live events to the CRM through a bounded queue, finished calls to the
+        // history sink (kept in memory for now).
+        let (live_tx, live_rx) = tokio::sync::mpsc::channel(1024);
+        tasks.push(tokio::spawn(crate::calls::live::run(
+            live_rx,
+            crm.clone(),
+            store.clone(),
+            config.clone(),
+        )));
+        let recent_calls = RecentCalls::new(200);
+        let tracker_stats = Arc::new(TrackerStats::default());
+        let (tracker, tracker_task) = CallTracker::start(
+            &config,
+            ami.clone(),
+            live_tx,
+            Arc::new(recent_calls.clone()),
+            tracker_stats.clone(),
+        );
+        tasks.push(tracker_task);
+
+        let click_to_call = ClickToCall::new(config.clone(), ami.clone(), Some(tracker.clone()));
         tasks.push(tokio::spawn(click_to_call.clone().log_outcomes()));
         let (manager_status, worker) =
             ManagerStatus::start(config.clone(), store.clone(), ami.clone());
@@ -96,6 +118,9 @@ impl Application {
             ami,
             click_to_call,
             manager_status,
+            tracker,
+            recent_calls,
+            tracker_stats,
             started: Instant::now(),
         });
         let server = http::server(listener, state.clone()).map_err(StartError::Http)?;

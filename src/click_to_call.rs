@@ -12,6 +12,7 @@ use actix_web::http::StatusCode;
 use validator::{Validate, ValidationError};
 
 use crate::ami::{Action, AmiClient, AmiError, AmiEvent};
+use crate::calls::CallTracker;
 use crate::config::Config;
 use crate::http::params::Params;
 use crate::http::ApiError;
@@ -154,14 +155,17 @@ struct Limiter {
 pub struct ClickToCall {
     config: Arc<Config>,
     ami: AmiClient,
+    /// Told about each call before it is placed, so the call model attributes it.
+    tracker: Option<CallTracker>,
     state: Arc<Mutex<Limiter>>,
 }
 
 impl ClickToCall {
-    pub fn new(config: Arc<Config>, ami: AmiClient) -> ClickToCall {
+    pub fn new(config: Arc<Config>, ami: AmiClient, tracker: Option<CallTracker>) -> ClickToCall {
         ClickToCall {
             config,
             ami,
+            tracker,
             state: Arc::new(Mutex::new(Limiter {
                 recent: HashMap::new(),
                 per_extension: HashMap::new(),
@@ -253,6 +257,15 @@ impl ClickToCall {
                 .unwrap_or(0),
             rand::random::<u32>()
         );
+        if let Some(tracker) = &self.tracker {
+            let hint = crate::calls::ClickToCall {
+                code: req.code.clone(),
+                phone: req.phone.clone(),
+                user_id: req.user_id,
+                external_phone: req.external_phone.clone(),
+            };
+            tracker.expect_click_to_call(&call_id, hint).await;
+        }
         let result = self.ami.send(self.originate_action(&req, &call_id)).await;
         match result {
             Ok(reply) => {

@@ -228,12 +228,16 @@ pub struct PbxConfig {
     /// Names this PBX in call ids (`<system_id>-<linkedid>`), so ids stay unique across PBXs.
     #[validate(custom(function = "module_code"))]
     pub system_id: String,
+    /// Bearer token a PBX presents to post call events (`/pbx/events`); empty = endpoint off.
+    #[validate(custom(function = "token"))]
+    pub token: Secret,
 }
 
 impl Default for PbxConfig {
     fn default() -> Self {
         PbxConfig {
             system_id: "pbx".into(),
+            token: Secret::default(),
         }
     }
 }
@@ -255,6 +259,10 @@ pub struct CallsConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "backoff"))]
     pub max_silence: Duration,
+    /// A live event (pop-up) not delivered within this time is dropped.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub live_event_deadline: Duration,
 }
 
 impl Default for CallsConfig {
@@ -270,6 +278,7 @@ impl Default for CallsConfig {
             extension_pattern: "^[0-9]{2,5}$".into(),
             min_external_digits: 6,
             max_silence: Duration::from_secs(3600),
+            live_event_deadline: Duration::from_secs(5),
         }
     }
 }
@@ -757,6 +766,17 @@ fn backoff(value: &Duration) -> Result<(), ValidationError> {
         return Err(problem("must be more than 0 and at most 1h"));
     }
     Ok(())
+}
+
+fn token(value: &Secret) -> Result<(), ValidationError> {
+    let v = value.expose();
+    if v.is_empty() || (16..=256).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(problem(
+            "must be empty (off) or 16 to 256 printable ASCII characters",
+        ))
+    }
 }
 
 fn regex_pattern(value: &str) -> Result<(), ValidationError> {

@@ -88,6 +88,7 @@ pub struct CallModel {
     calls: HashMap<String, Call>,
     bridges: HashMap<String, Vec<String>>,
     expected_c2c: HashMap<String, ClickToCall>,
+    expected_order: std::collections::VecDeque<String>,
     /// Recently hung-up Uniqueids (bounded), so late events do not resurrect them.
     gone: HashSet<String>,
     gone_order: std::collections::VecDeque<String>,
@@ -111,6 +112,7 @@ impl CallModel {
             calls: HashMap::new(),
             bridges: HashMap::new(),
             expected_c2c: HashMap::new(),
+            expected_order: std::collections::VecDeque::new(),
             gone: HashSet::new(),
             gone_order: std::collections::VecDeque::new(),
             closing: Vec::new(),
@@ -133,6 +135,13 @@ impl CallModel {
 
     /// Our own click-to-call: the channel with Uniqueid `channel_id` will appear shortly.
     pub fn expect_click_to_call(&mut self, channel_id: &str, c2c: ClickToCall) {
+        // Bounded: hints of originates that never produced a channel are forgotten, oldest first.
+        if self.expected_c2c.len() >= 1024 {
+            if let Some(old) = self.expected_order.pop_front() {
+                self.expected_c2c.remove(&old);
+            }
+        }
+        self.expected_order.push_back(channel_id.to_string());
         self.expected_c2c.insert(channel_id.to_string(), c2c);
     }
 
@@ -727,8 +736,11 @@ impl CallModel {
             t.end = Some(call.last_hangup);
         }
         // Drop blips shorter than 100 ms (event ordering during transfers).
-        call.talk
-            .retain(|t| t.end.unwrap_or(t.start) - t.start >= 100);
+        // (Only when real conversation exists besides them: a replay at full speed has only blips.)
+        let real = |t: &TalkSegment| t.end.unwrap_or(t.start) - t.start >= 100;
+        if call.talk.iter().any(real) {
+            call.talk.retain(real);
+        }
         let direction = if call.inbound {
             Direction::In
         } else if call.customer.is_some() || call.originated || call.click_to_call.is_some() {

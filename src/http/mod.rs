@@ -3,6 +3,7 @@
 pub mod callbacks;
 pub mod error;
 pub mod params;
+pub mod pbx;
 pub mod status;
 
 use std::net::TcpListener;
@@ -15,6 +16,7 @@ use actix_web::middleware::ErrorHandlers;
 use actix_web::{web, App, HttpServer};
 
 use crate::ami::AmiClient;
+use crate::calls::{CallTracker, RecentCalls, TrackerStats};
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::CrmClient;
@@ -33,6 +35,8 @@ pub mod paths {
     pub const LOGO: &str = "/static/logo.svg";
     pub const HEALTH: &str = "/health";
     pub const READY: &str = "/ready";
+    /// Call events posted by a PBX (Bearer `pbx.token`).
+    pub const PBX_EVENTS: &str = "/pbx/events";
 }
 
 /// Everything a handler may need; shared by all workers.
@@ -46,6 +50,10 @@ pub struct AppState {
     pub ami: AmiClient,
     pub click_to_call: ClickToCall,
     pub manager_status: ManagerStatus,
+    pub tracker: CallTracker,
+    /// The last finished calls (until the history outbox takes them).
+    pub recent_calls: RecentCalls,
+    pub tracker_stats: Arc<TrackerStats>,
     pub started: Instant,
 }
 
@@ -106,5 +114,6 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(callbacks::user_status))
                 .route(web::post().to(callbacks::user_status)),
         )
-        .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)));
+        .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)))
+        .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)));
 }

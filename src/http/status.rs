@@ -73,6 +73,12 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         },
         "ami": ami,
         "managerStatus": { "pbxFailures": status_failures },
+        "calls": {
+            "live": state.tracker_stats.live_calls.load(std::sync::atomic::Ordering::Relaxed),
+            "finished": state.tracker_stats.finished.load(std::sync::atomic::Ordering::Relaxed),
+            "liveEventsDropped": state.tracker_stats.live_events_dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "resyncs": state.tracker_stats.resyncs.load(std::sync::atomic::Ordering::Relaxed),
+        },
     });
     if store_ok {
         HttpResponse::Ok().json(body)

@@ -444,3 +444,109 @@ fn a_call_whose_channels_vanished_is_reaped() {
     );
     assert_eq!(model.live_calls(), 0);
 }
+
+/// Each captured scenario told as PBX webhooks (what a non-AMI PBX would post) gives the same
+/// record as the AMI model did.
+#[test]
+fn the_scenarios_as_webhooks_give_the_same_records() {
+    use pbxgate::calls::webhook::{parse_events, WebhookModel};
+    for (capture, truth_name) in SCENARIOS {
+        let truth: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir().join(format!("truth/{truth_name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let (ami_records, _) = run(&timed_frames(capture));
+        for t in truth["calls"].as_array().unwrap() {
+            let dir_s = t["direction"].as_str().unwrap();
+            if dir_s == "internal" {
+                continue;
+            }
+            let id = t["linkedid"].as_str().unwrap();
+            let mut evs: Vec<(i64, Value)> = Vec::new();
+            let start = ms(&t["start_time"]).unwrap();
+            evs.push((
+                start,
+                serde_json::json!({"call_id": id, "event": "start", "direction": dir_s,
+                "phone": t["customer_number"], "did": t["did"], "at": t["start_time"]}),
+            ));
+            for r in t["rang"].as_array().unwrap() {
+                evs.push((
+                    ms(&r["ring_start"]).unwrap(),
+                    serde_json::json!({"call_id": id, "event": "ringing",
+                    "extension": r["extension"], "at": r["ring_start"]}),
+                ));
+            }
+            let segments: Vec<(String, Value)> = match t["talk_segments"].as_array() {
+                Some(segs) => segs
+                    .iter()
+                    .map(|s| {
+                        (
+                            s["extension"].as_str().unwrap().to_string(),
+                            s["start"].clone(),
+                        )
+                    })
+                    .collect(),
+                None if t["answered"] == true => vec![(
+                    t["answered_by"].as_str().unwrap().to_string(),
+                    t["answer_time"].clone(),
+                )],
+                None => vec![],
+            };
+            for (i, (ext, at)) in segments.iter().enumerate() {
+                let kind = if i == 0 { "answer" } else { "transfer" };
+                evs.push((
+                    ms(at).unwrap(),
+                    serde_json::json!({"call_id": id, "event": kind, "extension": ext, "at": at}),
+                ));
+            }
+            evs.push((
+                ms(&t["end_time"]).unwrap() + 1,
+                serde_json::json!({"call_id": id, "event": "hangup", "at": t["end_time"]}),
+            ));
+            evs.sort_by_key(|(at, _)| *at);
+            let body =
+                serde_json::to_vec(&evs.into_iter().map(|(_, v)| v).collect::<Vec<_>>()).unwrap();
+            let parsed = parse_events(&body).unwrap_or_else(|e| panic!("{truth_name}/{id}: {e:?}"));
+            let mut model = WebhookModel::new("lab");
+            let mut out = Vec::new();
+            for e in &parsed {
+                model.apply(e, 0, &mut out);
+            }
+            let web = out
+                .iter()
+                .find_map(|o| {
+                    if let Output::Finished(r) = o {
+                        Some(r)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap();
+            let ami = ami_records.iter().find(|r| r.linkedid == id).unwrap();
+            let ctx = format!("{truth_name}/{id}");
+            assert_eq!(web.direction, ami.direction, "{ctx}");
+            assert_eq!(web.customer_number, ami.customer_number, "{ctx}");
+            assert_eq!(web.did, ami.did, "{ctx}");
+            assert_eq!(web.answered_by, ami.answered_by, "{ctx}");
+            assert_eq!(web.final_extension, ami.final_extension, "{ctx}");
+            close(web.start, ami.start, "start", &ctx);
+            close(web.end, ami.end, "end", &ctx);
+            assert!(
+                web.wait_seconds.abs_diff(ami.wait_seconds) <= 1,
+                "{ctx}: wait {} vs {}",
+                web.wait_seconds,
+                ami.wait_seconds
+            );
+            assert!(
+                web.talk_seconds.abs_diff(ami.talk_seconds) <= 1,
+                "{ctx}: talk {} vs {}",
+                web.talk_seconds,
+                ami.talk_seconds
+            );
+            assert_eq!(
+                web.external_id, ami.external_id,
+                "{ctx}: the same stable id"
+            );
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod activity;
 mod ami_client;
 mod ami_parser;
 mod call_scenarios;
+mod call_tracking;
 mod cli;
 mod click_to_call;
 mod crm_client;

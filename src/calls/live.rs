@@ -1,0 +1,115 @@
+//! Live call events to the CRM (`telephony/call/event`): pop-ups while phones ring, hangups.
+//! A pop-up is useless late: each event gets a short deadline (retries within the CRM rate
+//! limit included), then it is dropped with a log line. Nothing is sent while the module is
+//! inactive or frozen, or without an API key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::record::{Direction, LiveEvent};
+use crate::config::Config;
+use crate::crm::{CallEvent, CallEventType, CrmClient};
+use crate::store::Store;
+
+/// The shop of a call: the `[[external_phones]]` entry of its DID, else `crm.site`.
+pub fn site_for(config: &Config, did: Option<&str>) -> Option<String> {
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    did.and_then(|d| {
+        let d = digits(d);
+        config
+            .external_phones
+            .iter()
+            .find(|p| !d.is_empty() && digits(&p.number) == d)
+            .map(|p| p.site.clone())
+    })
+    .or_else(|| Some(config.crm.site.clone()).filter(|s| !s.is_empty()))
+}
+
+/// The CRM event for a live event; `None` for what the CRM must not see (internal calls).
+pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
+    match e {
+        LiveEvent::Ringing {
+            external_id,
+            phone,
+            did,
+            codes,
+        } => {
+            let mut ev = CallEvent::new(CallEventType::In, phone.clone());
+            ev.codes = Some(codes.clone());
+            ev.external_phone = did.clone();
+            ev.site = site_for(config, did.as_deref());
+            ev.call_external_id = Some(external_id.clone());
+            Some(ev)
+        }
+        LiveEvent::Dialing {
+            external_id,
+            phone,
+            codes,
+            click_to_call,
+        } => {
+            let mut ev = CallEvent::new(CallEventType::Out, phone.clone());
+            ev.codes = Some(codes.clone());
+            if let Some(c2c) = click_to_call {
+                ev.user_ids = Some(vec![c2c.user_id]);
+                ev.external_phone = c2c.external_phone.clone();
+            }
+            ev.site = site_for(config, ev.external_phone.as_deref());
+            ev.call_external_id = Some(external_id.clone());
+            Some(ev)
+        }
+        LiveEvent::Hangup {
+            external_id,
+            phone,
+            direction,
+            codes,
+            outcome,
+        } => {
+            if *direction == Direction::Internal {
+                return None;
+            }
+            let mut ev = CallEvent::new(CallEventType::Hangup, phone.clone());
+            ev.codes = Some(codes.clone()).filter(|c| !c.is_empty());
+            ev.hangup_status = Some(outcome.hangup_status());
+            ev.call_external_id = Some(external_id.clone());
+            Some(ev)
+        }
+    }
+}
+
+/// Sends live events one at a time, in order.
+pub async fn run(
+    mut rx: mpsc::Receiver<LiveEvent>,
+    crm: CrmClient,
+    store: Store,
+    config: Arc<Config>,
+) {
+    let deadline: Duration = config.calls.live_event_deadline;
+    while let Some(e) = rx.recv().await {
+        let Some(event) = to_call_event(&config, &e) else {
+            continue;
+        };
+        if !crm.is_configured() {
+            continue;
+        }
+        if !store.activity().map(|a| a.may_push()).unwrap_or(true) {
+            tracing::debug!("module inactive or frozen: live call event not sent");
+            continue;
+        }
+        match tokio::time::timeout(deadline, crm.call_event(&event)).await {
+            Ok(Ok(r)) => {
+                if !r.not_exist_codes.is_empty() {
+                    tracing::warn!(codes = ?r.not_exist_codes, "retailCRM knows no users with these extension codes");
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, error = %err, "live call event dropped");
+            }
+            Err(_) => {
+                tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, deadline_ms = deadline.as_millis() as u64,
+                    "live call event dropped: the CRM did not take it in time");
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Call events posted by a PBX over HTTP (`POST /pbx/events`), for PBXs without AMI. They feed
+//! a small state machine that produces exactly the same live events and call records as the
+//! AMI model, so everything downstream is identical.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+
+use super::model::{Millis, Output, GRACE};
+use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
+
+/// Most events accepted in one request.
+pub const MAX_EVENTS_PER_REQUEST: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Start,
+    Ringing,
+    Answer,
+    Transfer,
+    Hangup,
+}
+
+/// One event as posted. Validated by [`parse_events`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEvent {
+    pub call_id: String,
+    pub kind: Kind,
+    pub direction: Option<Direction>,
+    pub phone: Option<String>,
+    pub did: Option<String>,
+    pub extension: Option<String>,
+    pub at: Option<Millis>,
+    pub result: Option<Outcome>,
+    pub record: Option<String>,
+}
+
+/// Parses a body holding one event object or an array of them. Errors name the field
+/// (`[2].extension: is required for ringing`).
+pub fn parse_events(body: &[u8]) -> Result<Vec<WebhookEvent>, BTreeMap<String, String>> {
+    let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| one("body", &format!("is not JSON: {e}")))?;
+    let (items, array) = match value {
+        serde_json::Value::Array(a) => (a, true),
+        v @ serde_json::Value::Object(_) => (vec![v], false),
+        _ => return Err(one("body", "must be an event object or an array of them")),
+    };
+    if items.is_empty() {
+        return Err(one("body", "holds no event"));
+    }
+    if items.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(one(
+            "body",
+            &format!("more than {MAX_EVENTS_PER_REQUEST} events"),
+        ));
+    }
+    let mut errors = BTreeMap::new();
+    let mut events = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let prefix = if array {
+            format!("[{i}].")
+        } else {
+            String::new()
+        };
+        match parse_one(item) {
+            Ok(e) => events.push(e),
+            Err((field, msg)) => {
+                errors.insert(format!("{prefix}{field}"), msg);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(events)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
+    let err = |f: &str, m: &str| (f.to_string(), m.to_string());
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err("event", "must be an object"))?;
+    let text = |k: &str| -> Result<Option<String>, (String, String)> {
+        match obj.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s))
+                if s.len() <= 256 && !s.chars().any(char::is_control) =>
+            {
+                Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty()))
+            }
+            Some(serde_json::Value::String(_)) => {
+                Err(err(k, "must be at most 256 printable characters"))
+            }
+            Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(_) => Err(err(k, "must be a string")),
+        }
+    };
+    let known = [
+        "call_id",
+        "event",
+        "direction",
+        "phone",
+        "did",
+        "extension",
+        "at",
+        "result",
+        "record",
+    ];
+    if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(err(unknown, "is not a known field"));
+    }
+    let call_id = text("call_id")?.ok_or_else(|| err("call_id", "is required"))?;
+    let kind = match text("event")?.as_deref() {
+        None => return Err(err("event", "is required")),
+        Some("start") => Kind::Start,
+        Some("ringing") => Kind::Ringing,
+        Some("answer") => Kind::Answer,
+        Some("transfer") => Kind::Transfer,
+        Some("hangup") => Kind::Hangup,
+        Some(_) => {
+            return Err(err(
+                "event",
+                "must be one of start, ringing, answer, transfer, hangup",
+            ))
+        }
+    };
+    let direction = match text("direction")?.as_deref() {
+        None => None,
+        Some("in") => Some(Direction::In),
+        Some("out") => Some(Direction::Out),
+        Some(_) => return Err(err("direction", "must be in or out")),
+    };
+    let extension = text("extension")?;
+    if matches!(kind, Kind::Ringing | Kind::Answer | Kind::Transfer) {
+        match &extension {
+            None => {
+                return Err(err(
+                    "extension",
+                    "is required for ringing, answer and transfer",
+                ))
+            }
+            Some(e) if !crate::config::is_extension_code(e) => {
+                return Err(err("extension", "must be 1 to 16 of 0-9, '*', '#'"));
+            }
+            _ => {}
+        }
+    }
+    let phone = text("phone")?.map(|p| crate::click_to_call::normalize_number(&p));
+    if let Some(p) = &phone {
+        let digits = p.strip_prefix('+').unwrap_or(p);
+        if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err("phone", "must be digits with an optional leading '+'"));
+        }
+    }
+    if kind == Kind::Start && phone.is_none() {
+        return Err(err("phone", "is required for start"));
+    }
+    let at = match text("at")? {
+        None => None,
+        Some(s) => {
+            let t = humantime::parse_rfc3339_weak(&s)
+                .map_err(|_| err("at", "must be an RFC 3339 time"))?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| err("at", "is before 1970"))?
+                .as_millis();
+            Some(i64::try_from(ms).map_err(|_| err("at", "is out of range"))?)
+        }
+    };
+    let result = match text("result")?.as_deref() {
+        None => None,
+        Some("answered") => Some(Outcome::Answered),
+        Some("no answer") | Some("no_answer") | Some("missed") => Some(Outcome::NoAnswer),
+        Some("busy") => Some(Outcome::Busy),
+        Some("failed") => Some(Outcome::Failed),
+        Some("not allowed") | Some("not_allowed") => Some(Outcome::NotAllowed),
+        Some("unknown") => Some(Outcome::Unknown),
+        Some(_) => {
+            return Err(err(
+                "result",
+                "must be one of answered, no answer, busy, failed, not allowed, unknown",
+            ))
+        }
+    };
+    Ok(WebhookEvent {
+        call_id,
+        kind,
+        direction,
+        phone,
+        did: text("did")?,
+        extension,
+        at,
+        result,
+        record: text("record")?,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct WebCall {
+    direction: Direction,
+    phone: String,
+    did: Option<String>,
+    start: Millis,
+    last: Millis,
+    rings: Vec<Ring>,
+    talk: Vec<TalkSegment>,
+    record: Option<String>,
+    announced: Vec<String>,
+}
+
+/// The state of calls reported by webhooks.
+pub struct WebhookModel {
+    system_id: String,
+    calls: HashMap<String, WebCall>,
+}
+
+impl WebhookModel {
+    pub fn new(system_id: &str) -> WebhookModel {
+        WebhookModel {
+            system_id: system_id.to_string(),
+            calls: HashMap::new(),
+        }
+    }
+
+    pub fn live_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn apply(&mut self, e: &WebhookEvent, now: Millis, out: &mut Vec<Output>) {
+        let at = e.at.unwrap_or(now);
+        let external_id = format!("{}-{}", self.system_id, e.call_id);
+        // Events for an unknown call other than `start` create it: a PBX may lose a message.
+        let call = self
+            .calls
+            .entry(e.call_id.clone())
+            .or_insert_with(|| WebCall {
+                direction: e.direction.unwrap_or(Direction::In),
+                phone: e.phone.clone().unwrap_or_default(),
+                did: e.did.clone(),
+                start: at,
+                last: at,
+                rings: Vec::new(),
+                talk: Vec::new(),
+                record: None,
+                announced: Vec::new(),
+            });
+        call.last = call.last.max(at);
+        if let Some(d) = e.direction {
+            call.direction = d;
+        }
+        if let Some(p) = &e.phone {
+            call.phone = p.clone();
+        }
+        if e.did.is_some() {
+            call.did = e.did.clone();
+        }
+        if e.record.is_some() {
+            call.record = e.record.clone();
+        }
+        let ext = e.extension.clone().unwrap_or_default();
+        match e.kind {
+            Kind::Start => {}
+            Kind::Ringing => {
+                if !call
+                    .rings
+                    .iter()
+                    .any(|r| r.extension == ext && r.end.is_none())
+                {
+                    call.rings.push(Ring {
+                        extension: ext.clone(),
+                        start: at,
+                        end: None,
+                        status: None,
+                    });
+                }
+                if !call.announced.contains(&ext) {
+                    call.announced.push(ext.clone());
+                    out.push(Output::Live(match call.direction {
+                        Direction::Out => LiveEvent::Dialing {
+                            external_id,
+                            phone: call.phone.clone(),
+                            codes: vec![ext],
+                            click_to_call: None,
+                        },
+                        _ => LiveEvent::Ringing {
+                            external_id,
+                            phone: call.phone.clone(),
+                            did: call.did.clone(),
+                            codes: vec![ext],
+                        },
+                    }));
+                }
+            }
+            Kind::Answer | Kind::Transfer => {
+                for r in call.rings.iter_mut().filter(|r| r.end.is_none()) {
+                    r.end = Some(at);
+                    r.status = Some(
+                        if r.extension == ext {
+                            "ANSWER"
+                        } else {
+                            "CANCEL"
+                        }
+                        .into(),
+                    );
+                }
+                if !call.rings.iter().any(|r| r.extension == ext) {
+                    call.rings.push(Ring {
+                        extension: ext.clone(),
+                        start: at,
+                        end: Some(at),
+                        status: Some("ANSWER".into()),
+                    });
+                }
+                for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
+                    t.end = Some(at);
+                }
+                call.talk.push(TalkSegment {
+                    extension: ext,
+                    start: at,
+                    end: None,
+                    customer_channel: e.call_id.clone(),
+                    extension_channel: String::new(),
+                });
+            }
+            Kind::Hangup => {
+                let mut call = self.calls.remove(&e.call_id).expect("inserted above");
+                for r in call.rings.iter_mut().filter(|r| r.end.is_none()) {
+                    r.end = Some(at);
+                    r.status = Some("CANCEL".into());
+                }
+                for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
+                    t.end = Some(at);
+                }
+                out.extend(finish(&self.system_id, &e.call_id, call, at, e.result));
+            }
+        }
+    }
+
+    /// Closes calls that saw no event for `max_age` (the PBX lost the hangup).
+    pub fn reap(&mut self, now: Millis, max_age: Millis, out: &mut Vec<Output>) {
+        let stale: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| now - c.last > max_age.max(GRACE))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in stale {
+            if let Some(mut call) = self.calls.remove(&id) {
+                let end = call.last;
+                for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
+                    t.end = Some(end);
+                }
+                let mut outputs = finish(&self.system_id, &id, call, end, None);
+                for o in &mut outputs {
+                    if let Output::Finished(r) = o {
+                        r.reaped = true;
+                    }
+                }
+                out.extend(outputs);
+            }
+        }
+    }
+}
+
+fn finish(
+    system_id: &str,
+    call_id: &str,
+    call: WebCall,
+    end: Millis,
+    result: Option<Outcome>,
+) -> Vec<Output> {
+    let answer = call.talk.first().map(|t| t.start);
+    let outcome = result.unwrap_or(if answer.is_some() {
+        Outcome::Answered
+    } else {
+        Outcome::NoAnswer
+    });
+    let final_extension = call.talk.last().map(|t| t.extension.clone());
+    let code = final_extension
+        .clone()
+        .or_else(|| call.rings.last().map(|r| r.extension.clone()));
+    let external_id = format!("{system_id}-{call_id}");
+    let record = CallRecord {
+        external_id: external_id.clone(),
+        linkedid: call_id.to_string(),
+        direction: call.direction,
+        customer_number: call.phone.clone(),
+        did: call.did.clone(),
+        code: code.clone(),
+        user_id: None,
+        external_phone: call.did.clone(),
+        start: call.start,
+        answer,
+        end,
+        wait_seconds: u64::try_from((answer.unwrap_or(end) - call.start + 500) / 1000).unwrap_or(0),
+        talk_seconds: answer.map_or(0, |a| u64::try_from((end - a + 500) / 1000).unwrap_or(0)),
+        outcome,
+        answered_by: call.talk.first().map(|t| t.extension.clone()),
+        final_extension,
+        placed_by: (call.direction == Direction::Out)
+            .then(|| call.rings.first().map(|r| r.extension.clone()))
+            .flatten(),
+        click_to_call: false,
+        rings: call.rings,
+        talk: call.talk,
+        recordings: call.record.into_iter().collect(),
+        customer_dial_status: None,
+        reaped: false,
+    };
+    vec![
+        Output::Live(LiveEvent::Hangup {
+            external_id,
+            phone: record.customer_number.clone(),
+            direction: record.direction,
+            codes: code.into_iter().collect(),
+            outcome,
+        }),
+        Output::Finished(Box::new(record)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse_events(br#"{"call_id":"1","event":"ringing","phone":"+7999"}"#).unwrap_err();
+        assert!(e.contains_key("extension"), "{e:?}");
+        let e = parse_events(
+            br#"[{"call_id":"1","event":"start","phone":"+7999"},{"event":"nope","call_id":"2"}]"#,
+        )
+        .unwrap_err();
+        assert!(e.contains_key("[1].event"), "{e:?}");
+        let e = parse_events(br#"{"event":"start"}"#).unwrap_err();
+        assert!(e.contains_key("call_id"), "{e:?}");
+        let e = parse_events(br#"{"call_id":"1","event":"hangup","at":"yesterday"}"#).unwrap_err();
+        assert!(e.contains_key("at"), "{e:?}");
+        let e = parse_events(br#"{"call_id":"1","event":"hangup","color":"red"}"#).unwrap_err();
+        assert!(e.contains_key("color"), "{e:?}");
+        assert!(parse_events(b"not json").unwrap_err().contains_key("body"));
+    }
+
+    #[test]
+    fn a_transferred_call_is_credited_to_the_last_extension() {
+        let evs = parse_events(
+            br#"[
+            {"call_id":"c1","event":"start","direction":"in","phone":"+491701234567","did":"+4930111101","at":"2026-11-21T12:36:45.423Z"},
+            {"call_id":"c1","event":"ringing","extension":"101","at":"2026-11-21T12:36:45.500Z"},
+            {"call_id":"c1","event":"answer","extension":"101","at":"2026-11-21T12:36:47.435Z"},
+            {"call_id":"c1","event":"transfer","extension":"102","at":"2026-11-21T12:36:55.450Z"},
+            {"call_id":"c1","event":"hangup","at":"2026-11-21T12:37:05.443Z","record":"/rec/c1.wav"}
+        ]"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        for e in &evs {
+            m.apply(e, 0, &mut out);
+        }
+        let r = out
+            .iter()
+            .find_map(|o| {
+                if let Output::Finished(r) = o {
+                    Some(r)
+                } else {
+                    None
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (r.answered_by.as_deref(), r.final_extension.as_deref()),
+            (Some("101"), Some("102"))
+        );
+        assert_eq!(
+            (r.wait_seconds, r.talk_seconds, r.outcome),
+            (2, 18, Outcome::Answered)
+        );
+        assert_eq!(r.recordings, vec!["/rec/c1.wav".to_string()]);
+        assert_eq!(r.external_id, "pbx-c1");
+        assert_eq!(m.live_calls(), 0);
+    }
+
+    #[test]
+    fn an_unknown_call_is_created_by_any_event() {
+        let evs = parse_events(
+            br#"{"call_id":"x","event":"hangup","direction":"in","phone":"+7999","result":"busy"}"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        m.apply(&evs[0], 1000, &mut out);
+        let r = out
+            .iter()
+            .find_map(|o| {
+                if let Output::Finished(r) = o {
+                    Some(r)
+                } else {
+                    None
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (r.outcome, r.customer_number.as_str()),
+            (Outcome::Busy, "+7999")
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! Calls tracked end to end: capture bytes from the scripted AMI server (or PBX webhooks) into
+//! the service, live events out to the fake CRM, finished calls into the history sink.
+
+use std::time::Duration;
+
+use pbxgate::calls::{CallRecord, Direction, Outcome};
+use serde_json::Value;
+
+use crate::support::TestApp;
+
+const EVENT: &str = "/api/v5/telephony/call/event";
+
+/// A capture's bytes without its banner lines (the session already has one).
+fn capture_body(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../shared/ami-captures/{name}.raw",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = String::from_utf8(std::fs::read(path).unwrap()).unwrap();
+    text.split_inclusive('\n')
+        .filter(|l| !l.starts_with("Asterisk Call Manager/"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+async fn lab_app(tweak: impl FnOnce(&mut pbxgate::config::Config)) -> TestApp {
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.calls.inbound_contexts = vec!["from-trunk".into()];
+        c.pbx.system_id = "lab".into();
+        tweak(c);
+    })
+    .await;
+    app.ami_connected().await;
+    app
+}
+
+async fn finished(app: &TestApp, n: u64) -> Vec<CallRecord> {
+    tokio::time::timeout(Duration::from_secs(15), app.state.recent_calls.wait_for(n))
+        .await
+        .expect("calls finished");
+    app.state.recent_calls.all()
+}
+
+fn events(app: &TestApp) -> Vec<Value> {
+    app.crm
+        .requests_to(EVENT)
+        .iter()
+        .map(|r| r.form_json("event"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_inbound_ring_group_call_pops_up_and_is_recorded() {
+    let app = lab_app(|_| {}).await;
+    app.ami.send(&capture_body("03_inbound_from_trunk"));
+    let calls = finished(&app, 1).await;
+    let r = &calls[0];
+    assert_eq!(r.external_id, "lab-1795264488.20");
+    assert_eq!(
+        (r.direction, r.customer_number.as_str(), r.did.as_deref()),
+        (Direction::In, "+491701234567", Some("+4930111000"))
+    );
+    assert_eq!(
+        (r.answered_by.as_deref(), r.outcome),
+        (Some("101"), Outcome::Answered)
+    );
+    assert_eq!(r.recordings.len(), 1);
+
+    app.crm.wait_for_requests(EVENT, 3).await;
+    let evs = events(&app);
+    let kinds: Vec<(&str, Value)> = evs
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["codes"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("in", serde_json::json!(["101"])),
+            ("in", serde_json::json!(["102"])),
+            ("hangup", serde_json::json!(["101"]))
+        ]
+    );
+    for e in &evs {
+        assert_eq!(e["phone"], "+491701234567");
+        assert_eq!(e["callExternalId"], "lab-1795264488.20");
+    }
+    assert_eq!(evs[0]["externalPhone"], "+4930111000");
+    assert_eq!(evs[2]["hangupStatus"], "answered");
+}
+
+#[tokio::test]
+async fn a_missed_call_ends_with_no_answered_and_internal_calls_stay_out_of_the_crm() {
+    let app = lab_app(|_| {}).await;
+    app.ami.send(&capture_body("12_internal_101_to_102"));
+    app.ami.send(&capture_body("09_inbound_missed"));
+    let calls = finished(&app, 2).await;
+    let internal = calls
+        .iter()
+        .find(|c| c.direction == Direction::Internal)
+        .unwrap();
+    assert_eq!(internal.answered_by.as_deref(), Some("102"));
+    let missed = calls.iter().find(|c| c.direction == Direction::In).unwrap();
+    assert_eq!(missed.outcome, Outcome::NoAnswer);
+    // in 101, in 102, hangup; nothing for the internal call.
+    app.crm.wait_for_requests(EVENT, 3).await;
+    let evs = events(&app);
+    assert!(
+        evs.iter()
+            .all(|e| e["callExternalId"] == "lab-1795264721.70"),
+        "{evs:?}"
+    );
+    assert_eq!(evs.last().unwrap()["hangupStatus"], "no answered");
+}
+
+#[tokio::test]
+async fn nothing_is_pushed_while_the_module_is_inactive() {
+    let app = lab_app(|_| {}).await;
+    app.state
+        .store
+        .set_activity(&pbxgate::store::Activity::new(false, false, None))
+        .await
+        .unwrap();
+    app.ami.send(&capture_body("10_inbound_abandoned"));
+    finished(&app, 1).await;
+    // Active again: the next call's events arrive; the live queue is processed in order, so the
+    // first call's events were already handled (and skipped) by then.
+    app.state
+        .store
+        .set_activity(&pbxgate::store::Activity::new(true, false, None))
+        .await
+        .unwrap();
+    app.ami.send(&capture_body("09_inbound_missed"));
+    finished(&app, 2).await;
+    app.crm.wait_for_requests(EVENT, 3).await;
+    assert!(
+        events(&app)
+            .iter()
+            .all(|e| e["callExternalId"] == "lab-1795264721.70"),
+        "{:?}",
+        events(&app)
+    );
+}
+
+#[tokio::test]
+async fn our_click_to_call_is_attributed_even_when_the_manager_does_not_answer() {
+    let app = lab_app(|_| {}).await;
+    let id = app.client_id();
+    let r = app
+        .http
+        .get(app.url("/crm/make-call"))
+        .query(&[
+            ("clientId", id.as_str()),
+            ("code", "101"),
+            ("phone", "+79991234567"),
+            ("userId", "7"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let originate = &app.ami.wait_for_actions("Originate", 1).await[0];
+    let channel_id = originate.get("ChannelId").unwrap().to_string();
+    // Asterisk's side of it: capture 14 (PJSIP/101 rings, nobody answers), with our ChannelId.
+    let body = String::from_utf8(capture_body("14_click2call_manager_noanswer"))
+        .unwrap()
+        .replace("1795264790.87", &channel_id);
+    app.ami.send(body.as_bytes());
+    let calls = finished(&app, 1).await;
+    let c = &calls[0];
+    assert!(c.click_to_call);
+    assert_eq!(c.external_id, format!("lab-{channel_id}"));
+    assert_eq!(
+        (c.direction, c.customer_number.as_str()),
+        (Direction::Out, "+79991234567")
+    );
+    assert_eq!(
+        (c.code.as_deref(), c.user_id, c.outcome),
+        (Some("101"), Some(7), Outcome::NoAnswer)
+    );
+    let ev = &app.crm.wait_for_requests(EVENT, 1).await[0].form_json("event");
+    assert_eq!(
+        (ev["type"].as_str(), ev["phone"].as_str()),
+        (Some("hangup"), Some("+79991234567"))
+    );
+}
+
+#[tokio::test]
+async fn pbx_webhooks_feed_the_same_model() {
+    let token = "webhook-token-0123456789";
+    let app = lab_app(|c| c.pbx.token = pbxgate::secret::Secret::new(token)).await;
+    let post = |body: Value, auth: &str| {
+        app.http
+            .post(app.url("/pbx/events"))
+            .header("Authorization", format!("Bearer {auth}"))
+            .json(&body)
+            .send()
+    };
+    let call = serde_json::json!([
+        {"call_id": "w1", "event": "start", "direction": "in", "phone": "+7 999 123-45-67", "did": "+74951234567", "at": "2026-11-21T10:00:00Z"},
+        {"call_id": "w1", "event": "ringing", "extension": "101", "at": "2026-11-21T10:00:01Z"},
+        {"call_id": "w1", "event": "answer", "extension": "101", "at": "2026-11-21T10:00:05Z"},
+        {"call_id": "w1", "event": "hangup", "at": "2026-11-21T10:01:05Z", "record": "/rec/w1.wav"}
+    ]);
+    let r = post(call.clone(), "wrong-token-000000000").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = post(
+        serde_json::json!({"call_id": "w2", "event": "explode"}),
+        token,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["errors"]["event"].is_string());
+    let r = post(call, token).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["accepted"], 4);
+
+    let calls = finished(&app, 1).await;
+    let c = &calls[0];
+    assert_eq!(
+        (
+            c.external_id.as_str(),
+            c.direction,
+            c.customer_number.as_str()
+        ),
+        ("lab-w1", Direction::In, "+79991234567")
+    );
+    assert_eq!(
+        (c.wait_seconds, c.talk_seconds, c.answered_by.as_deref()),
+        (5, 60, Some("101"))
+    );
+    assert_eq!(c.recordings, vec!["/rec/w1.wav".to_string()]);
+    app.crm.wait_for_requests(EVENT, 2).await;
+    let evs = events(&app);
+    assert_eq!(
+        (evs[0]["type"].as_str(), evs[0]["site"].as_str()),
+        (Some("in"), Some("shop1")),
+        "the DID maps to its shop"
+    );
+    assert_eq!(evs[1]["hangupStatus"], "answered");
+}
+
+#[tokio::test]
+async fn webhooks_are_off_without_a_token() {
+    let app = lab_app(|_| {}).await;
+    let r = app
+        .http
+        .post(app.url("/pbx/events"))
+        .json(&serde_json::json!({"call_id": "x", "event": "start", "phone": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
