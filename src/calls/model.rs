@@ -61,8 +61,6 @@ struct Call {
     announced: HashSet<String>,
     last_hangup: Millis,
     reaped: bool,
-    /// Names of every channel the call had (to match a late OriginateResponse).
-    names: Vec<String>,
 }
 
 /// A click-to-call we placed, announced before its first channel appears.
@@ -89,12 +87,18 @@ pub struct CallModel {
     bridges: HashMap<String, Vec<String>>,
     expected_c2c: HashMap<String, ClickToCall>,
     expected_order: std::collections::VecDeque<String>,
+    /// Channel → calls holding an open talk segment that involves it.
+    open_talk: HashMap<String, Vec<String>>,
     /// Recently hung-up Uniqueids (bounded), so late events do not resurrect them.
     gone: HashSet<String>,
     gone_order: std::collections::VecDeque<String>,
     /// Calls whose channels have all hung up, held for [`GRACE`] ms for late events
     /// (an OriginateResponse can follow the hangups).
-    closing: Vec<(Millis, Call)>,
+    closing: std::collections::VecDeque<(Millis, String)>,
+    closing_calls: HashMap<String, Call>,
+    /// Channel name without its sequence suffix (`PJSIP/101`, `Local/199@internal`) → the
+    /// latest call that had such a channel: matches an OriginateResponse that names no Uniqueid.
+    by_base_name: HashMap<String, String>,
 }
 
 /// How long a call whose channels are gone waits for late events before it is finished.
@@ -113,15 +117,18 @@ impl CallModel {
             bridges: HashMap::new(),
             expected_c2c: HashMap::new(),
             expected_order: std::collections::VecDeque::new(),
+            open_talk: HashMap::new(),
             gone: HashSet::new(),
             gone_order: std::collections::VecDeque::new(),
-            closing: Vec::new(),
+            closing: std::collections::VecDeque::new(),
+            closing_calls: HashMap::new(),
+            by_base_name: HashMap::new(),
         }
     }
 
     /// Calls in progress (including those waiting out their grace period).
     pub fn live_calls(&self) -> usize {
-        self.calls.len() + self.closing.len()
+        self.calls.len() + self.closing_calls.len()
     }
 
     pub fn live_channels(&self) -> usize {
@@ -216,9 +223,8 @@ impl CallModel {
         });
         call.last_event = at;
         call.live.insert(uid.clone());
-        if call.names.len() < 64 {
-            call.names.push(name.clone());
-        }
+        self.by_base_name
+            .insert(base_name(&name).to_string(), linkedid.clone());
         if let Some(c2c) = self.expected_c2c.remove(&uid) {
             call.originated = true;
             call.placed_by = Some(c2c.code.clone());
@@ -503,6 +509,15 @@ impl CallModel {
                         && t.extension_channel == *ext_id
                 });
                 if !open {
+                    for party in [cust_id, ext_id] {
+                        let keys = self.open_talk.entry(party.clone()).or_default();
+                        if !keys.contains(&cust.call) {
+                            keys.push(cust.call.clone());
+                        }
+                    }
+                    let Some(call) = self.calls.get_mut(&cust.call) else {
+                        continue;
+                    };
                     call.talk.push(TalkSegment {
                         extension: code.clone(),
                         start: at,
@@ -523,7 +538,13 @@ impl CallModel {
     }
 
     fn close_talk_of(&mut self, uid: &str, at: Millis) {
-        for call in self.calls.values_mut() {
+        let Some(keys) = self.open_talk.remove(uid) else {
+            return;
+        };
+        for key in keys {
+            let Some(call) = self.calls.get_mut(&key) else {
+                continue;
+            };
             for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
                 if t.customer_channel == uid || t.extension_channel == uid {
                     t.end = Some(at);
@@ -574,19 +595,22 @@ impl CallModel {
             .get("Uniqueid")
             .filter(|u| !u.starts_with('<'))
             .map(str::to_string);
-        let chan = f.get("Channel").unwrap_or("").to_string();
-        let matches = |c: &Call| {
-            uid.as_ref()
-                .is_some_and(|u| c.key == *u || c.live.contains(u))
-                || (!chan.is_empty()
-                    && c.names
-                        .iter()
-                        .any(|n| *n == chan || n.starts_with(&format!("{chan}-"))))
-        };
-        let call = match self.calls.values_mut().find(|c| matches(c)) {
+        let chan = f.get("Channel").unwrap_or("");
+        let key = uid
+            .as_ref()
+            .and_then(|u| {
+                self.channels
+                    .get(u)
+                    .map(|c| c.call.clone())
+                    .or_else(|| Some(u.clone()))
+            })
+            .filter(|k| self.calls.contains_key(k) || self.closing_calls.contains_key(k))
+            .or_else(|| self.by_base_name.get(base_name(chan)).cloned());
+        let Some(key) = key else { return };
+        let call = match self.calls.get_mut(&key) {
             Some(c) => c,
-            None => match self.closing.iter_mut().rev().find(|(_, c)| matches(c)) {
-                Some((_, c)) => c,
+            None => match self.closing_calls.get_mut(&key) {
+                Some(c) => c,
                 None => return,
             },
         };
@@ -650,28 +674,32 @@ impl CallModel {
         }
         if call.live.is_empty() {
             let call = self.calls.remove(&ch.call).expect("present");
-            self.closing.push((at, call));
+            self.closing.push_back((at, call.key.clone()));
+            self.closing_calls.insert(call.key.clone(), call);
         }
     }
 
     /// Finishes closing calls whose grace period is over.
     pub fn tick(&mut self, now: Millis, out: &mut Vec<Output>) {
-        if self.closing.iter().all(|(t, _)| now - t < GRACE) {
-            return;
-        }
-        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
-            .into_iter()
-            .partition(|(t, _)| now - t >= GRACE);
-        self.closing = keep;
-        for (_, call) in due {
-            self.finish(call, out);
+        while let Some((t, _)) = self.closing.front() {
+            if now - t < GRACE {
+                break;
+            }
+            let Some((_, key)) = self.closing.pop_front() else {
+                break;
+            };
+            if let Some(call) = self.closing_calls.remove(&key) {
+                self.finish(call, out);
+            }
         }
     }
 
     /// Finishes every closing call now (end of a replay, shutdown).
     pub fn flush(&mut self, out: &mut Vec<Output>) {
-        for (_, call) in std::mem::take(&mut self.closing) {
-            self.finish(call, out);
+        while let Some((_, key)) = self.closing.pop_front() {
+            if let Some(call) = self.closing_calls.remove(&key) {
+                self.finish(call, out);
+            }
         }
     }
 
@@ -725,8 +753,7 @@ impl CallModel {
         if let Some(call) = self.calls.remove(key) {
             self.finish(call, out);
         }
-        if let Some(pos) = self.closing.iter().position(|(_, c)| c.key == key) {
-            let (_, call) = self.closing.remove(pos);
+        if let Some(call) = self.closing_calls.remove(key) {
             self.finish(call, out);
         }
     }
@@ -865,6 +892,22 @@ impl CallModel {
             .iter()
             .map(|(k, c)| (k.clone(), c.live.len()))
             .collect()
+    }
+}
+
+/// `Local/199@internal-0000000f;1` → `Local/199@internal`; `PJSIP/101-0000001f` → `PJSIP/101`;
+/// a name without a sequence suffix is returned as is.
+fn base_name(name: &str) -> &str {
+    let name = name.split(';').next().unwrap_or(name);
+    match name.rsplit_once('-') {
+        Some((base, seq))
+            if !seq.is_empty()
+                && seq.bytes().all(|b| b.is_ascii_hexdigit())
+                && name.contains('/') =>
+        {
+            base
+        }
+        _ => name,
     }
 }
 
