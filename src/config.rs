@@ -259,6 +259,8 @@ pub struct CallsConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "backoff"))]
     pub max_silence: Duration,
+    /// Send extension-to-extension calls to the CRM too (as outgoing calls of the caller).
+    pub send_internal: bool,
     /// A live event (pop-up) not delivered within this time is dropped.
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "request_timeout"))]
@@ -278,6 +280,7 @@ impl Default for CallsConfig {
             extension_pattern: "^[0-9]{2,5}$".into(),
             min_external_digits: 6,
             max_silence: Duration::from_secs(3600),
+            send_internal: false,
             live_event_deadline: Duration::from_secs(5),
         }
     }

@@ -66,7 +66,7 @@ pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
             codes,
             outcome,
         } => {
-            if *direction == Direction::Internal {
+            if *direction == Direction::Internal && !config.calls.send_internal {
                 return None;
             }
             let mut ev = CallEvent::new(CallEventType::Hangup, phone.clone());

@@ -253,3 +253,41 @@ async fn webhooks_are_off_without_a_token() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test]
+async fn a_call_cut_off_by_an_ami_outage_is_closed_after_the_resync() {
+    let app = lab_app(|_| {}).await;
+    let frames = crate::call_scenarios::timed_frames("03_inbound_from_trunk");
+    // Up to the answer; the rest (the hangups) happens while the link is down.
+    let answered = frames
+        .iter()
+        .rposition(|(_, f)| f.event() == Some("BridgeEnter"))
+        .unwrap();
+    let part: String = frames[..=answered]
+        .iter()
+        .map(|(_, f)| f.to_wire())
+        .collect();
+    app.ami.send(part.as_bytes());
+    // Make sure the tracker has seen the call before the link drops.
+    app.crm.wait_for_requests(EVENT, 2).await;
+    app.ami.drop_all();
+    app.ami.wait_for_actions("CoreShowChannels", 1).await;
+    let calls = finished(&app, 1).await;
+    let c = &calls[0];
+    assert!(c.reaped, "closed by the resync, not by its own hangups");
+    assert_eq!(
+        (c.direction, c.answered_by.as_deref()),
+        (Direction::In, Some("101"))
+    );
+    let ready: Value = app
+        .http
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["calls"]["resyncs"], 1);
+    assert_eq!(ready["calls"]["live"], 0);
+}
