@@ -61,6 +61,10 @@ struct Call {
     announced: HashSet<String>,
     last_hangup: Millis,
     reaped: bool,
+    /// Hangup cause of the customer channel.
+    customer_cause: Option<String>,
+    /// (channel, on hold from, until).
+    holds: Vec<(String, Millis, Option<Millis>)>,
 }
 
 /// A click-to-call we placed, announced before its first channel appears.
@@ -177,6 +181,8 @@ impl CallModel {
             "VarSet" => self.var_set(frame, at),
             "Hangup" => self.hangup(frame, at),
             "OriginateResponse" => self.originate_response(frame),
+            "Hold" => self.hold(frame, at, true),
+            "Unhold" => self.hold(frame, at, false),
             // Cdr rows carry no Linkedid and arrive around the hangups: not a channel event.
             "Cdr" => {}
             _ => {
@@ -524,6 +530,7 @@ impl CallModel {
                         end: None,
                         customer_channel: cust_id.clone(),
                         extension_channel: ext_id.clone(),
+                        hold_ms: 0,
                     });
                     if let Some(&idx) = call.ring_by_dest.get(ext_id) {
                         let ring = &mut call.rings[idx];
@@ -632,7 +639,39 @@ impl CallModel {
         let Some(uid) = self.touch(f, "", at) else {
             return;
         };
+        if let Some(call) = self
+            .channels
+            .get(&uid)
+            .and_then(|c| self.calls.get_mut(&c.call))
+        {
+            if call.customer.as_deref() == Some(uid.as_str()) {
+                call.customer_cause = f.get("Cause").map(str::to_string);
+            }
+        }
         self.remove_channel(&uid, at);
+    }
+
+    /// Hold / Unhold: the time a party spends on hold is not conversation.
+    fn hold(&mut self, f: &Frame, at: Millis, on: bool) {
+        let Some(uid) = self.touch(f, "", at) else {
+            return;
+        };
+        let Some(call) = self
+            .channels
+            .get(&uid)
+            .and_then(|c| self.calls.get_mut(&c.call))
+        else {
+            return;
+        };
+        let open = call
+            .holds
+            .iter()
+            .rposition(|(u, _, end)| *u == uid && end.is_none());
+        match (on, open) {
+            (true, None) if call.holds.len() < 256 => call.holds.push((uid, at, None)),
+            (false, Some(i)) => call.holds[i].2 = Some(at),
+            _ => {}
+        }
     }
 
     fn remove_channel(&mut self, uid: &str, at: Millis) {
@@ -762,6 +801,18 @@ impl CallModel {
         for t in call.talk.iter_mut().filter(|t| t.end.is_none()) {
             t.end = Some(call.last_hangup);
         }
+        // Time either party of a segment spent on hold.
+        for t in call.talk.iter_mut() {
+            let end = t.end.unwrap_or(t.start);
+            t.hold_ms = call
+                .holds
+                .iter()
+                .filter(|(u, _, _)| *u == t.customer_channel || *u == t.extension_channel)
+                .map(|(_, from, until)| {
+                    (until.unwrap_or(end).min(end) - (*from).max(t.start)).max(0)
+                })
+                .sum();
+        }
         // Drop blips shorter than 100 ms (event ordering during transfers).
         // (Only when real conversation exists besides them: a replay at full speed has only blips.)
         let real = |t: &TalkSegment| t.end.unwrap_or(t.start) - t.start >= 100;
@@ -831,6 +882,13 @@ impl CallModel {
             end,
             wait_seconds: ms_to_secs(answer.unwrap_or(end) - call.start),
             talk_seconds: answer.map_or(0, |a| ms_to_secs(end - a)),
+            connected_seconds: ms_to_secs(
+                call.talk
+                    .iter()
+                    .map(|t| t.end.unwrap_or(t.start) - t.start - t.hold_ms)
+                    .sum::<Millis>()
+                    .max(0),
+            ),
             outcome,
             answered_by,
             final_extension,
@@ -862,6 +920,16 @@ impl CallModel {
         };
         if direction == Direction::Out {
             if let Some(o) = call.customer_dial_status.as_deref().and_then(from_status) {
+                return o;
+            }
+            let from_cause = match call.customer_cause.as_deref() {
+                Some("17") => Some(Outcome::Busy),
+                Some("21") => Some(Outcome::NotAllowed),
+                Some("1" | "3" | "27" | "34" | "38" | "41" | "42") => Some(Outcome::Failed),
+                Some("18" | "19") => Some(Outcome::NoAnswer),
+                _ => None,
+            };
+            if let Some(o) = from_cause.filter(|_| call.customer.is_some()) {
                 return o;
             }
             if call.customer.is_none()
@@ -921,4 +989,334 @@ fn parse_timestamp(s: &str) -> Option<Millis> {
     let secs: i64 = secs.parse().ok()?;
     let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
     Some(secs * 1000 + ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn chan(
+        event: &str,
+        name: &str,
+        uid: &str,
+        linkedid: &str,
+        ctx: &str,
+        exten: &str,
+        extra: &[(&str, &str)],
+    ) -> Frame {
+        let mut pairs = vec![
+            ("Event", event.to_string()),
+            ("Channel", name.to_string()),
+            ("CallerIDNum", "+79990001122".to_string()),
+            ("Context", ctx.to_string()),
+            ("Exten", exten.to_string()),
+            ("Uniqueid", uid.to_string()),
+            ("Linkedid", linkedid.to_string()),
+        ];
+        pairs.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        Frame::from_pairs(pairs)
+    }
+
+    fn dial(
+        event: &str,
+        caller: (&str, &str),
+        dest: (&str, &str),
+        linkedid: &str,
+        extra: &[(&str, &str)],
+    ) -> Frame {
+        let mut pairs = vec![
+            ("Event", event.to_string()),
+            ("Channel", caller.0.to_string()),
+            ("Uniqueid", caller.1.to_string()),
+            ("Linkedid", linkedid.to_string()),
+            ("DestChannel", dest.0.to_string()),
+            ("DestUniqueid", dest.1.to_string()),
+            ("DestLinkedid", linkedid.to_string()),
+        ];
+        pairs.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        Frame::from_pairs(pairs)
+    }
+
+    fn model() -> CallModel {
+        let mut c = Config::default();
+        c.calls.inbound_contexts = vec!["from-trunk".into()];
+        CallModel::new(Classifier::new(&c), "t")
+    }
+
+    fn finished(out: &[Output]) -> Vec<&CallRecord> {
+        out.iter()
+            .filter_map(|o| {
+                if let Output::Finished(r) = o {
+                    Some(&**r)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hold_time_is_not_conversation() {
+        let (trunk, phone) = (("PJSIP/trunk-01", "1.1"), ("PJSIP/101-02", "1.2"));
+        let mut m = model();
+        let mut out = Vec::new();
+        let s = 1_000_000;
+        m.on_event(
+            &chan(
+                "Newchannel",
+                trunk.0,
+                trunk.1,
+                "1.1",
+                "from-trunk",
+                "+74951234567",
+                &[],
+            ),
+            s,
+            &mut out,
+        );
+        m.on_event(
+            &chan("Newchannel", phone.0, phone.1, "1.1", "internal", "s", &[]),
+            s + 10,
+            &mut out,
+        );
+        m.on_event(
+            &dial(
+                "DialBegin",
+                trunk,
+                phone,
+                "1.1",
+                &[("DialString", "PJSIP/101")],
+            ),
+            s + 20,
+            &mut out,
+        );
+        m.on_event(
+            &dial("DialEnd", trunk, phone, "1.1", &[("DialStatus", "ANSWER")]),
+            s + 3_000,
+            &mut out,
+        );
+        for (name, uid) in [trunk, phone] {
+            m.on_event(
+                &chan(
+                    "BridgeEnter",
+                    name,
+                    uid,
+                    "1.1",
+                    "",
+                    "",
+                    &[("BridgeUniqueid", "b1")],
+                ),
+                s + 3_000,
+                &mut out,
+            );
+        }
+        m.on_event(
+            &chan("Hold", phone.0, phone.1, "1.1", "", "", &[]),
+            s + 13_000,
+            &mut out,
+        );
+        m.on_event(
+            &chan("Unhold", phone.0, phone.1, "1.1", "", "", &[]),
+            s + 23_000,
+            &mut out,
+        );
+        for (name, uid) in [trunk, phone] {
+            m.on_event(
+                &chan(
+                    "BridgeLeave",
+                    name,
+                    uid,
+                    "1.1",
+                    "",
+                    "",
+                    &[("BridgeUniqueid", "b1")],
+                ),
+                s + 33_000,
+                &mut out,
+            );
+            m.on_event(
+                &chan("Hangup", name, uid, "1.1", "", "", &[("Cause", "16")]),
+                s + 33_000,
+                &mut out,
+            );
+        }
+        m.flush(&mut out);
+        let r = finished(&out)[0];
+        assert_eq!(
+            (r.direction, r.did.as_deref(), r.customer_number.as_str()),
+            (Direction::In, Some("+74951234567"), "+79990001122")
+        );
+        assert_eq!(
+            (r.wait_seconds, r.talk_seconds, r.connected_seconds),
+            (3, 30, 20)
+        );
+        assert_eq!(r.talk[0].hold_ms, 10_000);
+        assert_eq!(r.external_id, "t-1.1");
+    }
+
+    #[test]
+    fn a_busy_customer_without_dial_end_is_busy_from_the_hangup_cause() {
+        let (phone, trunk) = (("PJSIP/101-01", "2.1"), ("PJSIP/trunk-02", "2.2"));
+        let mut m = model();
+        let mut out = Vec::new();
+        m.on_event(
+            &chan(
+                "Newchannel",
+                phone.0,
+                phone.1,
+                "2.1",
+                "internal",
+                "89991234567",
+                &[],
+            ),
+            0,
+            &mut out,
+        );
+        m.on_event(
+            &chan(
+                "Newchannel",
+                trunk.0,
+                trunk.1,
+                "2.1",
+                "from-trunk",
+                "s",
+                &[],
+            ),
+            10,
+            &mut out,
+        );
+        m.on_event(
+            &dial(
+                "DialBegin",
+                phone,
+                trunk,
+                "2.1",
+                &[("DialString", "9991234567@trunk")],
+            ),
+            20,
+            &mut out,
+        );
+        m.on_event(
+            &chan(
+                "Hangup",
+                trunk.0,
+                trunk.1,
+                "2.1",
+                "",
+                "",
+                &[("Cause", "17")],
+            ),
+            2_000,
+            &mut out,
+        );
+        m.on_event(
+            &chan(
+                "Hangup",
+                phone.0,
+                phone.1,
+                "2.1",
+                "",
+                "",
+                &[("Cause", "17")],
+            ),
+            2_100,
+            &mut out,
+        );
+        m.flush(&mut out);
+        let r = finished(&out)[0];
+        assert_eq!(
+            (r.direction, r.customer_number.as_str(), r.code.as_deref()),
+            (Direction::Out, "9991234567", Some("101"))
+        );
+        assert_eq!(r.outcome, Outcome::Busy);
+        // A live `out` event announced the dialling extension.
+        assert!(out.iter().any(|o| matches!(o, Output::Live(LiveEvent::Dialing { codes, .. }) if codes == &vec!["101".to_string()])));
+    }
+
+    #[test]
+    fn an_answer_is_never_downgraded_by_a_losing_legs_cancel() {
+        let (trunk, a, b) = (
+            ("PJSIP/trunk-01", "3.1"),
+            ("PJSIP/101-02", "3.2"),
+            ("PJSIP/102-03", "3.3"),
+        );
+        let mut m = model();
+        let mut out = Vec::new();
+        m.on_event(
+            &chan(
+                "Newchannel",
+                trunk.0,
+                trunk.1,
+                "3.1",
+                "from-trunk",
+                "+7495",
+                &[],
+            ),
+            0,
+            &mut out,
+        );
+        for x in [a, b] {
+            m.on_event(
+                &chan("Newchannel", x.0, x.1, "3.1", "internal", "s", &[]),
+                1,
+                &mut out,
+            );
+            m.on_event(&dial("DialBegin", trunk, x, "3.1", &[]), 2, &mut out);
+        }
+        m.on_event(
+            &dial("DialEnd", trunk, a, "3.1", &[("DialStatus", "ANSWER")]),
+            1_000,
+            &mut out,
+        );
+        // Queues send CANCEL twice for the loser, and a stray CANCEL for the winner must not count.
+        m.on_event(
+            &dial("DialEnd", trunk, b, "3.1", &[("DialStatus", "CANCEL")]),
+            1_001,
+            &mut out,
+        );
+        m.on_event(
+            &dial("DialEnd", trunk, b, "3.1", &[("DialStatus", "CANCEL")]),
+            1_002,
+            &mut out,
+        );
+        m.on_event(
+            &dial("DialEnd", trunk, a, "3.1", &[("DialStatus", "CANCEL")]),
+            1_003,
+            &mut out,
+        );
+        for (n, u) in [trunk, a] {
+            m.on_event(
+                &chan(
+                    "BridgeEnter",
+                    n,
+                    u,
+                    "3.1",
+                    "",
+                    "",
+                    &[("BridgeUniqueid", "b")],
+                ),
+                1_010,
+                &mut out,
+            );
+        }
+        for (n, u) in [b, trunk, a] {
+            m.on_event(&chan("Hangup", n, u, "3.1", "", "", &[]), 5_000, &mut out);
+        }
+        m.flush(&mut out);
+        let r = finished(&out)[0];
+        let rings: Vec<(&str, Option<&str>)> = r
+            .rings
+            .iter()
+            .map(|x| (x.extension.as_str(), x.status.as_deref()))
+            .collect();
+        assert_eq!(
+            rings,
+            vec![("101", Some("ANSWER")), ("102", Some("CANCEL"))]
+        );
+        assert_eq!(
+            (r.outcome, r.answered_by.as_deref()),
+            (Outcome::Answered, Some("101"))
+        );
+    }
 }

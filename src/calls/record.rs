@@ -67,6 +67,9 @@ pub struct TalkSegment {
     pub end: Option<Millis>,
     pub customer_channel: String,
     pub extension_channel: String,
+    /// Time within the segment that either party was on hold.
+    #[serde(default)]
+    pub hold_ms: Millis,
 }
 
 /// A finished call, ready for the history.
@@ -91,6 +94,8 @@ pub struct CallRecord {
     pub wait_seconds: u64,
     /// From the first answer to the end.
     pub talk_seconds: u64,
+    /// Time actually connected with a manager: the talk segments without hold.
+    pub connected_seconds: u64,
     pub outcome: Outcome,
     pub answered_by: Option<String>,
     pub final_extension: Option<String>,

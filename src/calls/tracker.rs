@@ -118,7 +118,18 @@ impl CallTracker {
         let model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
         let web = WebhookModel::new(&config.pbx.system_id);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
-        let task = tokio::spawn(run(model, web, ami, rx, live, sink, stats, max_silence));
+        let send_internal = config.calls.send_internal;
+        let task = tokio::spawn(run(
+            model,
+            web,
+            ami,
+            rx,
+            live,
+            sink,
+            stats,
+            max_silence,
+            send_internal,
+        ));
         (CallTracker { input: tx }, task)
     }
 
@@ -146,6 +157,7 @@ async fn run(
     sink: Arc<dyn CallSink>,
     stats: Arc<TrackerStats>,
     max_silence: Millis,
+    send_internal: bool,
 ) {
     let mut events = ami.subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -211,7 +223,10 @@ async fn run(
                     tracing::info!(id = %record.external_id, direction = ?record.direction, outcome = ?record.outcome,
                         code = ?record.code, wait_s = record.wait_seconds, talk_s = record.talk_seconds,
                         reaped = record.reaped, "call finished");
-                    sink.accept(*record);
+                    // The history gets what the CRM should see: internal calls only if configured.
+                    if record.direction != super::Direction::Internal || send_internal {
+                        sink.accept(*record);
+                    }
                 }
             }
         }
@@ -220,7 +235,9 @@ async fn run(
     model.flush(&mut out);
     for o in out {
         if let Output::Finished(r) = o {
-            sink.accept(*r);
+            if r.direction != super::Direction::Internal || send_internal {
+                sink.accept(*r);
+            }
         }
     }
 }

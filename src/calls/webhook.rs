@@ -323,6 +323,7 @@ impl WebhookModel {
                     end: None,
                     customer_channel: e.call_id.clone(),
                     extension_channel: String::new(),
+                    hold_ms: 0,
                 });
             }
             Kind::Hangup => {
@@ -397,6 +398,16 @@ fn finish(
         end,
         wait_seconds: u64::try_from((answer.unwrap_or(end) - call.start + 500) / 1000).unwrap_or(0),
         talk_seconds: answer.map_or(0, |a| u64::try_from((end - a + 500) / 1000).unwrap_or(0)),
+        connected_seconds: u64::try_from(
+            (call
+                .talk
+                .iter()
+                .map(|t| t.end.unwrap_or(t.start) - t.start)
+                .sum::<Millis>()
+                + 500)
+                / 1000,
+        )
+        .unwrap_or(0),
         outcome,
         answered_by: call.talk.first().map(|t| t.extension.clone()),
         final_extension,

@@ -171,6 +171,12 @@ pub fn check_against_truth(truth_name: &str, records: &[CallRecord], shift: i64)
             r.talk_seconds,
             secs("talk_seconds")
         );
+        assert!(
+            (r.connected_seconds as f64 - secs("connected_seconds")).abs() <= 1.0,
+            "{ctx}: connected {} vs {}",
+            r.connected_seconds,
+            secs("connected_seconds")
+        );
         // Every phone rung, with its final status.
         let mut want: Vec<(String, Option<String>)> = t["rang"]
             .as_array()
