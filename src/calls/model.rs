@@ -63,6 +63,8 @@ struct Call {
     reaped: bool,
     /// Hangup cause of the customer channel.
     customer_cause: Option<String>,
+    /// Outbound: the caller number presented on the customer leg, when it is an external number.
+    external_line: Option<String>,
     /// (channel, on hold from, until).
     holds: Vec<(String, Millis, Option<Millis>)>,
 }
@@ -309,6 +311,12 @@ impl CallModel {
                 && caller_num != "<unknown>"
             {
                 c.customer_number = Some(caller_num);
+            } else if !c.inbound
+                && c.customer.as_deref() == Some(uid.as_str())
+                && self.classifier.is_external_number(&caller_num)
+            {
+                // Outbound: the number presented to the carrier is our external line.
+                c.external_line = Some(caller_num);
             }
         }
         Some(uid)
@@ -876,7 +884,8 @@ impl CallModel {
                 .click_to_call
                 .as_ref()
                 .and_then(|c| c.external_phone.clone())
-                .or_else(|| call.did.clone()),
+                .or_else(|| call.did.clone())
+                .or_else(|| call.external_line.clone()),
             start: call.start,
             answer,
             end,
