@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::crm::{CrmClient, CrmError};
 use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
+use crate::outbox::{Outbox, Tee};
 use crate::registration::{self, RegistrationState, RegistrationStatus};
 use crate::store::{Store, StoreError};
 
@@ -93,14 +94,12 @@ impl Application {
             config.clone(),
         )));
         let recent_calls = RecentCalls::new(200);
+        let outbox = Outbox::new(store.outbox()?, store.clone(), crm.clone(), config.clone());
+        tasks.push(tokio::spawn(outbox.clone().run()));
+        let sink = Tee(vec![Arc::new(outbox.clone()), Arc::new(recent_calls.clone())]);
         let tracker_stats = Arc::new(TrackerStats::default());
-        let (tracker, tracker_task) = CallTracker::start(
-            &config,
-            ami.clone(),
-            live_tx,
-            Arc::new(recent_calls.clone()),
-            tracker_stats.clone(),
-        );
+        let (tracker, tracker_task) =
+            CallTracker::start(&config, ami.clone(), live_tx, Arc::new(sink), tracker_stats.clone());
         tasks.push(tracker_task);
 
         let click_to_call = ClickToCall::new(config.clone(), ami.clone(), Some(tracker.clone()));
@@ -120,6 +119,7 @@ impl Application {
             manager_status,
             tracker,
             recent_calls,
+            outbox,
             tracker_stats,
             started: Instant::now(),
         });

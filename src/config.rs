@@ -37,6 +37,8 @@ pub struct Config {
     #[validate(nested)]
     pub manager_status: ManagerStatusConfig,
     #[validate(nested)]
+    pub history: HistoryConfig,
+    #[validate(nested)]
     pub storage: StorageConfig,
     #[validate(nested)]
     pub log: LogConfig,
@@ -91,6 +93,9 @@ pub struct CrmConfig {
     pub client_id: Secret,
     pub site: String,
     pub register_on_start: bool,
+    /// The account's time zone for call dates (e.g. `Europe/Moscow`); empty = ask the CRM.
+    #[validate(custom(function = "timezone"))]
+    pub timezone: String,
     /// `false`: the module's settings can be changed only through the API.
     pub allow_edit: bool,
     #[serde(with = "humantime_serde")]
@@ -123,6 +128,7 @@ impl Default for CrmConfig {
             client_id: Secret::default(),
             site: String::new(),
             register_on_start: true,
+            timezone: String::new(),
             allow_edit: false,
             timeout: Duration::from_secs(10),
             rps: 10,
@@ -282,6 +288,54 @@ impl Default for CallsConfig {
             max_silence: Duration::from_secs(3600),
             send_internal: false,
             live_event_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Upload shortly after each call (after `batch_window`, or at once when a batch is full).
+    pub immediate: bool,
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// The scheduler uploads whatever is pending this often (drains backlogs).
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub interval: Duration,
+    /// Calls per `calls/upload` request (retailCRM takes at most 50).
+    #[validate(range(min = 1, max = 50, message = "must be between 1 and 50"))]
+    pub batch_size: usize,
+    /// How long uploaded call ids are remembered (duplicates, admin view).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// A recording modified within this time is still being written: its call waits.
+    #[serde(with = "humantime_serde")]
+    pub record_settle: Duration,
+    /// ...but never longer than this.
+    #[serde(with = "humantime_serde")]
+    pub record_wait_max: Duration,
+    /// Backoff after a failed upload (exponential with jitter between these bounds).
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub retry_max: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            immediate: true,
+            batch_window: Duration::from_secs(1),
+            interval: Duration::from_secs(600),
+            batch_size: 50,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            record_settle: Duration::from_secs(5),
+            record_wait_max: Duration::from_secs(120),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -573,6 +627,9 @@ impl Config {
                 ));
             }
         }
+        if self.history.retry_base > self.history.retry_max {
+            problems.push("history.retry_base: must not be larger than history.retry_max".into());
+        }
         if self.crm.retry_base > self.crm.retry_max {
             problems.push("crm.retry_base: must not be larger than crm.retry_max".into());
         }
@@ -779,6 +836,14 @@ fn token(value: &Secret) -> Result<(), ValidationError> {
         Err(problem(
             "must be empty (off) or 16 to 256 printable ASCII characters",
         ))
+    }
+}
+
+fn timezone(value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() || jiff::tz::TimeZone::get(value).is_ok() {
+        Ok(())
+    } else {
+        Err(problem(format!("{value:?} is not a known time zone (e.g. Europe/Moscow)")))
     }
 }
 

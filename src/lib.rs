@@ -5,6 +5,7 @@
 //! - [`secret`]: strings that never print.
 //! - [`store`]: the sled database behind a small API.
 //! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
+//! - [`outbox`]: the durable call-history queue and its uploader (`calls/upload`).
 //! - [`registration`]: the integration-module registration.
 //! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
 //! - [`ami`]: the Asterisk Manager Interface (frame parser and client).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod crm;
 pub mod http;
 pub mod manager_status;
+pub mod outbox;
 pub mod registration;
 pub mod secret;
 pub mod store;

@@ -162,6 +162,11 @@ impl CrmClient {
         Ok(())
     }
 
+    /// `GET /api/v5/settings`: the account's settings (its time zone).
+    pub async fn settings(&self) -> Result<SettingsResponse, CrmError> {
+        self.get("/api/v5/settings", &[]).await
+    }
+
     /// `GET /api/credentials`: what this key may do.
     pub async fn credentials(&self) -> Result<Credentials, CrmError> {
         self.get("/api/credentials", &[]).await

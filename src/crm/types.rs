@@ -413,6 +413,20 @@ impl UserStatus {
     }
 }
 
+/// `GET /api/v5/settings` (only what we use).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SettingsResponse {
+    #[serde(default, deserialize_with = "lenient::opt_object")]
+    pub settings: Option<serde_json::Value>,
+}
+
+impl SettingsResponse {
+    /// `settings.timezone.value`, e.g. `Europe/Moscow`.
+    pub fn timezone(&self) -> Option<String> {
+        self.settings.as_ref()?.get("timezone")?.get("value")?.as_str().map(str::to_string)
+    }
+}
+
 /// An answer with nothing but `success`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Empty {}

@@ -58,6 +58,8 @@ pub async fn activity(
         .set_activity(&next)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    // Uploads paused by an inactive module resume by themselves.
+    state.outbox.kick();
     if previous.may_push() != next.may_push() {
         tracing::warn!(
             active,

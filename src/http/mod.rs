@@ -21,6 +21,7 @@ use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::CrmClient;
 use crate::manager_status::ManagerStatus;
+use crate::outbox::Outbox;
 use crate::registration::RegistrationStatus;
 use crate::secret::Secret;
 use crate::store::Store;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub tracker: CallTracker,
     /// The last finished calls (until the history outbox takes them).
     pub recent_calls: RecentCalls,
+    /// The durable call history and its uploader.
+    pub outbox: Outbox,
     pub tracker_stats: Arc<TrackerStats>,
     pub started: Instant,
 }

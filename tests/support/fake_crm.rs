@@ -80,6 +80,9 @@ struct State {
     events: Vec<Value>,
     statuses: Vec<(i64, String)>,
     scopes: Vec<String>,
+    timezone: String,
+    /// externalId → how many times it was uploaded (duplicates included).
+    upload_counts: BTreeMap<String, usize>,
 }
 
 pub struct FakeCrm {
@@ -95,6 +98,7 @@ impl FakeCrm {
             api_key: API_KEY.to_string(),
             users: [1, 2, 3, 7].into_iter().collect(),
             sites: ["shop1", "shop2"].into_iter().map(String::from).collect(),
+            timezone: "Europe/Moscow".into(),
             scopes: [
                 "integration_read",
                 "integration_write",
@@ -234,6 +238,15 @@ impl FakeCrm {
     /// Uploaded calls by externalId.
     pub fn calls(&self) -> BTreeMap<String, Value> {
         self.lock().calls.clone()
+    }
+
+    /// externalId → times uploaded (more than 1 = delivered again and reported as duplicate).
+    pub fn upload_counts(&self) -> BTreeMap<String, usize> {
+        self.lock().upload_counts.clone()
+    }
+
+    pub fn set_timezone(&self, tz: &str) {
+        self.lock().timezone = tz.to_string();
     }
 
     pub fn events(&self) -> Vec<Value> {
@@ -398,6 +411,10 @@ fn handle(
             200,
             json!({"success": true, "credentials": [], "scopes": st.scopes, "siteAccess": "access_full",
                    "sitesAvailable": st.sites.iter().collect::<Vec<_>>()}),
+        ),
+        ("GET", ["api", "v5", "settings"]) => (
+            200,
+            json!({"success": true, "settings": {"default_currency": {"value": "RUB"}, "timezone": {"value": st.timezone}}}),
         ),
         ("POST", ["api", "v5", "integration-modules", code, "edit"]) => module_edit(st, code, form),
         ("GET", ["api", "v5", "integration-modules", code]) => match &st.module {

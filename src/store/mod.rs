@@ -12,7 +12,12 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::secret::Secret;
 
+pub mod outbox;
+pub use outbox::{Envelope, OutboxStore};
+
 const META_TREE: &str = "meta";
+/// sled's page cache: bounds the store's memory whatever the queue length.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// How long `open` waits for a lock held by a handle that is being dropped.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const USER_STATUS_TREE: &str = "user_status";
@@ -140,7 +145,7 @@ impl Store {
         // previous open is dropped, so a reopen right after a close may briefly see it held.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            match sled::Config::new().path(path).open() {
+            match sled::Config::new().path(path).cache_capacity(CACHE_BYTES).open() {
                 Ok(db) => break db,
                 Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
                     if std::time::Instant::now() >= deadline {
@@ -170,6 +175,12 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The call-history outbox. Open it once per process (it starts a group-commit flusher;
+    /// needs a tokio runtime).
+    pub fn outbox(&self) -> Result<OutboxStore, StoreError> {
+        OutboxStore::open(&self.db)
     }
 
     /// Makes every write so far durable (across a process crash; see sled's own caveats).

@@ -1,0 +1,403 @@
+//! The call-history outbox: every finished call is stored durably (sled, see
+//! [`crate::store::outbox`]) and uploaded to `telephony/calls/upload` in batches of at most 50,
+//! right after the call (a short batching window) and by a periodic scheduler that drains
+//! whatever is pending (backlogs after an outage). Nothing is lost across crashes, restarts or
+//! CRM outages: a record leaves the queue only when the CRM accepted it (or reported it as a
+//! duplicate), or is set aside as dead when the CRM rejects it for good.
+//!
+//! Failure handling: 503/429/5xx/timeouts → the batch stays, retried with capped exponential
+//! backoff and jitter; a validation error → the batch is bisected to isolate the offending
+//! records, which go dead with the CRM's text while the rest proceed; a wrong key, a missing
+//! account or disabled telephony → uploading stops (shown in `/ready`) until it is fixed, with
+//! nothing dropped. Nothing is sent while the module is inactive or frozen.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OnceCell};
+
+use crate::calls::live::site_for;
+use crate::calls::tracker::now_ms;
+use crate::calls::{CallRecord, CallSink, Direction};
+use crate::config::Config;
+use crate::crm::{Call, CallType, CrmClient, CrmError, MAX_CALLS_PER_UPLOAD};
+use crate::store::outbox::{Enqueued, Envelope, OutboxStore};
+use crate::store::{Store, StoreError};
+
+/// Why a drain stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drain {
+    /// Everything ready was uploaded.
+    Done,
+    /// No API key, or the module is inactive/frozen: nothing was tried.
+    Paused(&'static str),
+    /// A transient failure: try again later.
+    Retry(String),
+    /// Uploading cannot work until an operator fixes something (key, account, telephony).
+    Blocked(String),
+}
+
+/// What `/ready` and the CLI show.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub done: u64,
+    pub uploaded_total: u64,
+    pub failed_attempts: u64,
+    pub oldest_pending_age_seconds: Option<i64>,
+    /// Unix milliseconds.
+    pub last_success_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Set while uploading is stopped for a reason only an operator can fix.
+    pub blocked: Option<String>,
+}
+
+#[derive(Default)]
+struct Progress {
+    in_flight: u64,
+    uploaded_total: u64,
+    failed_attempts: u64,
+    last_success_at: Option<i64>,
+    last_error: Option<String>,
+    blocked: Option<String>,
+}
+
+struct Inner {
+    store: OutboxStore,
+    activity: Store,
+    crm: CrmClient,
+    config: Arc<Config>,
+    enqueued: Notify,
+    kick: Notify,
+    progress: Mutex<Progress>,
+    tz: OnceCell<jiff::tz::TimeZone>,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+enum Stop {
+    Retry(String),
+    Blocked(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+impl Outbox {
+    pub fn new(store: OutboxStore, activity: Store, crm: CrmClient, config: Arc<Config>) -> Outbox {
+        Outbox {
+            inner: Arc::new(Inner {
+                store,
+                activity,
+                crm,
+                config,
+                enqueued: Notify::new(),
+                kick: Notify::new(),
+                progress: Mutex::default(),
+                tz: OnceCell::new(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &OutboxStore {
+        &self.inner.store
+    }
+
+    /// Stores a record durably (group commit), then wakes the uploader.
+    pub async fn enqueue(&self, record: CallRecord) -> Result<Enqueued, StoreError> {
+        let outcome = self.inner.store.insert(record)?;
+        self.inner.store.flush().await?;
+        self.inner.enqueued.notify_one();
+        Ok(outcome)
+    }
+
+    /// Something changed that may allow uploading (module activity, an operator's retry).
+    pub fn kick(&self) {
+        self.inner.kick.notify_one();
+    }
+
+    pub fn status(&self) -> Status {
+        let c = self.inner.store.counts();
+        let p = self.inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = self.inner.store.oldest_pending().ok().flatten();
+        Status {
+            pending: c.pending.load(Ordering::Relaxed),
+            in_flight: p.in_flight,
+            dead: c.dead.load(Ordering::Relaxed),
+            done: c.done.load(Ordering::Relaxed),
+            uploaded_total: p.uploaded_total,
+            failed_attempts: p.failed_attempts,
+            oldest_pending_age_seconds: oldest.map(|t| ((now_ms() - t) / 1000).max(0)),
+            last_success_at: p.last_success_at,
+            last_error: p.last_error.clone(),
+            blocked: p.blocked.clone(),
+        }
+    }
+
+    /// The upload scheduler: runs until the task is aborted.
+    pub async fn run(self) {
+        let h = &self.inner.config.history;
+        let mut next_periodic = tokio::time::Instant::now() + h.interval;
+        let mut next_purge = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut attempt: u32 = 0;
+        // Whatever is pending from before a restart goes out at once.
+        let mut due = true;
+        loop {
+            if !due {
+                let wake_at = retry_at.map_or(next_periodic, |r| r.min(next_periodic));
+                tokio::select! {
+                    _ = self.inner.enqueued.notified(), if h.immediate => {
+                        // A short window gathers the calls ending together into one batch.
+                        if self.inner.store.counts().pending.load(Ordering::Relaxed) < h.batch_size as u64 {
+                            tokio::time::sleep(h.batch_window).await;
+                        }
+                    }
+                    _ = self.inner.kick.notified() => { retry_at = None; }
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                }
+            }
+            due = false;
+            let now = tokio::time::Instant::now();
+            if now >= next_periodic {
+                next_periodic = now + h.interval;
+            }
+            if now >= next_purge {
+                next_purge = now + Duration::from_secs(3600);
+                let retention = i64::try_from(h.retention.as_millis()).unwrap_or(i64::MAX);
+                match self.inner.store.purge_done(retention) {
+                    Ok(n) if n > 0 => tracing::info!(purged = n, "forgot uploaded call ids past the retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "purging done call ids failed"),
+                }
+            }
+            if retry_at.is_some_and(|r| now < r) {
+                continue; // Backing off: wakes do not shorten an outage's pause.
+            }
+            match self.drain().await {
+                Drain::Done | Drain::Paused(_) => {
+                    retry_at = None;
+                    attempt = 0;
+                }
+                Drain::Retry(why) => {
+                    let delay = crate::crm::limiter::backoff(attempt, h.retry_base, h.retry_max).max(h.retry_base / 2);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "call history upload failed; the calls stay queued");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+                Drain::Blocked(why) => {
+                    tracing::error!(error = %why, "call history upload stopped until this is fixed (nothing is dropped)");
+                    retry_at = Some(tokio::time::Instant::now() + h.retry_max);
+                }
+            }
+        }
+    }
+
+    /// Uploads everything pending and ready, batch by batch.
+    pub async fn drain(&self) -> Drain {
+        let inner = &self.inner;
+        if !inner.crm.is_configured() {
+            return Drain::Paused("crm.api_key is empty");
+        }
+        if !inner.activity.activity().map(|a| a.may_push()).unwrap_or(true) {
+            return Drain::Paused("module inactive or frozen");
+        }
+        let tz = self.timezone().await;
+        let size = inner.config.history.batch_size.clamp(1, MAX_CALLS_PER_UPLOAD);
+        let mut after = None;
+        loop {
+            let now = now_ms();
+            let batch = match inner.store.pending(after, size, |e| self.is_ready(e, now)) {
+                Ok(b) => b,
+                Err(e) => return Drain::Retry(format!("reading the queue: {e}")),
+            };
+            let Some(last) = batch.last() else {
+                let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+                p.blocked = None;
+                return Drain::Done;
+            };
+            after = Some(last.seq);
+            inner.progress.lock().unwrap_or_else(|p| p.into_inner()).in_flight = batch.len() as u64;
+            let result = self.upload(batch.clone(), &tz).await;
+            let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+            p.in_flight = 0;
+            match result {
+                Ok(()) => {
+                    p.blocked = None;
+                }
+                Err(Stop::Retry(why)) => {
+                    p.failed_attempts += 1;
+                    p.last_error = Some(why.clone());
+                    drop(p);
+                    let _ = inner.store.record_failure(&batch, &why);
+                    return Drain::Retry(why);
+                }
+                Err(Stop::Blocked(why)) => {
+                    p.failed_attempts += 1;
+                    p.last_error = Some(why.clone());
+                    p.blocked = Some(why.clone());
+                    return Drain::Blocked(why);
+                }
+                Err(Stop::Store(e)) => return Drain::Retry(format!("store: {e}")),
+            }
+        }
+    }
+
+    /// Uploads one batch; on a validation error, bisects to find the records the CRM rejects.
+    fn upload<'a>(
+        &'a self,
+        batch: Vec<Envelope>,
+        tz: &'a jiff::tz::TimeZone,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stop>> + Send + 'a>> {
+        Box::pin(async move {
+            let calls: Vec<Call> = batch.iter().map(|e| self.to_call(&e.record, tz)).collect();
+            match self.inner.crm.calls_upload(&calls).await {
+                Ok(answer) => {
+                    self.inner.store.mark_done(&batch)?;
+                    let duplicates = answer.duplicate_calls.len();
+                    if duplicates > 0 {
+                        tracing::info!(duplicates, "retailCRM already had some calls of the batch");
+                    }
+                    let mut p = self.inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+                    p.uploaded_total += (batch.len() - duplicates.min(batch.len())) as u64;
+                    p.last_success_at = Some(now_ms());
+                    tracing::debug!(calls = batch.len(), "call history uploaded");
+                    Ok(())
+                }
+                Err(e @ CrmError::Validation { .. }) => {
+                    if batch.len() == 1 {
+                        tracing::warn!(id = %batch[0].id, error = %e, "call rejected by retailCRM; set aside as dead");
+                        self.inner.store.mark_dead(&batch[0], &e.to_string())?;
+                        return Ok(());
+                    }
+                    let mut left = batch;
+                    let right = left.split_off(left.len() / 2);
+                    self.upload(left, tz).await?;
+                    self.upload(right, tz).await
+                }
+                Err(e @ (CrmError::Auth { .. } | CrmError::AccountNotFound { .. } | CrmError::NotConfigured | CrmError::Api { .. })) => {
+                    Err(Stop::Blocked(e.to_string()))
+                }
+                Err(e) => Err(Stop::Retry(e.to_string())),
+            }
+        })
+    }
+
+    /// Only final records go out: a recording still being written (modified within
+    /// `history.record_settle`) holds its call back, at most `history.record_wait_max`.
+    fn is_ready(&self, e: &Envelope, now: i64) -> bool {
+        let h = &self.inner.config.history;
+        if e.record.recordings.is_empty() || now - e.enqueued_at >= h.record_wait_max.as_millis() as i64 {
+            return true;
+        }
+        e.record.recordings.iter().all(|path| match std::fs::metadata(path).and_then(|m| m.modified()) {
+            Ok(modified) => modified.elapsed().map(|age| age >= h.record_settle).unwrap_or(true),
+            // Not on this host (or gone): nothing to wait for.
+            Err(_) => true,
+        })
+    }
+
+    /// The link the CRM plays the recording from (the recordings endpoint fills this in).
+    fn record_url(&self, _record: &CallRecord) -> Option<String> {
+        None
+    }
+
+    /// The `calls/upload` entry for a record.
+    pub fn to_call(&self, r: &CallRecord, tz: &jiff::tz::TimeZone) -> Call {
+        let date = jiff::Timestamp::from_millisecond(r.start)
+            .map(|t| t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        Call {
+            date,
+            kind: if r.direction == Direction::In { CallType::In } else { CallType::Out },
+            phone: r.customer_number.clone(),
+            code: r.code.clone(),
+            user_id: r.user_id,
+            result: r.outcome.call_result(),
+            duration: Some(r.talk_seconds),
+            duration_waiting: Some(r.wait_seconds),
+            external_id: r.external_id.clone(),
+            record_url: self.record_url(r),
+            source: None,
+            external_phone: r.external_phone.clone(),
+            site: site_for(&self.inner.config, r.external_phone.as_deref()),
+            client_id: None,
+        }
+    }
+
+    /// The CRM account's time zone: `crm.timezone`, else read once from the CRM, else UTC.
+    async fn timezone(&self) -> jiff::tz::TimeZone {
+        self.inner
+            .tz
+            .get_or_init(|| async {
+                let configured = self.inner.config.crm.timezone.trim();
+                let name = if configured.is_empty() {
+                    match self.inner.crm.settings().await {
+                        Ok(s) => s.timezone().unwrap_or_default(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the CRM's time zone; using UTC (set crm.timezone)");
+                            String::new()
+                        }
+                    }
+                } else {
+                    configured.to_string()
+                };
+                if name.is_empty() {
+                    return jiff::tz::TimeZone::UTC;
+                }
+                jiff::tz::TimeZone::get(&name).unwrap_or_else(|e| {
+                    tracing::warn!(timezone = %name, error = %e, "unknown time zone; using UTC");
+                    jiff::tz::TimeZone::UTC
+                })
+            })
+            .await
+            .clone()
+    }
+}
+
+impl CallSink for Outbox {
+    /// From the call tracker: stored at once (a crash window of one group commit, a few ms),
+    /// then flushed and uploaded in the background.
+    fn accept(&self, record: CallRecord) {
+        let id = record.external_id.clone();
+        match self.inner.store.insert(record) {
+            Ok(_) => {
+                let store = self.inner.store.clone();
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.flush().await {
+                        tracing::error!(error = %e, "flushing the call history failed");
+                    }
+                    inner.enqueued.notify_one();
+                });
+            }
+            Err(e) => tracing::error!(id = %id, error = %e, "could not store a finished call"),
+        }
+    }
+}
+
+/// Several sinks at once (the outbox and the in-memory list of recent calls).
+pub struct Tee(pub Vec<Arc<dyn CallSink>>);
+
+impl CallSink for Tee {
+    fn accept(&self, record: CallRecord) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for s in rest {
+                s.accept(record.clone());
+            }
+            last.accept(record);
+        }
+    }
+}
