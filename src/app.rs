@@ -96,10 +96,18 @@ impl Application {
         let recent_calls = RecentCalls::new(200);
         let outbox = Outbox::new(store.outbox()?, store.clone(), crm.clone(), config.clone());
         tasks.push(tokio::spawn(outbox.clone().run()));
-        let sink = Tee(vec![Arc::new(outbox.clone()), Arc::new(recent_calls.clone())]);
+        let sink = Tee(vec![
+            Arc::new(outbox.clone()),
+            Arc::new(recent_calls.clone()),
+        ]);
         let tracker_stats = Arc::new(TrackerStats::default());
-        let (tracker, tracker_task) =
-            CallTracker::start(&config, ami.clone(), live_tx, Arc::new(sink), tracker_stats.clone());
+        let (tracker, tracker_task) = CallTracker::start(
+            &config,
+            ami.clone(),
+            live_tx,
+            Arc::new(sink),
+            tracker_stats.clone(),
+        );
         tasks.push(tracker_task);
 
         let click_to_call = ClickToCall::new(config.clone(), ami.clone(), Some(tracker.clone()));

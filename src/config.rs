@@ -843,7 +843,9 @@ fn timezone(value: &str) -> Result<(), ValidationError> {
     if value.is_empty() || jiff::tz::TimeZone::get(value).is_ok() {
         Ok(())
     } else {
-        Err(problem(format!("{value:?} is not a known time zone (e.g. Europe/Moscow)")))
+        Err(problem(format!(
+            "{value:?} is not a known time zone (e.g. Europe/Moscow)"
+        )))
     }
 }
 

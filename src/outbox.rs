@@ -75,6 +75,10 @@ struct Inner {
     kick: Notify,
     progress: Mutex<Progress>,
     tz: OnceCell<jiff::tz::TimeZone>,
+    /// One drain at a time (the scheduler, an operator's or a test's).
+    draining: tokio::sync::Mutex<()>,
+    /// Bumped after every batch and every drain: lets callers wait for progress.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Cheap to clone.
@@ -107,6 +111,8 @@ impl Outbox {
                 kick: Notify::new(),
                 progress: Mutex::default(),
                 tz: OnceCell::new(),
+                draining: tokio::sync::Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -130,7 +136,11 @@ impl Outbox {
 
     pub fn status(&self) -> Status {
         let c = self.inner.store.counts();
-        let p = self.inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self
+            .inner
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let oldest = self.inner.store.oldest_pending().ok().flatten();
         Status {
             pending: c.pending.load(Ordering::Relaxed),
@@ -178,7 +188,9 @@ impl Outbox {
                 next_purge = now + Duration::from_secs(3600);
                 let retention = i64::try_from(h.retention.as_millis()).unwrap_or(i64::MAX);
                 match self.inner.store.purge_done(retention) {
-                    Ok(n) if n > 0 => tracing::info!(purged = n, "forgot uploaded call ids past the retention"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(purged = n, "forgot uploaded call ids past the retention")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "purging done call ids failed"),
                 }
@@ -192,7 +204,8 @@ impl Outbox {
                     attempt = 0;
                 }
                 Drain::Retry(why) => {
-                    let delay = crate::crm::limiter::backoff(attempt, h.retry_base, h.retry_max).max(h.retry_base / 2);
+                    let delay = crate::crm::limiter::backoff(attempt, h.retry_base, h.retry_max)
+                        .max(h.retry_base / 2);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "call history upload failed; the calls stay queued");
                     retry_at = Some(tokio::time::Instant::now() + delay);
@@ -205,17 +218,52 @@ impl Outbox {
         }
     }
 
+    /// Waits until `done` holds for the outbox's status (checked after every batch and drain).
+    pub async fn wait_until(&self, mut done: impl FnMut(&Status) -> bool) {
+        let mut rx = self.inner.changes.subscribe();
+        loop {
+            if done(&self.status()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until the queue has changed state `n` times in total (drains and batches).
+    pub async fn wait_changes(&self, n: u64) {
+        let mut rx = self.inner.changes.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
     /// Uploads everything pending and ready, batch by batch.
     pub async fn drain(&self) -> Drain {
+        let _exclusive = self.inner.draining.lock().await;
+        let result = self.drain_inner().await;
+        self.inner.changes.send_modify(|n| *n += 1);
+        result
+    }
+
+    async fn drain_inner(&self) -> Drain {
         let inner = &self.inner;
         if !inner.crm.is_configured() {
             return Drain::Paused("crm.api_key is empty");
         }
-        if !inner.activity.activity().map(|a| a.may_push()).unwrap_or(true) {
+        if !inner
+            .activity
+            .activity()
+            .map(|a| a.may_push())
+            .unwrap_or(true)
+        {
             return Drain::Paused("module inactive or frozen");
         }
         let tz = self.timezone().await;
-        let size = inner.config.history.batch_size.clamp(1, MAX_CALLS_PER_UPLOAD);
+        let size = inner
+            .config
+            .history
+            .batch_size
+            .clamp(1, MAX_CALLS_PER_UPLOAD);
         let mut after = None;
         loop {
             let now = now_ms();
@@ -229,13 +277,19 @@ impl Outbox {
                 return Drain::Done;
             };
             after = Some(last.seq);
-            inner.progress.lock().unwrap_or_else(|p| p.into_inner()).in_flight = batch.len() as u64;
+            inner
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .in_flight = batch.len() as u64;
             let result = self.upload(batch.clone(), &tz).await;
             let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
             p.in_flight = 0;
             match result {
                 Ok(()) => {
                     p.blocked = None;
+                    drop(p);
+                    inner.changes.send_modify(|_| {});
                 }
                 Err(Stop::Retry(why)) => {
                     p.failed_attempts += 1;
@@ -270,7 +324,11 @@ impl Outbox {
                     if duplicates > 0 {
                         tracing::info!(duplicates, "retailCRM already had some calls of the batch");
                     }
-                    let mut p = self.inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut p = self
+                        .inner
+                        .progress
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
                     p.uploaded_total += (batch.len() - duplicates.min(batch.len())) as u64;
                     p.last_success_at = Some(now_ms());
                     tracing::debug!(calls = batch.len(), "call history uploaded");
@@ -287,9 +345,12 @@ impl Outbox {
                     self.upload(left, tz).await?;
                     self.upload(right, tz).await
                 }
-                Err(e @ (CrmError::Auth { .. } | CrmError::AccountNotFound { .. } | CrmError::NotConfigured | CrmError::Api { .. })) => {
-                    Err(Stop::Blocked(e.to_string()))
-                }
+                Err(
+                    e @ (CrmError::Auth { .. }
+                    | CrmError::AccountNotFound { .. }
+                    | CrmError::NotConfigured
+                    | CrmError::Api { .. }),
+                ) => Err(Stop::Blocked(e.to_string())),
                 Err(e) => Err(Stop::Retry(e.to_string())),
             }
         })
@@ -299,13 +360,20 @@ impl Outbox {
     /// `history.record_settle`) holds its call back, at most `history.record_wait_max`.
     fn is_ready(&self, e: &Envelope, now: i64) -> bool {
         let h = &self.inner.config.history;
-        if e.record.recordings.is_empty() || now - e.enqueued_at >= h.record_wait_max.as_millis() as i64 {
+        if e.record.recordings.is_empty()
+            || now - e.enqueued_at >= h.record_wait_max.as_millis() as i64
+        {
             return true;
         }
-        e.record.recordings.iter().all(|path| match std::fs::metadata(path).and_then(|m| m.modified()) {
-            Ok(modified) => modified.elapsed().map(|age| age >= h.record_settle).unwrap_or(true),
-            // Not on this host (or gone): nothing to wait for.
-            Err(_) => true,
+        e.record.recordings.iter().all(|path| {
+            match std::fs::metadata(path).and_then(|m| m.modified()) {
+                Ok(modified) => modified
+                    .elapsed()
+                    .map(|age| age >= h.record_settle)
+                    .unwrap_or(true),
+                // Not on this host (or gone): nothing to wait for.
+                Err(_) => true,
+            }
         })
     }
 
@@ -317,11 +385,19 @@ impl Outbox {
     /// The `calls/upload` entry for a record.
     pub fn to_call(&self, r: &CallRecord, tz: &jiff::tz::TimeZone) -> Call {
         let date = jiff::Timestamp::from_millisecond(r.start)
-            .map(|t| t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S").to_string())
+            .map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            })
             .unwrap_or_default();
         Call {
             date,
-            kind: if r.direction == Direction::In { CallType::In } else { CallType::Out },
+            kind: if r.direction == Direction::In {
+                CallType::In
+            } else {
+                CallType::Out
+            },
             phone: r.customer_number.clone(),
             code: r.code.clone(),
             user_id: r.user_id,

@@ -79,7 +79,7 @@ impl CallSink for RecentCalls {
 
 enum Input {
     ExpectClickToCall(String, ClickToCall),
-    Webhook(Vec<WebhookEvent>),
+    Webhook(Vec<WebhookEvent>, tokio::sync::oneshot::Sender<()>),
 }
 
 /// Handle to the tracker task.
@@ -141,9 +141,14 @@ impl CallTracker {
             .await;
     }
 
-    /// Feeds webhook events (already validated).
+    /// Feeds webhook events (already validated); returns once the tracker has applied them and
+    /// handed any finished call to the sink.
     pub async fn webhook(&self, events: Vec<WebhookEvent>) -> bool {
-        self.input.send(Input::Webhook(events)).await.is_ok()
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.input.send(Input::Webhook(events, tx)).await.is_err() {
+            return false;
+        }
+        rx.await.is_ok()
     }
 }
 
@@ -164,17 +169,19 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
     let mut out = Vec::new();
+    let mut webhook_done: Option<tokio::sync::oneshot::Sender<()>> = None;
     loop {
         tokio::select! {
             // Hints first: a click-to-call is announced before its channels can appear.
             biased;
             msg = input.recv() => match msg {
                 Some(Input::ExpectClickToCall(id, c2c)) => model.expect_click_to_call(&id, c2c),
-                Some(Input::Webhook(evs)) => {
+                Some(Input::Webhook(evs, done)) => {
                     let now = now_ms();
                     for e in &evs {
                         web.apply(e, now, &mut out);
                     }
+                    webhook_done = Some(done);
                 }
                 None => break,
             },
@@ -206,6 +213,7 @@ async fn run(
             (model.live_calls() + web.live_calls()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        let finished_webhook = webhook_done.take();
         for o in out.drain(..) {
             match o {
                 Output::Live(e) => {
@@ -229,6 +237,9 @@ async fn run(
                     }
                 }
             }
+        }
+        if let Some(done) = finished_webhook {
+            let _ = done.send(());
         }
     }
     let mut out = Vec::new();

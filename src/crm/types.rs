@@ -423,7 +423,12 @@ pub struct SettingsResponse {
 impl SettingsResponse {
     /// `settings.timezone.value`, e.g. `Europe/Moscow`.
     pub fn timezone(&self) -> Option<String> {
-        self.settings.as_ref()?.get("timezone")?.get("value")?.as_str().map(str::to_string)
+        self.settings
+            .as_ref()?
+            .get("timezone")?
+            .get("value")?
+            .as_str()
+            .map(str::to_string)
     }
 }
 

@@ -50,5 +50,12 @@ pub async fn events(
             "call tracker stopped",
         ));
     }
+    // Calls these events finished are in the outbox; make them durable before saying yes.
+    state
+        .outbox
+        .store()
+        .flush()
+        .await
+        .map_err(|e| ApiError::internal(format!("store: {e}")))?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "accepted": n})))
 }

@@ -145,7 +145,11 @@ impl Store {
         // previous open is dropped, so a reopen right after a close may briefly see it held.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            match sled::Config::new().path(path).cache_capacity(CACHE_BYTES).open() {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(sled::Error::Io(ref io)) if is_lock_error(io) => {
                     if std::time::Instant::now() >= deadline {

@@ -85,11 +85,17 @@ fn now_ms() -> i64 {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|source| StoreError::Decode { key: "outbox".into(), source })
+    serde_json::to_vec(v).map_err(|source| StoreError::Decode {
+        key: "outbox".into(),
+        source,
+    })
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn tx_err(e: TransactionError<StoreError>) -> StoreError {
@@ -105,7 +111,9 @@ impl OutboxStore {
         let dead = db.open_tree("outbox_dead")?;
         let ids = db.open_tree("outbox_ids")?;
         let counts = Arc::new(Counts::default());
-        counts.pending.store(pending.len() as u64, Ordering::Relaxed);
+        counts
+            .pending
+            .store(pending.len() as u64, Ordering::Relaxed);
         counts.dead.store(dead.len() as u64, Ordering::Relaxed);
         let done = ids
             .iter()
@@ -123,13 +131,24 @@ impl OutboxStore {
                 while let Ok(more) = rx.try_recv() {
                     waiters.push(more);
                 }
-                let result = flusher.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+                let result = flusher
+                    .flush_async()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
             }
         });
-        Ok(OutboxStore { db: db.clone(), pending, dead, ids, counts, flush: tx })
+        Ok(OutboxStore {
+            db: db.clone(),
+            pending,
+            dead,
+            ids,
+            counts,
+            flush: tx,
+        })
     }
 
     pub fn counts(&self) -> &Counts {
@@ -144,9 +163,22 @@ impl OutboxStore {
         }
         let seq = self.db.generate_id()?;
         let now = now_ms();
-        let env = Envelope { v: 1, seq, id: id.clone(), enqueued_at: now, attempts: 0, last_error: None, dead_at: None, record };
+        let env = Envelope {
+            v: 1,
+            seq,
+            id: id.clone(),
+            enqueued_at: now,
+            attempts: 0,
+            last_error: None,
+            dead_at: None,
+            record,
+        };
         let env_bytes = encode(&env)?;
-        let id_bytes = encode(&IdEntry { state: State::Pending, seq, at: now })?;
+        let id_bytes = encode(&IdEntry {
+            state: State::Pending,
+            seq,
+            at: now,
+        })?;
         let result = (&self.pending, &self.ids).transaction(|(p, i)| {
             if i.get(id.as_bytes())?.is_some() {
                 return Ok(Enqueued::Duplicate);
@@ -172,7 +204,9 @@ impl OutboxStore {
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Sled(sled::Error::ReportableBug(e))),
-            Err(_) => Err(StoreError::Sled(sled::Error::ReportableBug("flusher stopped".into()))),
+            Err(_) => Err(StoreError::Sled(sled::Error::ReportableBug(
+                "flusher stopped".into(),
+            ))),
         }
     }
 
@@ -212,7 +246,17 @@ impl OutboxStore {
         let now = now_ms();
         let entries: Vec<(u64, String, Vec<u8>)> = envs
             .iter()
-            .map(|e| Ok((e.seq, e.id.clone(), encode(&IdEntry { state: State::Done, seq: e.seq, at: now })?)))
+            .map(|e| {
+                Ok((
+                    e.seq,
+                    e.id.clone(),
+                    encode(&IdEntry {
+                        state: State::Done,
+                        seq: e.seq,
+                        at: now,
+                    })?,
+                ))
+            })
             .collect::<Result<_, StoreError>>()?;
         let removed = (&self.pending, &self.ids)
             .transaction(|(p, i)| {
@@ -226,7 +270,10 @@ impl OutboxStore {
                 Ok::<_, ConflictableTransactionError<StoreError>>(removed)
             })
             .map_err(tx_err)?;
-        self.counts.pending.fetch_sub(removed.min(self.counts.pending.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.counts.pending.fetch_sub(
+            removed.min(self.counts.pending.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         self.counts.done.fetch_add(removed, Ordering::Relaxed);
         Ok(())
     }
@@ -238,7 +285,11 @@ impl OutboxStore {
         dead.last_error = Some(reason.to_string());
         dead.dead_at = Some(now);
         let bytes = encode(&dead)?;
-        let entry = encode(&IdEntry { state: State::Dead, seq: env.seq, at: now })?;
+        let entry = encode(&IdEntry {
+            state: State::Dead,
+            seq: env.seq,
+            at: now,
+        })?;
         let moved = (&self.pending, &self.dead, &self.ids)
             .transaction(|(p, d, i)| {
                 let was = p.remove(&env.seq.to_be_bytes())?.is_some();
@@ -249,8 +300,8 @@ impl OutboxStore {
             .map_err(tx_err)?;
         if moved {
             self.counts.pending.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dead.fetch_add(1, Ordering::Relaxed);
         }
-        self.counts.dead.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -271,7 +322,11 @@ impl OutboxStore {
 
     /// Dead records, oldest first.
     pub fn dead(&self, limit: usize) -> Result<Vec<Envelope>, StoreError> {
-        self.dead.iter().take(limit).map(|i| decode("outbox_dead", &i?.1)).collect()
+        self.dead
+            .iter()
+            .take(limit)
+            .map(|i| decode("outbox_dead", &i?.1))
+            .collect()
     }
 
     /// Pending records, oldest first.
@@ -282,7 +337,11 @@ impl OutboxStore {
     /// Moves dead records back to pending (all, or the one with this externalId). Returns how many.
     pub fn retry(&self, id: Option<&str>) -> Result<usize, StoreError> {
         let targets: Vec<Envelope> = match id {
-            Some(id) => self.dead(usize::MAX)?.into_iter().filter(|e| e.id == id).collect(),
+            Some(id) => self
+                .dead(usize::MAX)?
+                .into_iter()
+                .filter(|e| e.id == id)
+                .collect(),
             None => self.dead(usize::MAX)?,
         };
         let now = now_ms();
@@ -291,7 +350,11 @@ impl OutboxStore {
             back.dead_at = None;
             back.attempts = 0;
             let bytes = encode(&back)?;
-            let entry = encode(&IdEntry { state: State::Pending, seq: env.seq, at: now })?;
+            let entry = encode(&IdEntry {
+                state: State::Pending,
+                seq: env.seq,
+                at: now,
+            })?;
             (&self.pending, &self.dead, &self.ids)
                 .transaction(|(p, d, i)| {
                     d.remove(&env.seq.to_be_bytes())?;
@@ -323,12 +386,19 @@ impl OutboxStore {
             let entry: IdEntry = decode("outbox_ids", &v)?;
             if entry.state == State::Done && entry.at < cutoff {
                 // Only if unchanged meanwhile.
-                if self.ids.compare_and_swap(&k, Some(v), None::<&[u8]>)?.is_ok() {
+                if self
+                    .ids
+                    .compare_and_swap(&k, Some(v), None::<&[u8]>)?
+                    .is_ok()
+                {
                     purged += 1;
                 }
             }
         }
-        self.counts.done.fetch_sub(purged.min(self.counts.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.counts.done.fetch_sub(
+            purged.min(self.counts.done.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         Ok(purged)
     }
 }

@@ -14,4 +14,5 @@ mod click_to_call;
 mod crm_client;
 mod http_api;
 mod manager_status;
+mod outbox;
 mod registration;

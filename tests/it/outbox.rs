@@ -1,0 +1,326 @@
+//! The call-history outbox against the fake CRM: batching, duplicates, retries, bisecting,
+//! pausing, and the order of delivery after an outage.
+
+use std::time::Duration;
+
+use pbxgate::calls::{CallRecord, Direction, Outcome};
+use pbxgate::outbox::Drain;
+use pbxgate::store::outbox::{Enqueued, State};
+use serde_json::Value;
+
+use crate::support::{Fault, TestApp};
+
+const UPLOAD: &str = "/api/v5/telephony/calls/upload";
+const TOKEN: &str = "webhook-token-0123456789";
+
+/// An app whose uploader only runs when a test calls `drain()` (no background timing).
+async fn manual_app(tweak: impl FnOnce(&mut pbxgate::config::Config)) -> TestApp {
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.crm.max_retries = 0;
+        c.history.immediate = false;
+        c.history.interval = Duration::from_secs(3600);
+        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+        tweak(c);
+    })
+    .await;
+    // The scheduler drains once at startup (a restart's backlog); let that finish first.
+    tokio::time::timeout(Duration::from_secs(10), app.state.outbox.wait_changes(1))
+        .await
+        .expect("startup drain");
+    app
+}
+
+fn record(id: &str, start: i64) -> CallRecord {
+    CallRecord {
+        external_id: id.to_string(),
+        linkedid: id.to_string(),
+        direction: Direction::In,
+        customer_number: "+79991234567".into(),
+        did: Some("+74951234567".into()),
+        code: Some("101".into()),
+        user_id: None,
+        external_phone: Some("+74951234567".into()),
+        start,
+        answer: Some(start + 5_000),
+        end: start + 65_000,
+        wait_seconds: 5,
+        talk_seconds: 60,
+        connected_seconds: 60,
+        outcome: Outcome::Answered,
+        answered_by: Some("101".into()),
+        final_extension: Some("101".into()),
+        placed_by: None,
+        click_to_call: false,
+        rings: vec![],
+        talk: vec![],
+        recordings: vec![],
+        customer_dial_status: None,
+        reaped: false,
+    }
+}
+
+/// 2026-11-21 10:00:00 UTC.
+const T0: i64 = 1_795_255_200_000;
+
+#[tokio::test]
+async fn a_call_is_uploaded_in_the_crm_wire_format_and_its_time_zone() {
+    let app = manual_app(|_| {}).await;
+    let outbox = &app.state.outbox;
+    assert_eq!(
+        outbox.enqueue(record("pbx-1", T0)).await.unwrap(),
+        Enqueued::Queued(outbox.store().list_pending(1).unwrap()[0].seq)
+    );
+    assert_eq!(outbox.drain().await, Drain::Done);
+    let req = &app.crm.requests_to(UPLOAD)[0];
+    let calls = req.form_json("calls");
+    assert_eq!(
+        calls,
+        serde_json::json!([{
+            "date": "2026-11-21 13:00:00",
+            "type": "in",
+            "phone": "+79991234567",
+            "code": "101",
+            "result": "answered",
+            "duration": 60,
+            "durationWaiting": 5,
+            "externalId": "pbx-1",
+            "externalPhone": "+74951234567",
+            "site": "shop1"
+        }])
+    );
+    assert_eq!(outbox.store().state_of("pbx-1").unwrap(), Some(State::Done));
+    let s = outbox.status();
+    assert_eq!((s.pending, s.done, s.uploaded_total), (0, 1, 1));
+}
+
+#[tokio::test]
+async fn the_same_call_is_stored_once_and_crm_duplicates_count_as_done() {
+    let app = manual_app(|_| {}).await;
+    let outbox = &app.state.outbox;
+    outbox.enqueue(record("pbx-2", T0)).await.unwrap();
+    assert_eq!(
+        outbox.enqueue(record("pbx-2", T0)).await.unwrap(),
+        Enqueued::Duplicate
+    );
+    assert_eq!(outbox.status().pending, 1);
+    outbox.drain().await;
+    // Uploaded already (say, before a crash lost our acknowledgement): the CRM reports it.
+    outbox.store().retry(None).unwrap();
+    let mut again = record("pbx-3", T0);
+    again.external_id = "pbx-3".into();
+    outbox.enqueue(again.clone()).await.unwrap();
+    outbox.drain().await;
+    assert_eq!(
+        outbox.enqueue(again).await.unwrap(),
+        Enqueued::Duplicate,
+        "done ids are remembered"
+    );
+    assert_eq!(app.crm.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn batches_hold_at_most_fifty_calls_in_arrival_order() {
+    let app = manual_app(|_| {}).await;
+    for i in 0..120 {
+        app.state
+            .outbox
+            .enqueue(record(&format!("pbx-{i:03}"), T0 + i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(app.state.outbox.drain().await, Drain::Done);
+    let sizes: Vec<usize> = app
+        .crm
+        .requests_to(UPLOAD)
+        .iter()
+        .map(|r| r.form_json("calls").as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![50, 50, 20]);
+    let order: Vec<String> = app
+        .crm
+        .requests_to(UPLOAD)
+        .iter()
+        .flat_map(|r| {
+            r.form_json("calls")
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["externalId"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+}
+
+#[tokio::test]
+async fn a_503_keeps_the_batch_and_a_later_drain_delivers_it() {
+    let app = manual_app(|_| {}).await;
+    let outbox = &app.state.outbox;
+    outbox.enqueue(record("pbx-r", T0)).await.unwrap();
+    app.crm.fail_next_on(UPLOAD, Fault::Status(503));
+    assert!(matches!(outbox.drain().await, Drain::Retry(_)));
+    assert_eq!(
+        outbox.store().state_of("pbx-r").unwrap(),
+        Some(State::Pending)
+    );
+    let env = &outbox.store().list_pending(1).unwrap()[0];
+    assert_eq!(env.attempts, 1);
+    assert!(env.last_error.as_deref().unwrap().contains("503"));
+    assert_eq!(outbox.drain().await, Drain::Done);
+    assert_eq!(app.crm.calls().len(), 1);
+    assert_eq!(outbox.status().failed_attempts, 1);
+}
+
+#[tokio::test]
+async fn one_invalid_call_in_fifty_goes_dead_and_the_rest_are_delivered() {
+    let app = manual_app(|_| {}).await;
+    let outbox = &app.state.outbox;
+    for i in 0..50 {
+        let mut r = record(&format!("pbx-{i:02}"), T0 + i);
+        if i == 17 {
+            r.customer_number = String::new(); // the CRM rejects a call without a phone
+        }
+        outbox.enqueue(r).await.unwrap();
+    }
+    assert_eq!(outbox.drain().await, Drain::Done);
+    let s = outbox.status();
+    assert_eq!((s.done, s.dead, s.pending), (49, 1, 0));
+    assert_eq!(app.crm.calls().len(), 49);
+    let dead = outbox.store().dead(10).unwrap();
+    assert_eq!(dead[0].id, "pbx-17");
+    assert!(
+        dead[0].last_error.as_deref().unwrap().contains("phone"),
+        "{:?}",
+        dead[0].last_error
+    );
+    // An operator fixes it and retries: it is pending again.
+    assert_eq!(outbox.store().retry(Some("pbx-17")).unwrap(), 1);
+    assert_eq!(outbox.status().pending, 1);
+}
+
+#[tokio::test]
+async fn a_wrong_key_blocks_uploads_loudly_and_drops_nothing() {
+    let app = manual_app(|c| c.crm.api_key = pbxgate::secret::Secret::new("wrong-key")).await;
+    let outbox = &app.state.outbox;
+    outbox.enqueue(record("pbx-k", T0)).await.unwrap();
+    assert!(matches!(outbox.drain().await, Drain::Blocked(_)));
+    let ready: Value = app
+        .http
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ready["history"]["blocked"]
+            .as_str()
+            .unwrap()
+            .contains("API key"),
+        "{ready}"
+    );
+    assert_eq!(ready["history"]["pending"], 1);
+}
+
+#[tokio::test]
+async fn nothing_is_sent_while_inactive_and_uploads_resume_on_activation() {
+    let app = manual_app(|_| {}).await;
+    app.state
+        .store
+        .set_activity(&pbxgate::store::Activity::new(true, true, None))
+        .await
+        .unwrap();
+    let outbox = &app.state.outbox;
+    outbox.enqueue(record("pbx-i", T0)).await.unwrap();
+    assert_eq!(
+        outbox.drain().await,
+        Drain::Paused("module inactive or frozen")
+    );
+    assert!(app.crm.requests_to(UPLOAD).is_empty());
+    // retailCRM unfreezes the module: the uploader wakes by itself.
+    let id = app.client_id();
+    let r = app
+        .http
+        .post(app.url("/crm/activity"))
+        .form(&[
+            ("clientId", id.as_str()),
+            ("activity", r#"{"active":true,"freeze":false}"#),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.crm.wait_for_requests(UPLOAD, 1).await;
+}
+
+#[tokio::test]
+async fn after_an_outage_every_call_arrives_in_order_with_bounded_requests() {
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.crm.max_retries = 0;
+        c.history.batch_window = Duration::from_millis(50);
+        c.history.retry_base = Duration::from_millis(50);
+        c.history.retry_max = Duration::from_millis(200);
+        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+    })
+    .await;
+    // The CRM is down for the first 10 upload attempts.
+    for _ in 0..10 {
+        app.crm.fail_next_on(UPLOAD, Fault::Status(503));
+    }
+    for i in 0..120 {
+        let body = serde_json::json!([
+            {"call_id": format!("o{i:03}"), "event": "start", "direction": "in", "phone": "+79991234567"},
+            {"call_id": format!("o{i:03}"), "event": "hangup"}
+        ]);
+        let r = app
+            .http
+            .post(app.url("/pbx/events"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.crm.calls().len() < 120 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} calls arrived",
+            app.crm.calls().len()
+        );
+        app.crm
+            .wait_for_requests(UPLOAD, app.crm.requests_to(UPLOAD).len() + 1)
+            .await;
+    }
+    let reqs = app.crm.requests_to(UPLOAD);
+    let delivered: Vec<String> = reqs
+        .iter()
+        .filter(|r| r.status == 200)
+        .flat_map(|r| {
+            r.form_json("calls")
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["externalId"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: Vec<String> = (0..120).map(|i| format!("pbx-o{i:03}")).collect();
+    assert_eq!(
+        delivered, expected,
+        "each call once, in the order the calls ended"
+    );
+    assert!(reqs.len() <= 10 + 120, "{} requests", reqs.len());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        app.state.outbox.wait_until(|s| s.pending == 0),
+    )
+    .await
+    .unwrap();
+}
