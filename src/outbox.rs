@@ -320,6 +320,8 @@ impl Outbox {
             match self.inner.crm.calls_upload(&calls).await {
                 Ok(answer) => {
                     self.inner.store.mark_done(&batch)?;
+                    // Durable before the next batch: a crash re-sends at most the batch in flight.
+                    self.inner.store.flush().await?;
                     let duplicates = answer.duplicate_calls.len();
                     if duplicates > 0 {
                         tracing::info!(duplicates, "retailCRM already had some calls of the batch");

@@ -81,6 +81,8 @@ struct State {
     statuses: Vec<(i64, String)>,
     scopes: Vec<String>,
     timezone: String,
+    /// Every request to these paths is answered this much later.
+    slow: HashMap<String, Duration>,
     /// externalId → how many times it was uploaded (duplicates included).
     upload_counts: BTreeMap<String, usize>,
 }
@@ -245,6 +247,11 @@ impl FakeCrm {
         self.lock().upload_counts.clone()
     }
 
+    /// Every request to `path` waits `delay` before it is handled.
+    pub fn slow_down(&self, path: &str, delay: Duration) {
+        self.lock().slow.insert(path.to_string(), delay);
+    }
+
     pub fn set_timezone(&self, tz: &str) {
         self.lock().timezone = tz.to_string();
     }
@@ -318,6 +325,10 @@ async fn dispatch(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>)
         status: 0,
     };
 
+    let slow = shared.state.lock().unwrap().slow.get(&path).copied();
+    if let Some(d) = slow {
+        tokio::time::sleep(d).await;
+    }
     let fault = {
         let mut st = shared.state.lock().unwrap();
         let pos = st
@@ -726,6 +737,9 @@ fn calls_upload(st: &mut State, form: &BTreeMap<String, String>) -> (u16, Value)
             .get("externalId")
             .and_then(Value::as_str)
             .map(String::from);
+        if let Some(id) = &id {
+            *st.upload_counts.entry(id.clone()).or_default() += 1;
+        }
         match id {
             Some(id) if st.calls.contains_key(&id) => duplicates.push(id),
             Some(id) => {
