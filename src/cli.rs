@@ -32,6 +32,37 @@ pub enum Command {
     Register,
     /// Check the config, the store, the CRM key and the AMI login; exit non-zero on any failure.
     Check,
+    /// Inspect and repair the call-history queue (stop the service first: one process owns the store).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// Queue past calls from Asterisk's CDR CSV (cdr-csv/Master.csv) for upload.
+    Backfill(crate::backfill::BackfillArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Counts per state and the age of the oldest pending call.
+    Stats,
+    /// Records in a state (dead: with the CRM's reason).
+    List {
+        #[arg(long, value_parser = ["dead", "pending"], default_value = "dead")]
+        state: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move dead records back to pending (one by externalId, or all).
+    Retry {
+        #[arg(
+            long,
+            conflicts_with = "all_dead",
+            required_unless_present = "all_dead"
+        )]
+        id: Option<String>,
+        #[arg(long)]
+        all_dead: bool,
+    },
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -83,6 +114,8 @@ pub fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+            Command::Outbox { command } => outbox(&config, command).await,
+            Command::Backfill(args) => crate::backfill::run(&config, &args).await,
         }
     })
 }
@@ -121,6 +154,96 @@ async fn register(config: &Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("registration failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Opens the store for an operator command, or explains why it cannot.
+pub(crate) fn open_store_for_cli(config: &Config) -> Result<Store, ExitCode> {
+    match Store::open(&config.storage.path) {
+        Ok(s) => Ok(s),
+        Err(crate::store::StoreError::Locked { path }) => {
+            eprintln!(
+                "pbxgate: the store {} is held by a running pbxgate (sled allows one process).\n\
+                 Stop the service first; while it runs, GET /ready shows the queue (\"history\").",
+                path.display()
+            );
+            Err(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("pbxgate: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+async fn outbox(config: &Config, command: OutboxCommand) -> ExitCode {
+    let store = match open_store_for_cli(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let queue = match store.outbox() {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("pbxgate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let now = crate::calls::tracker::now_ms();
+    let result: Result<(), crate::store::StoreError> = (|| {
+        match command {
+            OutboxCommand::Stats => {
+                let c = queue.counts();
+                let oldest = queue.oldest_pending()?.map(|t| (now - t) / 1000);
+                println!(
+                    "pending  {}",
+                    c.pending.load(std::sync::atomic::Ordering::Relaxed)
+                );
+                println!(
+                    "dead     {}",
+                    c.dead.load(std::sync::atomic::Ordering::Relaxed)
+                );
+                println!(
+                    "done     {}",
+                    c.done.load(std::sync::atomic::Ordering::Relaxed)
+                );
+                match oldest {
+                    Some(s) => println!("oldest pending: {s} s ago"),
+                    None => println!("oldest pending: -"),
+                }
+            }
+            OutboxCommand::List { state, limit } => {
+                let items = if state == "dead" {
+                    queue.dead(limit)?
+                } else {
+                    queue.list_pending(limit)?
+                };
+                for e in items {
+                    let r = &e.record;
+                    println!(
+                        "{}\t{:?}\t{}\t{:?}\tattempts={}\t{}",
+                        e.id,
+                        r.direction,
+                        r.customer_number,
+                        r.outcome,
+                        e.attempts,
+                        e.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            OutboxCommand::Retry { id, all_dead } => {
+                let n = queue.retry(if all_dead { None } else { id.as_deref() })?;
+                println!("{n} record(s) moved back to pending");
+            }
+        }
+        Ok(())
+    })();
+    let flushed = queue.flush().await;
+    match result.and(flushed) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pbxgate: {e}");
             ExitCode::from(1)
         }
     }

@@ -13,10 +13,12 @@
 //! - [`click_to_call`]: `makeCallUrl` → AMI Originate, with dedupe and rate limits.
 //! - [`manager_status`]: `changeUserStatusUrl` → stored status → queue pause on the PBX.
 //! - [`app`]: startup and shutdown of everything above.
+//! - [`backfill`]: past calls from Asterisk's CDR CSV into the outbox.
 //! - [`check`], [`cli`], [`telemetry`]: operator-facing entry points and logging.
 
 pub mod ami;
 pub mod app;
+pub mod backfill;
 pub mod calls;
 pub mod check;
 pub mod cli;

@@ -315,3 +315,75 @@ async fn a_kill_during_upload_loses_nothing() {
     // A call delivered twice is one whose batch was in flight at the kill: at most one batch.
     assert!(redelivered.len() <= 50, "{redelivered:?}");
 }
+
+#[tokio::test]
+async fn backfill_then_outbox_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdr = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/ami-captures/cdr/Master.csv"
+    );
+    let env = vec![
+        (
+            "PBXGATE__STORAGE__PATH",
+            dir.path().join("store").display().to_string(),
+        ),
+        (
+            "PBXGATE__CALLS__INBOUND_CONTEXTS",
+            "[\"from-trunk\"]".to_string(),
+        ),
+    ];
+    let args = [
+        "backfill",
+        "--from",
+        "2026-11-21",
+        "--to",
+        "2026-11-21",
+        "--cdr",
+        cdr,
+    ];
+    let dry: Vec<&str> = args.iter().copied().chain(["--dry-run"]).collect();
+    let out = pbxgate(dir.path(), &dry, &env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("19 call(s) would be queued"));
+
+    let out = pbxgate(dir.path(), &args, &env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("19 call(s) queued"));
+    // Again: all known already.
+    let out = pbxgate(dir.path(), &args, &env).await;
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .starts_with("0 call(s) queued for upload, 19 already known"));
+
+    let out = pbxgate(dir.path(), &["outbox", "stats"], &env).await;
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stats.contains("pending  19") && stats.contains("dead     0"),
+        "{stats}"
+    );
+    let out = pbxgate(
+        dir.path(),
+        &["outbox", "list", "--state", "pending", "--limit", "2"],
+        &env,
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let out = pbxgate(dir.path(), &["outbox", "retry", "--all-dead"], &env).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 record(s)"));
+
+    // While another process holds the store, the commands say so plainly.
+    let _held = pbxgate::store::Store::open(&dir.path().join("store")).unwrap();
+    let out = pbxgate(dir.path(), &["outbox", "stats"], &env).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("held by a running pbxgate"));
+}

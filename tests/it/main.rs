@@ -7,6 +7,7 @@ mod support;
 mod activity;
 mod ami_client;
 mod ami_parser;
+mod backfill;
 mod call_scenarios;
 mod call_tracking;
 mod cli;
