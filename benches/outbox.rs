@@ -120,6 +120,17 @@ async fn main() {
         let after_insert = rss_mb();
         // The uploader's read path: the first batch, never the whole queue.
         let batch = queue.pending(None, 50, |_| true).unwrap();
+        // A restart with that backlog: what the store costs when it opens onto it.
+        let path = store.path().to_path_buf();
+        drop(queue);
+        drop(store);
+        let reopened = Store::open(&path).unwrap();
+        let q2 = reopened.outbox().unwrap();
+        let _ = q2.pending(None, 50, |_| true).unwrap();
+        println!(
+            "outbox memory after reopening onto the backlog: RSS {:.1} MB",
+            rss_mb()
+        );
         println!(
             "outbox memory: {pending} pending inserted in {:.1} s; RSS {before:.1} MB → {after_insert:.1} MB (+{:.1} MB); \
              first batch read: {} records",
