@@ -41,6 +41,10 @@ fn record(i: usize) -> CallRecord {
         recordings: vec![],
         customer_dial_status: None,
         reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: None,
+        ignored: false,
     }
 }
 

@@ -17,7 +17,9 @@ use crate::crm::{CrmClient, CrmError};
 use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
+use crate::phone::PhoneBook;
 use crate::registration::{self, RegistrationState, RegistrationStatus};
+use crate::routing::Router;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,28 @@ impl Application {
             ManagerStatus::start(config.clone(), store.clone(), ami.clone());
         tasks.push(worker);
 
+        let phones = Arc::new(PhoneBook::new(&config.phone));
+        let router = Router::new(config.clone(), crm.clone(), store.clone(), phones);
+        let agi_addr = if config.routing.agi_listen.is_empty() {
+            None
+        } else {
+            let bind = |source| StartError::Bind {
+                addr: config.routing.agi_listen.clone(),
+                source,
+            };
+            let agi = tokio::net::TcpListener::bind(&config.routing.agi_listen)
+                .await
+                .map_err(bind)?;
+            let agi_addr = agi.local_addr().map_err(bind)?;
+            tasks.push(tokio::spawn(crate::routing::agi::serve(
+                agi,
+                router.clone(),
+                config.routing.agi_timeout,
+            )));
+            tracing::info!(listen = %agi_addr, "FastAGI routing server started");
+            Some(agi_addr)
+        };
+
         let state = web::Data::new(AppState {
             config: config.clone(),
             store,
@@ -128,6 +152,8 @@ impl Application {
             tracker,
             recent_calls,
             outbox,
+            router,
+            agi_addr,
             tracker_stats,
             started: Instant::now(),
         });

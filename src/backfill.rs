@@ -262,6 +262,10 @@ pub fn record(
         recordings,
         customer_dial_status: None,
         reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: None,
+        ignored: false,
     })
 }
 
@@ -271,7 +275,8 @@ pub fn cdr_time(s: &str, tz: &jiff::tz::TimeZone) -> Option<i64> {
     Some(dt.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond())
 }
 
-/// The calls of a CDR file within [from, to], not internal unless configured.
+/// The calls of a CDR file within [from, to], not internal unless configured, with canonical
+/// numbers and without the calls the registration rules ignore (as the live tracker does).
 pub fn build(
     config: &Config,
     rows: &[CdrRow],
@@ -295,7 +300,18 @@ pub fn build(
         })
         .collect();
     calls.sort_by_key(|r| r.start);
-    calls
+    let mut gate = crate::calls::gate::Gate::new(config);
+    let mut out: Vec<crate::calls::Output> = calls
+        .into_iter()
+        .map(|r| crate::calls::Output::Finished(Box::new(r)))
+        .collect();
+    gate.apply(&mut out);
+    out.into_iter()
+        .filter_map(|o| match o {
+            crate::calls::Output::Finished(r) if !r.ignored => Some(*r),
+            _ => None,
+        })
+        .collect()
 }
 
 pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {

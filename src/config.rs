@@ -39,6 +39,10 @@ pub struct Config {
     #[validate(nested)]
     pub history: HistoryConfig,
     #[validate(nested)]
+    pub phone: PhoneConfig,
+    #[validate(nested)]
+    pub routing: RoutingConfig,
+    #[validate(nested)]
     pub storage: StorageConfig,
     #[validate(nested)]
     pub log: LogConfig,
@@ -48,6 +52,8 @@ pub struct Config {
     /// Shop ↔ external number (sent as `externalPhones`).
     #[validate(nested)]
     pub external_phones: Vec<ExternalPhone>,
+    /// Which calls reach the CRM: evaluated in order, the first match wins, default register.
+    pub rules: Vec<RuleConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
@@ -258,9 +264,6 @@ pub struct CallsConfig {
     /// What an internal extension looks like (a regular expression).
     #[validate(custom(function = "regex_pattern"))]
     pub extension_pattern: String,
-    /// Shortest number (in digits) treated as external.
-    #[validate(range(min = 3, max = 20, message = "must be between 3 and 20"))]
-    pub min_external_digits: usize,
     /// Calls with no event for this long are closed by the reaper (their channels vanished).
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "backoff"))]
@@ -284,7 +287,6 @@ impl Default for CallsConfig {
             ],
             trunk_endpoints: vec!["trunk".into()],
             extension_pattern: "^[0-9]{2,5}$".into(),
-            min_external_digits: 6,
             max_silence: Duration::from_secs(3600),
             send_internal: false,
             live_event_deadline: Duration::from_secs(5),
@@ -338,6 +340,173 @@ impl Default for HistoryConfig {
             retry_max: Duration::from_secs(300),
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct PhoneConfig {
+    /// Our country's calling code without `+` (`7`, `49`, `1`); empty = numbers are only cleaned.
+    pub country_code: String,
+    /// The national (trunk) prefix before area codes (`8` in Russia, `0` in Germany, `1` in the US).
+    pub national_prefix: String,
+    /// Digits of a national number without the prefix (10 in Russia and the US); 0 = variable.
+    #[validate(range(max = 15, message = "must be at most 15"))]
+    pub national_length: usize,
+    /// Prefixes that dial abroad (`00`, `810`, `011`): replaced by `+`.
+    pub international_prefixes: Vec<String>,
+    /// Trunk/access prefixes the PBX puts before external numbers (`9`, `0`): stripped.
+    pub prefixes: Vec<String>,
+    /// Shortest number (in digits) treated as external; shorter ones are internal.
+    #[validate(range(min = 3, max = 20, message = "must be between 3 and 20"))]
+    pub min_external_length: usize,
+    /// Regular-expression rewrites applied in order before everything else.
+    pub rewrite: Vec<RewriteRule>,
+    /// Employees' mobile numbers that belong to an extension.
+    pub fmc: Vec<FmcNumber>,
+}
+
+impl Default for PhoneConfig {
+    fn default() -> Self {
+        PhoneConfig {
+            country_code: String::new(),
+            national_prefix: String::new(),
+            national_length: 0,
+            international_prefixes: vec!["00".into()],
+            prefixes: Vec::new(),
+            min_external_length: 6,
+            rewrite: Vec::new(),
+            fmc: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteRule {
+    /// A regular expression on the cleaned number (`+` and digits).
+    pub r#match: String,
+    /// The replacement; `$1` … refer to the groups.
+    pub replace: String,
+    /// Only for calls over a trunk matching this pattern (channel `PJSIP/x` or endpoint `x`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FmcNumber {
+    pub number: String,
+    /// The extension the mobile belongs to.
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Validate)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// FastAGI listen address (`127.0.0.1:4573`); empty = FastAGI off.
+    #[validate(custom(function = "optional_socket_addr"))]
+    pub agi_listen: String,
+    /// Hard deadline of the CRM lookup; past it the fallback is answered.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "route_timeout"))]
+    pub timeout: Duration,
+    /// The extension answered when there is no decision in time (empty: no extension).
+    pub fallback_code: String,
+    /// How long a found manager is cached per number.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long "no manager for this number" is cached.
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// Most numbers cached at once.
+    #[validate(range(min = 1, max = 10000000, message = "must be between 1 and 10000000"))]
+    pub cache_max: usize,
+    /// `ignoreStatus` of `telephony/manager`: true asks for the responsible manager whatever
+    /// his CRM status, and pbxgate applies `skip_statuses` from the statuses it keeps.
+    pub ignore_status: bool,
+    /// Managers whose stored status is one of these are not routed to; the fallback is.
+    #[validate(custom(function = "user_statuses"))]
+    pub skip_statuses: Vec<String>,
+    /// A FastAGI client must send its environment within this time.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "request_timeout"))]
+    pub agi_timeout: Duration,
+    /// Fixed answers checked before the CRM.
+    pub r#static: Vec<StaticRoute>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            agi_listen: String::new(),
+            timeout: Duration::from_millis(800),
+            fallback_code: String::new(),
+            cache_ttl: Duration::from_secs(600),
+            negative_cache_ttl: Duration::from_secs(60),
+            cache_max: 100_000,
+            ignore_status: true,
+            skip_statuses: vec!["dinner".into(), "break".into()],
+            agi_timeout: Duration::from_secs(5),
+            r#static: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRoute {
+    /// Pattern(s) on the caller's number (any of its forms); empty = any.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub phone: Vec<String>,
+    /// Pattern(s) on the dialled number; empty = any.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub did: Vec<String>,
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Ignore,
+    Register,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub action: RuleAction,
+    /// A label for logs; the rule's index is used otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `in`, `out`, `internal` (one or a list).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub direction: Vec<String>,
+    /// Extension code patterns: any extension of the call matching one.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub extension: Vec<String>,
+    /// Trunk patterns on the channel (`PJSIP/trunk`) or endpoint (`trunk`).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub trunk: Vec<String>,
+    /// Patterns on the dialled number (any of its forms).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub did: Vec<String>,
+    /// Patterns on the customer's number (any of its forms).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub phone: Vec<String>,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
@@ -633,6 +802,9 @@ impl Config {
         if self.crm.retry_base > self.crm.retry_max {
             problems.push("crm.retry_base: must not be larger than crm.retry_max".into());
         }
+        crate::phone::check_config(&self.phone, problems);
+        crate::rules::check_config(&self.rules, problems);
+        crate::routing::check_config(&self.routing, problems);
     }
 }
 
@@ -762,6 +934,21 @@ fn socket_addr(value: &str) -> Result<(), ValidationError> {
         .parse::<SocketAddr>()
         .map(|_| ())
         .map_err(|_| problem(format!("{value:?} is not an address like 127.0.0.1:8088")))
+}
+
+fn optional_socket_addr(value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        Ok(())
+    } else {
+        socket_addr(value)
+    }
+}
+
+fn route_timeout(value: &Duration) -> Result<(), ValidationError> {
+    if *value < Duration::from_millis(10) || *value > Duration::from_secs(30) {
+        return Err(problem("must be between 10ms and 30s"));
+    }
+    Ok(())
 }
 
 fn http_url(value: &str) -> Result<(), ValidationError> {

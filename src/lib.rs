@@ -7,6 +7,9 @@
 //! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
 //! - [`outbox`]: the durable call-history queue and its uploader (`calls/upload`).
 //! - [`registration`]: the integration-module registration.
+//! - [`phone`]: number normalisation (original, base, canonical, variants; FMC numbers).
+//! - [`rules`]: the registration rules (which calls reach the CRM).
+//! - [`routing`]: incoming calls to the responsible manager (HTTP and FastAGI).
 //! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
 //! - [`ami`]: the Asterisk Manager Interface (frame parser and client).
 //! - [`calls`]: the call model (AMI events → live events and finished call records).
@@ -28,7 +31,10 @@ pub mod crm;
 pub mod http;
 pub mod manager_status;
 pub mod outbox;
+pub mod phone;
 pub mod registration;
+pub mod routing;
+pub mod rules;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

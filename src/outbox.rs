@@ -450,6 +450,10 @@ impl CallSink for Outbox {
     /// then flushed and uploaded in the background.
     fn accept(&self, record: CallRecord) {
         let id = record.external_id.clone();
+        if record.ignored {
+            tracing::debug!(id = %id, registration = ?record.registration, "call not queued for the CRM");
+            return;
+        }
         match self.inner.store.insert(record) {
             Ok(_) => {
                 let store = self.inner.store.clone();

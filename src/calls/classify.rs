@@ -84,7 +84,7 @@ impl Classifier {
             codes: config.users.iter().map(|u| u.code.clone()).collect(),
             inbound_contexts: c.inbound_contexts.clone(),
             trunk_endpoints: c.trunk_endpoints.clone(),
-            min_external_digits: c.min_external_digits,
+            min_external_digits: config.phone.min_external_length,
         }
     }
 

@@ -35,6 +35,7 @@ pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
             phone,
             did,
             codes,
+            ..
         } => {
             let mut ev = CallEvent::new(CallEventType::In, phone.clone());
             ev.codes = Some(codes.clone());
@@ -48,6 +49,7 @@ pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
             phone,
             codes,
             click_to_call,
+            ..
         } => {
             let mut ev = CallEvent::new(CallEventType::Out, phone.clone());
             ev.codes = Some(codes.clone());

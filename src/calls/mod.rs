@@ -2,6 +2,7 @@
 //! the CRM's pop-ups and finished call records for the history.
 
 pub mod classify;
+pub mod gate;
 pub mod live;
 pub mod model;
 pub mod record;

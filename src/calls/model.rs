@@ -67,6 +67,8 @@ struct Call {
     external_line: Option<String>,
     /// (channel, on hold from, until).
     holds: Vec<(String, Millis, Option<Millis>)>,
+    /// The carrier channel without its sequence (`PJSIP/trunk`).
+    trunk: Option<String>,
 }
 
 /// A click-to-call we placed, announced before its first channel appears.
@@ -243,6 +245,13 @@ impl CallModel {
                 call.root_extension.get_or_insert(code.clone());
             }
         }
+        let local = super::classify::parse_name(&name)
+            .tech
+            .eq_ignore_ascii_case("Local");
+        if role == Role::Trunk || (customer_inbound && !local) {
+            call.trunk
+                .get_or_insert_with(|| base_name(&name).to_string());
+        }
         if customer_inbound && call.customer.is_none() {
             // The Local half that runs the trunk dialplan (;2) is the customer; ;1 stands for them too.
             let half = super::classify::parse_name(&name).half;
@@ -382,6 +391,7 @@ impl CallModel {
                         phone: call.customer_number.clone().unwrap_or_default(),
                         did: call.did.clone(),
                         codes: vec![code.clone()],
+                        trunk: call.trunk.clone(),
                     }));
                 }
             }
@@ -412,6 +422,7 @@ impl CallModel {
                                 phone: call.customer_number.clone().unwrap_or_default(),
                                 codes: vec![code],
                                 click_to_call: call.click_to_call.clone(),
+                                trunk: call.trunk.clone(),
                             }));
                         }
                     }
@@ -908,6 +919,10 @@ impl CallModel {
             recordings: call.recordings.clone(),
             customer_dial_status: call.customer_dial_status.clone(),
             reaped: call.reaped,
+            trunk: call.trunk.clone(),
+            phone_original: None,
+            registration: None,
+            ignored: false,
         };
         out.push(Output::Live(LiveEvent::Hangup {
             external_id: record.external_id.clone(),

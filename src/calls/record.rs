@@ -107,6 +107,18 @@ pub struct CallRecord {
     pub customer_dial_status: Option<String>,
     /// Closed by the reaper or a resync, not by its own hangups: details may be incomplete.
     pub reaped: bool,
+    /// The carrier channel without its sequence (`PJSIP/trunk`), when the call used one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<String>,
+    /// The customer's number as the PBX gave it, when normalisation changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone_original: Option<String>,
+    /// How the registration rules decided (`register by default`, `ignore by rules[1]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<String>,
+    /// The call must not reach the CRM (a registration rule, an employee's mobile).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignored: bool,
 }
 
 /// Live events for the CRM's pop-ups.
@@ -118,6 +130,7 @@ pub enum LiveEvent {
         phone: String,
         did: Option<String>,
         codes: Vec<String>,
+        trunk: Option<String>,
     },
     /// Outbound: an extension (or our click-to-call) is dialling the customer.
     Dialing {
@@ -125,6 +138,7 @@ pub enum LiveEvent {
         phone: String,
         codes: Vec<String>,
         click_to_call: Option<ClickToCall>,
+        trunk: Option<String>,
     },
     /// The call ended.
     Hangup {
@@ -134,4 +148,15 @@ pub enum LiveEvent {
         codes: Vec<String>,
         outcome: Outcome,
     },
+}
+
+impl LiveEvent {
+    /// The call's `externalId`.
+    pub fn external_id(&self) -> &str {
+        match self {
+            LiveEvent::Ringing { external_id, .. }
+            | LiveEvent::Dialing { external_id, .. }
+            | LiveEvent::Hangup { external_id, .. } => external_id,
+        }
+    }
 }

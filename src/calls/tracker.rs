@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
+use super::gate::Gate;
 use super::model::{CallModel, ClickToCall, Millis, Output};
 use super::record::{CallRecord, LiveEvent};
 use super::webhook::{WebhookEvent, WebhookModel};
@@ -117,11 +118,13 @@ impl CallTracker {
         let (tx, rx) = mpsc::channel(1024);
         let model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
         let web = WebhookModel::new(&config.pbx.system_id);
+        let gate = Gate::new(config);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
         let send_internal = config.calls.send_internal;
         let task = tokio::spawn(run(
             model,
             web,
+            gate,
             ami,
             rx,
             live,
@@ -156,6 +159,7 @@ impl CallTracker {
 async fn run(
     mut model: CallModel,
     mut web: WebhookModel,
+    mut gate: Gate,
     ami: AmiClient,
     mut input: mpsc::Receiver<Input>,
     live: mpsc::Sender<LiveEvent>,
@@ -214,6 +218,7 @@ async fn run(
             std::sync::atomic::Ordering::Relaxed,
         );
         let finished_webhook = webhook_done.take();
+        gate.apply(&mut out);
         for o in out.drain(..) {
             match o {
                 Output::Live(e) => {
@@ -230,7 +235,7 @@ async fn run(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(id = %record.external_id, direction = ?record.direction, outcome = ?record.outcome,
                         code = ?record.code, wait_s = record.wait_seconds, talk_s = record.talk_seconds,
-                        reaped = record.reaped, "call finished");
+                        reaped = record.reaped, registration = ?record.registration, "call finished");
                     // The history gets what the CRM should see: internal calls only if configured.
                     if record.direction != super::Direction::Internal || send_internal {
                         sink.accept(*record);
@@ -244,6 +249,7 @@ async fn run(
     }
     let mut out = Vec::new();
     model.flush(&mut out);
+    gate.apply(&mut out);
     for o in out {
         if let Output::Finished(r) = o {
             if r.direction != super::Direction::Internal || send_internal {

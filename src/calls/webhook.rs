@@ -284,12 +284,14 @@ impl WebhookModel {
                             phone: call.phone.clone(),
                             codes: vec![ext],
                             click_to_call: None,
+                            trunk: None,
                         },
                         _ => LiveEvent::Ringing {
                             external_id,
                             phone: call.phone.clone(),
                             did: call.did.clone(),
                             codes: vec![ext],
+                            trunk: None,
                         },
                     }));
                 }
@@ -420,6 +422,10 @@ fn finish(
         recordings: call.record.into_iter().collect(),
         customer_dial_status: None,
         reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: None,
+        ignored: false,
     };
     vec![
         Output::Live(LiveEvent::Hangup {

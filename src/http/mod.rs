@@ -23,6 +23,7 @@ use crate::crm::CrmClient;
 use crate::manager_status::ManagerStatus;
 use crate::outbox::Outbox;
 use crate::registration::RegistrationStatus;
+use crate::routing::Router;
 use crate::secret::Secret;
 use crate::store::Store;
 pub use error::ApiError;
@@ -38,6 +39,8 @@ pub mod paths {
     pub const READY: &str = "/ready";
     /// Call events posted by a PBX (Bearer `pbx.token`).
     pub const PBX_EVENTS: &str = "/pbx/events";
+    /// The routing lookup for the dialplan (`pbx.token` as Bearer or `token=`).
+    pub const PBX_ROUTE: &str = "/pbx/route";
 }
 
 /// Everything a handler may need; shared by all workers.
@@ -56,6 +59,10 @@ pub struct AppState {
     pub recent_calls: RecentCalls,
     /// The durable call history and its uploader.
     pub outbox: Outbox,
+    /// Incoming-call routing (`/pbx/route`, FastAGI).
+    pub router: Router,
+    /// Where the FastAGI server listens, when it is on.
+    pub agi_addr: Option<std::net::SocketAddr>,
     pub tracker_stats: Arc<TrackerStats>,
     pub started: Instant,
 }
@@ -118,5 +125,6 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(callbacks::user_status)),
         )
         .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)))
-        .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)));
+        .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)))
+        .service(web::resource(paths::PBX_ROUTE).route(web::get().to(pbx::route)));
 }

@@ -57,6 +57,10 @@ fn record(id: &str, start: i64) -> CallRecord {
         recordings: vec![],
         customer_dial_status: None,
         reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: None,
+        ignored: false,
     }
 }
 
