@@ -1170,6 +1170,29 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_examples_in_the_shipped_config_are_valid() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let example = regex::Regex::new(r"^# (\[\[|[a-z_]+ = )").unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                if example.is_match(l) {
+                    format!("{}\n", &l[2..])
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let c = Config::from_toml_and_env(&uncommented, env(&[])).unwrap();
+        assert_eq!(c.phone.rewrite.len(), 2);
+        assert_eq!(c.phone.fmc.len(), 1);
+        assert_eq!(c.routing.r#static.len(), 2);
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.users.len(), 1);
+    }
+
+    #[test]
     fn env_overrides_the_file_and_keeps_strings_strings() {
         let text = "[crm]\napi_key = \"from-file\"\nrps = 5\n";
         let c = Config::from_toml_and_env(

@@ -77,12 +77,27 @@ pub struct PhoneBook {
 }
 
 /// Compiles a pattern anchored to the whole value (`101` matches only `101`).
-pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
-    Regex::new(&format!("^(?:{pattern})$"))
+pub fn anchored(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        let e = regex_error(&e);
+        let hint = if pattern.starts_with('+') {
+            " (a literal plus is written \\+; or leave it out: every form of the number is tried)"
+        } else {
+            ""
+        };
+        format!("{e}{hint}")
+    })
+}
+
+/// regex's errors span several lines (the pattern, a caret, the message): the message alone.
+pub fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text.lines().last().unwrap_or(&text);
+    last.trim_start_matches("error: ").to_string()
 }
 
 /// Compiles a rewrite rule's trunk condition; `None` when the rule has none.
-fn trunk_pattern(rule: &RewriteRule) -> Result<Option<Regex>, regex::Error> {
+fn trunk_pattern(rule: &RewriteRule) -> Result<Option<Regex>, String> {
     rule.trunk.as_deref().map(anchored).transpose()
 }
 
@@ -90,7 +105,10 @@ fn trunk_pattern(rule: &RewriteRule) -> Result<Option<Regex>, regex::Error> {
 pub fn check_config(c: &PhoneConfig, problems: &mut Vec<String>) {
     for (i, r) in c.rewrite.iter().enumerate() {
         if let Err(e) = Regex::new(&r.r#match) {
-            problems.push(format!("phone.rewrite[{i}].match: invalid pattern: {e}"));
+            problems.push(format!(
+                "phone.rewrite[{i}].match: invalid pattern: {}",
+                regex_error(&e)
+            ));
         }
         if let Err(e) = trunk_pattern(r) {
             problems.push(format!("phone.rewrite[{i}].trunk: invalid pattern: {e}"));

@@ -77,14 +77,20 @@ fn direction(s: &str) -> Option<Direction> {
     }
 }
 
-fn compile(i: usize, key: &str, patterns: &[String]) -> Result<Vec<Regex>, String> {
-    patterns
-        .iter()
-        .enumerate()
-        .map(|(j, p)| {
-            anchored(p).map_err(|e| format!("rules[{i}].{key}[{j}]: invalid pattern {p:?}: {e}"))
-        })
-        .collect()
+fn compile(i: usize, key: &str, patterns: &[String]) -> Result<Vec<Regex>, Vec<String>> {
+    let mut ok = Vec::new();
+    let mut problems = Vec::new();
+    for (j, p) in patterns.iter().enumerate() {
+        match anchored(p) {
+            Ok(r) => ok.push(r),
+            Err(e) => problems.push(format!("rules[{i}].{key}[{j}]: invalid pattern {p:?}: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(ok)
+    } else {
+        Err(problems)
+    }
 }
 
 fn compile_rule(i: usize, r: &RuleConfig) -> Result<Rule, Vec<String>> {
@@ -101,7 +107,7 @@ fn compile_rule(i: usize, r: &RuleConfig) -> Result<Rule, Vec<String>> {
     let mut field = |key: &str, patterns: &[String]| match compile(i, key, patterns) {
         Ok(v) => v,
         Err(p) => {
-            problems.push(p);
+            problems.extend(p);
             Vec::new()
         }
     };

@@ -245,10 +245,7 @@ impl CallModel {
                 call.root_extension.get_or_insert(code.clone());
             }
         }
-        let local = super::classify::parse_name(&name)
-            .tech
-            .eq_ignore_ascii_case("Local");
-        if role == Role::Trunk || (customer_inbound && !local) {
+        if role == Role::Trunk || customer_inbound {
             call.trunk
                 .get_or_insert_with(|| base_name(&name).to_string());
         }

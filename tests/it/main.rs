@@ -17,3 +17,5 @@ mod http_api;
 mod manager_status;
 mod outbox;
 mod registration;
+mod routing;
+mod rules;
