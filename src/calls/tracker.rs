@@ -96,6 +96,8 @@ pub struct TrackerStats {
     pub finished: std::sync::atomic::AtomicU64,
     pub live_events_dropped: std::sync::atomic::AtomicU64,
     pub resyncs: std::sync::atomic::AtomicU64,
+    /// Finished calls the registration rules (or an employee's mobile) kept from the CRM.
+    pub ignored: std::sync::atomic::AtomicU64,
 }
 
 pub fn now_ms() -> Millis {
@@ -233,6 +235,11 @@ async fn run(
                     stats
                         .finished
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if record.ignored {
+                        stats
+                            .ignored
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     tracing::info!(id = %record.external_id, direction = ?record.direction, outcome = ?record.outcome,
                         code = ?record.code, wait_s = record.wait_seconds, talk_s = record.talk_seconds,
                         reaped = record.reaped, registration = ?record.registration, "call finished");

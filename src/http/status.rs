@@ -79,6 +79,12 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "finished": state.tracker_stats.finished.load(std::sync::atomic::Ordering::Relaxed),
             "liveEventsDropped": state.tracker_stats.live_events_dropped.load(std::sync::atomic::Ordering::Relaxed),
             "resyncs": state.tracker_stats.resyncs.load(std::sync::atomic::Ordering::Relaxed),
+            "ignored": state.tracker_stats.ignored.load(std::sync::atomic::Ordering::Relaxed),
+        },
+        "routing": {
+            "stats": state.router.stats(),
+            "cached": state.router.cached(),
+            "fastAgi": state.agi_addr.map(|a| a.to_string()),
         },
     });
     if store_ok {

@@ -78,6 +78,28 @@ async fn a_cache_miss_asks_the_crm_once_and_later_calls_hit_the_cache() {
     let again = route_json(&app, "phone=9161234567").await;
     assert_eq!(again["source"], "cache");
     assert_eq!(app.crm.requests_to(MANAGER).len(), 1);
+
+    // /ready counts them.
+    let ready: Value = app
+        .http
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stats = &ready["routing"]["stats"];
+    assert_eq!(
+        (
+            &stats["requests"],
+            &stats["cacheHits"],
+            &stats["crmLookups"]
+        ),
+        (&Value::from(3), &Value::from(2), &Value::from(1)),
+        "{ready}"
+    );
+    assert_eq!(ready["routing"]["cached"], 1);
 }
 
 #[tokio::test]

@@ -128,6 +128,13 @@ async fn a_call_of_an_ignored_extension_sends_nothing_to_the_crm() {
     assert_eq!(uploaded_ids(&app), vec![C03.to_string()]);
     let s = app.state.outbox.status();
     assert_eq!(s.pending + s.done + s.dead, 1, "{s:?}");
+    assert_eq!(
+        app.state
+            .tracker_stats
+            .ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
 
 #[tokio::test]
