@@ -17,6 +17,7 @@ use crate::crm::{CrmClient, CrmError};
 use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
+use crate::records::Records;
 use crate::registration::{self, RegistrationState, RegistrationStatus};
 use crate::store::{Store, StoreError};
 
@@ -94,7 +95,16 @@ impl Application {
             config.clone(),
         )));
         let recent_calls = RecentCalls::new(200);
-        let outbox = Outbox::new(store.outbox()?, store.clone(), crm.clone(), config.clone());
+        let records_key = store.records_secret(&config.records.secret).await?;
+        let records = Records::new(&config, store.records()?, records_key);
+        tasks.push(tokio::spawn(records.clone().run_maintenance()));
+        let outbox = Outbox::with_records(
+            store.outbox()?,
+            store.clone(),
+            crm.clone(),
+            config.clone(),
+            Some(records.clone()),
+        );
         tasks.push(tokio::spawn(outbox.clone().run()));
         let sink = Tee(vec![
             Arc::new(outbox.clone()),
@@ -128,6 +138,7 @@ impl Application {
             tracker,
             recent_calls,
             outbox,
+            records,
             tracker_stats,
             started: Instant::now(),
         });

@@ -6,6 +6,7 @@
 //! - [`store`]: the sled database behind a small API.
 //! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
 //! - [`outbox`]: the durable call-history queue and its uploader (`calls/upload`).
+//! - [`records`]: recordings: signed `recordUrl` links, the endpoint serving them, mp3 conversion.
 //! - [`registration`]: the integration-module registration.
 //! - [`http`]: the HTTP server (retailCRM callbacks, health, admin page).
 //! - [`ami`]: the Asterisk Manager Interface (frame parser and client).
@@ -28,6 +29,7 @@ pub mod crm;
 pub mod http;
 pub mod manager_status;
 pub mod outbox;
+pub mod records;
 pub mod registration;
 pub mod secret;
 pub mod store;

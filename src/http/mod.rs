@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::crm::CrmClient;
 use crate::manager_status::ManagerStatus;
 use crate::outbox::Outbox;
+use crate::records::Records;
 use crate::registration::RegistrationStatus;
 use crate::secret::Secret;
 use crate::store::Store;
@@ -38,6 +39,8 @@ pub mod paths {
     pub const READY: &str = "/ready";
     /// Call events posted by a PBX (Bearer `pbx.token`).
     pub const PBX_EVENTS: &str = "/pbx/events";
+    /// Recordings: `/records/{token}.{ext}` (see [`crate::records`]).
+    pub const RECORDING: &str = "/records/{name}";
 }
 
 /// Everything a handler may need; shared by all workers.
@@ -56,6 +59,8 @@ pub struct AppState {
     pub recent_calls: RecentCalls,
     /// The durable call history and its uploader.
     pub outbox: Outbox,
+    /// Recording links and the files behind them.
+    pub records: Records,
     pub tracker_stats: Arc<TrackerStats>,
     pub started: Instant,
 }
@@ -78,7 +83,7 @@ pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Res
             .wrap_fn(|req, srv| {
                 // Log the path only: query strings carry the clientId and customers' numbers.
                 let method = req.method().clone();
-                let path = req.path().to_owned();
+                let path = loggable_path(req.path());
                 let started = Instant::now();
                 let fut = srv.call(req);
                 async move {
@@ -102,6 +107,17 @@ pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Res
     Ok(server)
 }
 
+/// A recording link's token is a credential: only its first characters are logged.
+fn loggable_path(path: &str) -> String {
+    match path.strip_prefix(crate::records::PATH_PREFIX) {
+        Some(token) if token.len() > 8 => {
+            let cut = token.char_indices().nth(8).map_or(token.len(), |(i, _)| i);
+            format!("{}{}…", crate::records::PATH_PREFIX, &token[..cut])
+        }
+        _ => path.to_owned(),
+    }
+}
+
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/").route(web::get().to(status::admin_page)))
         .service(web::resource(paths::LOGO).route(web::get().to(status::logo)))
@@ -118,5 +134,23 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(callbacks::user_status)),
         )
         .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)))
-        .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)));
+        .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)))
+        .service(
+            web::resource(paths::RECORDING)
+                .route(web::get().to(crate::records::serve::recording))
+                .route(web::head().to(crate::records::serve::recording)),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn recording_tokens_are_cut_in_logs() {
+        let token = "A".repeat(75);
+        assert_eq!(
+            super::loggable_path(&format!("/records/{token}.mp3")),
+            "/records/AAAAAAAA…"
+        );
+        assert_eq!(super::loggable_path("/crm/make-call"), "/crm/make-call");
+    }
 }
