@@ -16,4 +16,5 @@ mod crm_client;
 mod http_api;
 mod manager_status;
 mod outbox;
+mod records;
 mod registration;
