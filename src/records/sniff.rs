@@ -176,8 +176,9 @@ mod tests {
     fn mp3_by_id3_tag_or_frame_header() {
         assert_eq!(sniff(b"ID3\x04\0\0\0\0\0\x21rest", 100), Format::Mp3);
         assert_eq!(sniff(&MP3_FRAME, 417), Format::Mp3);
-        // MPEG-2 layer III, 8 kHz (a telephony mp3).
+        // MPEG-2 layer III, and MPEG-2.5 layer III at 8 kHz (what lame makes of a telephony WAV).
         assert_eq!(sniff(&[0xff, 0xf3, 0x48, 0xc4], 100), Format::Mp3);
+        assert_eq!(sniff(&[0xff, 0xe3, 0x18, 0xc4], 100), Format::Mp3);
         // AAC ADTS (layer 00), a reserved bitrate, a reserved sample rate: not mp3.
         assert_eq!(sniff(&[0xff, 0xf1, 0x50, 0x80], 100), Format::Unknown);
         assert_eq!(sniff(&[0xff, 0xfb, 0xf0, 0x64], 100), Format::Unknown);
