@@ -18,6 +18,7 @@ use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
 use crate::phone::PhoneBook;
+use crate::records::Records;
 use crate::registration::{self, RegistrationState, RegistrationStatus};
 use crate::routing::Router;
 use crate::store::{Store, StoreError};
@@ -96,7 +97,16 @@ impl Application {
             config.clone(),
         )));
         let recent_calls = RecentCalls::new(200);
-        let outbox = Outbox::new(store.outbox()?, store.clone(), crm.clone(), config.clone());
+        let records_key = store.records_secret(&config.records.secret).await?;
+        let records = Records::new(&config, store.records()?, records_key);
+        tasks.push(tokio::spawn(records.clone().run_maintenance()));
+        let outbox = Outbox::with_records(
+            store.outbox()?,
+            store.clone(),
+            crm.clone(),
+            config.clone(),
+            Some(records.clone()),
+        );
         tasks.push(tokio::spawn(outbox.clone().run()));
         let sink = Tee(vec![
             Arc::new(outbox.clone()),
@@ -154,6 +164,7 @@ impl Application {
             outbox,
             router,
             agi_addr,
+            records,
             tracker_stats,
             started: Instant::now(),
         });

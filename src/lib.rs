@@ -6,6 +6,7 @@
 //! - [`store`]: the sled database behind a small API.
 //! - [`crm`]: the retailCRM API v5 client (wire types, errors, rate limiting, retries).
 //! - [`outbox`]: the durable call-history queue and its uploader (`calls/upload`).
+//! - [`records`]: recordings: signed `recordUrl` links, the endpoint serving them, mp3 conversion.
 //! - [`registration`]: the integration-module registration.
 //! - [`phone`]: number normalisation (original, base, canonical, variants; FMC numbers).
 //! - [`rules`]: the registration rules (which calls reach the CRM).
@@ -32,6 +33,7 @@ pub mod http;
 pub mod manager_status;
 pub mod outbox;
 pub mod phone;
+pub mod records;
 pub mod registration;
 pub mod routing;
 pub mod rules;

@@ -22,6 +22,7 @@ use crate::calls::tracker::now_ms;
 use crate::calls::{CallRecord, CallSink, Direction};
 use crate::config::Config;
 use crate::crm::{Call, CallType, CrmClient, CrmError, MAX_CALLS_PER_UPLOAD};
+use crate::records::Records;
 use crate::store::outbox::{Enqueued, Envelope, OutboxStore};
 use crate::store::{Store, StoreError};
 
@@ -73,6 +74,13 @@ struct Inner {
     config: Arc<Config>,
     enqueued: Notify,
     kick: Notify,
+    /// A recording held back for conversion is ready.
+    ready: Notify,
+    /// Unix ms when a call held back by a recording still being written may be ready (the
+    /// earliest seen by the last drain).
+    recheck_at: Mutex<Option<i64>>,
+    /// Recording links for `recordUrl` (None: uploaded without).
+    records: Option<Records>,
     progress: Mutex<Progress>,
     tz: OnceCell<jiff::tz::TimeZone>,
     /// One drain at a time (the scheduler, an operator's or a test's).
@@ -101,6 +109,18 @@ impl From<StoreError> for Stop {
 
 impl Outbox {
     pub fn new(store: OutboxStore, activity: Store, crm: CrmClient, config: Arc<Config>) -> Outbox {
+        Self::with_records(store, activity, crm, config, None)
+    }
+
+    /// With `records`, calls carry a signed `recordUrl` (made durably before the upload), and a
+    /// call whose recording is being converted waits for the conversion.
+    pub fn with_records(
+        store: OutboxStore,
+        activity: Store,
+        crm: CrmClient,
+        config: Arc<Config>,
+        records: Option<Records>,
+    ) -> Outbox {
         Outbox {
             inner: Arc::new(Inner {
                 store,
@@ -109,6 +129,9 @@ impl Outbox {
                 config,
                 enqueued: Notify::new(),
                 kick: Notify::new(),
+                ready: Notify::new(),
+                recheck_at: Mutex::new(None),
+                records,
                 progress: Mutex::default(),
                 tz: OnceCell::new(),
                 draining: tokio::sync::Mutex::new(()),
@@ -163,11 +186,16 @@ impl Outbox {
         let mut next_purge = tokio::time::Instant::now() + Duration::from_secs(3600);
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut attempt: u32 = 0;
+        // When a call held back by its recording may be ready.
+        let mut recheck: Option<tokio::time::Instant> = None;
         // Whatever is pending from before a restart goes out at once.
         let mut due = true;
         loop {
             if !due {
-                let wake_at = retry_at.map_or(next_periodic, |r| r.min(next_periodic));
+                let wake_at = [retry_at, recheck]
+                    .into_iter()
+                    .flatten()
+                    .fold(next_periodic, |a, b| a.min(b));
                 tokio::select! {
                     _ = self.inner.enqueued.notified(), if h.immediate => {
                         // A short window gathers the calls ending together into one batch.
@@ -176,6 +204,7 @@ impl Outbox {
                         }
                     }
                     _ = self.inner.kick.notified() => { retry_at = None; }
+                    _ = self.inner.ready.notified() => {}
                     _ = tokio::time::sleep_until(wake_at) => {}
                 }
             }
@@ -198,7 +227,9 @@ impl Outbox {
             if retry_at.is_some_and(|r| now < r) {
                 continue; // Backing off: wakes do not shorten an outage's pause.
             }
-            match self.drain().await {
+            let result = self.drain().await;
+            recheck = self.take_recheck();
+            match result {
                 Drain::Done | Drain::Paused(_) => {
                     retry_at = None;
                     attempt = 0;
@@ -216,6 +247,19 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// When the earliest call held back by the last drain may be ready, as a timer deadline.
+    fn take_recheck(&self) -> Option<tokio::time::Instant> {
+        let at = self
+            .inner
+            .recheck_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let wait = u64::try_from(at - now_ms()).unwrap_or(0);
+        // A little later than the deadline, so that the file's age has passed it.
+        Some(tokio::time::Instant::now() + Duration::from_millis(wait + 50))
     }
 
     /// Waits until `done` holds for the outbox's status (checked after every batch and drain).
@@ -277,6 +321,15 @@ impl Outbox {
                 return Drain::Done;
             };
             after = Some(last.seq);
+            if let Some(records) = &inner.records {
+                // Durable before the upload that carries the links.
+                if let Err(e) = records
+                    .ensure_links(batch.iter().map(|e| &e.record), &tz)
+                    .await
+                {
+                    return Drain::Retry(format!("recording links: {e}"));
+                }
+            }
             inner
                 .progress
                 .lock()
@@ -359,29 +412,57 @@ impl Outbox {
     }
 
     /// Only final records go out: a recording still being written (modified within
-    /// `history.record_settle`) holds its call back, at most `history.record_wait_max`.
+    /// `history.record_settle`) holds its call back, at most `history.record_wait_max`; then, with
+    /// `records.convert`, until its conversion has finished (bounded by `records.convert_timeout`).
     fn is_ready(&self, e: &Envelope, now: i64) -> bool {
         let h = &self.inner.config.history;
-        if e.record.recordings.is_empty()
-            || now - e.enqueued_at >= h.record_wait_max.as_millis() as i64
-        {
+        if e.record.recordings.is_empty() {
             return true;
         }
-        e.record.recordings.iter().all(|path| {
-            match std::fs::metadata(path).and_then(|m| m.modified()) {
-                Ok(modified) => modified
-                    .elapsed()
-                    .map(|age| age >= h.record_settle)
-                    .unwrap_or(true),
-                // Not on this host (or gone): nothing to wait for.
-                Err(_) => true,
+        let give_up_at = e.enqueued_at + h.record_wait_max.as_millis() as i64;
+        let settle_ms = h.record_settle.as_millis() as i64;
+        let mut settled_at = now;
+        let settled = now >= give_up_at
+            || e.record.recordings.iter().all(|path| {
+                match std::fs::metadata(path).and_then(|m| m.modified()) {
+                    Ok(modified) => match modified.elapsed() {
+                        Ok(age) if age >= h.record_settle => true,
+                        Ok(age) => {
+                            let at = now + settle_ms - age.as_millis() as i64;
+                            settled_at = settled_at.max(at.min(give_up_at));
+                            false
+                        }
+                        Err(_) => true,
+                    },
+                    // Not on this host (or gone): nothing to wait for.
+                    Err(_) => true,
+                }
+            });
+        if !settled {
+            let mut recheck = self
+                .inner
+                .recheck_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *recheck = Some(recheck.map_or(settled_at, |r| r.min(settled_at)));
+            return false;
+        }
+        match &self.inner.records {
+            Some(records) => {
+                let inner = Arc::downgrade(&self.inner);
+                records.conversion_ready(&e.record, move || {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.ready.notify_one();
+                    }
+                })
             }
-        })
+            None => true,
+        }
     }
 
-    /// The link the CRM plays the recording from (the recordings endpoint fills this in).
-    fn record_url(&self, _record: &CallRecord) -> Option<String> {
-        None
+    /// The link the CRM plays the recording from (made by the drain before the upload).
+    fn record_url(&self, record: &CallRecord) -> Option<String> {
+        self.inner.records.as_ref()?.url_for(record)
     }
 
     /// The `calls/upload` entry for a record.

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::crm::CrmClient;
 use crate::manager_status::ManagerStatus;
 use crate::outbox::Outbox;
+use crate::records::Records;
 use crate::registration::RegistrationStatus;
 use crate::routing::Router;
 use crate::secret::Secret;
@@ -41,6 +42,8 @@ pub mod paths {
     pub const PBX_EVENTS: &str = "/pbx/events";
     /// The routing lookup for the dialplan (`pbx.token` as Bearer or `token=`).
     pub const PBX_ROUTE: &str = "/pbx/route";
+    /// Recordings: `/records/{token}.{ext}` (see [`crate::records`]).
+    pub const RECORDING: &str = "/records/{name}";
 }
 
 /// Everything a handler may need; shared by all workers.
@@ -63,6 +66,8 @@ pub struct AppState {
     pub router: Router,
     /// Where the FastAGI server listens, when it is on.
     pub agi_addr: Option<std::net::SocketAddr>,
+    /// Recording links and the files behind them.
+    pub records: Records,
     pub tracker_stats: Arc<TrackerStats>,
     pub started: Instant,
 }
@@ -85,7 +90,7 @@ pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Res
             .wrap_fn(|req, srv| {
                 // Log the path only: query strings carry the clientId and customers' numbers.
                 let method = req.method().clone();
-                let path = req.path().to_owned();
+                let path = loggable_path(req.path());
                 let started = Instant::now();
                 let fut = srv.call(req);
                 async move {
@@ -105,8 +110,22 @@ pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Res
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(5)
+    // One recording chunk per write: the write buffer then holds one chunk, not two (a third
+    // less memory per streaming connection, same throughput; other answers are small).
+    .h1_write_buffer_size(crate::records::serve::CHUNK)
     .run();
     Ok(server)
+}
+
+/// A recording link's token is a credential: only its first characters are logged.
+fn loggable_path(path: &str) -> String {
+    match path.strip_prefix(crate::records::PATH_PREFIX) {
+        Some(token) if token.len() > 8 => {
+            let cut = token.char_indices().nth(8).map_or(token.len(), |(i, _)| i);
+            format!("{}{}…", crate::records::PATH_PREFIX, &token[..cut])
+        }
+        _ => path.to_owned(),
+    }
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {
@@ -126,5 +145,23 @@ fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)))
         .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)))
-        .service(web::resource(paths::PBX_ROUTE).route(web::get().to(pbx::route)));
+        .service(web::resource(paths::PBX_ROUTE).route(web::get().to(pbx::route)))
+        .service(
+            web::resource(paths::RECORDING)
+                .route(web::get().to(crate::records::serve::recording))
+                .route(web::head().to(crate::records::serve::recording)),
+        );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn recording_tokens_are_cut_in_logs() {
+        let token = "A".repeat(75);
+        assert_eq!(
+            super::loggable_path(&format!("/records/{token}.mp3")),
+            "/records/AAAAAAAA…"
+        );
+        assert_eq!(super::loggable_path("/crm/make-call"), "/crm/make-call");
+    }
 }

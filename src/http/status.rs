@@ -74,6 +74,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         "ami": ami,
         "managerStatus": { "pbxFailures": status_failures },
         "history": state.outbox.status(),
+        "records": state.records.status(),
         "calls": {
             "live": state.tracker_stats.live_calls.load(std::sync::atomic::Ordering::Relaxed),
             "finished": state.tracker_stats.finished.load(std::sync::atomic::Ordering::Relaxed),

@@ -1,7 +1,7 @@
 //! The durable store: one sled database per process, opened once, hidden behind this API.
 //!
-//! Trees: `meta` (the generated clientId, the module's activity state). Later concerns get their
-//! own trees through methods here, so no other module touches sled types.
+//! Trees: `meta` (the generated clientId and recordings key, the module's activity state). Later
+//! concerns get their own trees through methods here, so no other module touches sled types.
 //! Values are JSON with a version field, so a field added later does not break old data.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::secret::Secret;
 
 pub mod outbox;
+pub mod records;
 pub use outbox::{Envelope, OutboxStore};
+pub use records::{LinkEntry, LinkId, LinkStore};
 
 const META_TREE: &str = "meta";
 /// sled's page cache: bounds the store's memory whatever the queue length.
@@ -22,6 +24,7 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const USER_STATUS_TREE: &str = "user_status";
 const KEY_CLIENT_ID: &str = "client_id";
+const KEY_RECORDS_SECRET: &str = "records_secret";
 const KEY_ACTIVITY: &str = "activity";
 const KEY_PROBE: &str = "probe";
 
@@ -187,6 +190,11 @@ impl Store {
         OutboxStore::open(&self.db)
     }
 
+    /// The recording links.
+    pub fn records(&self) -> Result<LinkStore, StoreError> {
+        LinkStore::open(&self.db)
+    }
+
     /// Makes every write so far durable (across a process crash; see sled's own caveats).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
@@ -199,13 +207,27 @@ impl Store {
         if !configured.is_empty() {
             return Ok(configured.clone());
         }
-        let fresh = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        self.generated_once(KEY_CLIENT_ID, 32).await
+    }
+
+    /// The key of the recordings' signed links: the configured one, else one generated on first
+    /// start and kept here (links stay valid across restarts).
+    pub async fn records_secret(&self, configured: &Secret) -> Result<Secret, StoreError> {
+        if !configured.is_empty() {
+            return Ok(configured.clone());
+        }
+        // 43 alphanumeric characters: more than 256 bits.
+        self.generated_once(KEY_RECORDS_SECRET, 43).await
+    }
+
+    /// A random value stored under `key` the first time, durably; the same value ever after.
+    async fn generated_once(&self, key: &str, len: usize) -> Result<Secret, StoreError> {
+        let fresh = Alphanumeric.sample_string(&mut rand::rng(), len);
         // Compare-and-swap so two racing callers agree on one value.
-        let stored = match self.meta.compare_and_swap(
-            KEY_CLIENT_ID,
-            None::<&[u8]>,
-            Some(fresh.as_bytes()),
-        )? {
+        let stored = match self
+            .meta
+            .compare_and_swap(key, None::<&[u8]>, Some(fresh.as_bytes()))?
+        {
             Ok(()) => {
                 self.flush().await?;
                 fresh
@@ -329,6 +351,23 @@ mod tests {
             store.client_id(&configured).await.unwrap().expose(),
             configured.expose()
         );
+    }
+
+    #[tokio::test]
+    async fn records_secret_is_generated_once_apart_from_the_client_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let first = {
+            let store = Store::open(&path).unwrap();
+            let s = store.records_secret(&Secret::default()).await.unwrap();
+            let id = store.client_id(&Secret::default()).await.unwrap();
+            assert_eq!(s.expose().len(), 43);
+            assert_ne!(s.expose(), id.expose());
+            s
+        };
+        let store = Store::open(&path).unwrap();
+        let again = store.records_secret(&Secret::default()).await.unwrap();
+        assert_eq!(again.expose(), first.expose());
     }
 
     #[tokio::test]

@@ -207,7 +207,10 @@ async fn serve_applies_stored_statuses_when_it_starts() {
 }
 
 /// Starts `pbxgate serve` and returns it once it listens (read from its log), with its address.
-async fn serve(dir: &std::path::Path, env: &[(&str, String)]) -> (tokio::process::Child, String) {
+pub(crate) async fn serve(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
     cmd.arg("serve")

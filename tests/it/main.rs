@@ -16,6 +16,7 @@ mod crm_client;
 mod http_api;
 mod manager_status;
 mod outbox;
+mod records;
 mod registration;
 mod routing;
 mod rules;

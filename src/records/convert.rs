@@ -1,0 +1,226 @@
+//! Conversion to mp3 through an external encoder (`lame`, `ffmpeg`), from `records.convert_command`.
+//!
+//! The encoder writes a hidden temporary file next to the original; only a complete, non-empty
+//! output that sniffs as mp3 is renamed into place (`<original name>.mp3`), so a converted copy
+//! either exists whole or not at all. An encoder that outlives `records.convert_timeout` is killed
+//! with its whole process group. One conversion runs at a time (the PBX host's cores belong to
+//! Asterisk first).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+use super::sniff::{self, Format};
+
+/// How much of the encoder's stderr is kept for the log line.
+const STDERR_TAIL: usize = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("cannot start the encoder {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("the encoder failed ({status}): {stderr}")]
+    Failed { status: String, stderr: String },
+    #[error("the encoder did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the encoder's output is not mp3 ({0})")]
+    BadOutput(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the converted copy of `original` is cached: `<dir>/<file name>.mp3`.
+pub fn converted_path(original: &Path) -> PathBuf {
+    let mut name = original.file_name().unwrap_or_default().to_os_string();
+    name.push(".mp3");
+    original.with_file_name(name)
+}
+
+/// The temporary output of a conversion in progress (hidden, still ending in `.mp3` so that
+/// ffmpeg picks the format from the name).
+fn partial_path(original: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(original.file_name().unwrap_or_default());
+    name.push(format!(".{}.part.mp3", std::process::id()));
+    original.with_file_name(name)
+}
+
+/// Runs the encoder on `input`, leaving `converted_path(input)` on success.
+pub async fn to_mp3(
+    command: &[String],
+    input: &Path,
+    timeout: Duration,
+) -> Result<PathBuf, ConvertError> {
+    let output = converted_path(input);
+    let partial = partial_path(input);
+    let result = run_encoder(command, input, &partial, timeout).await;
+    let checked = match result {
+        Ok(()) => check_output(&partial).await,
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(()) => {
+            tokio::fs::rename(&partial, &output).await?;
+            Ok(output)
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run_encoder(
+    command: &[String],
+    input: &Path,
+    output: &Path,
+    timeout: Duration,
+) -> Result<(), ConvertError> {
+    let argv: Vec<std::ffi::OsString> = command
+        .iter()
+        .map(|arg| {
+            arg.replace("{input}", &input.to_string_lossy())
+                .replace("{output}", &output.to_string_lossy())
+                .into()
+        })
+        .collect();
+    let program = command.first().cloned().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(ConvertError::Spawn {
+            program,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+        });
+    }
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|source| ConvertError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let mut stderr = child.stderr.take();
+    let collect = async move {
+        let mut text = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            // Read to the end (a full pipe would stall the encoder), keep the tail.
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                text.extend_from_slice(&buf[..n]);
+                if text.len() > 4 * STDERR_TAIL {
+                    text.drain(..text.len() - STDERR_TAIL);
+                }
+            }
+        }
+        text
+    };
+    let run = async { tokio::join!(child.wait(), collect) };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((Ok(status), stderr)) if status.success() => {
+            let _ = stderr;
+            Ok(())
+        }
+        Ok((Ok(status), stderr)) => {
+            let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(STDERR_TAIL)..])
+                .trim()
+                .to_string();
+            Err(ConvertError::Failed {
+                status: status.to_string(),
+                stderr: tail,
+            })
+        }
+        Ok((Err(e), _)) => Err(ConvertError::Io(e)),
+        Err(_) => {
+            kill_group(&mut child).await;
+            Err(ConvertError::Timeout(timeout))
+        }
+    }
+}
+
+/// Kills the encoder and anything it started (`sh -c`, ffmpeg's helpers), then reaps it.
+async fn kill_group(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals the process group we created for the child.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill().await;
+}
+
+async fn check_output(path: &Path) -> Result<(), ConvertError> {
+    let path = path.to_path_buf();
+    let format = tokio::task::spawn_blocking(move || sniff::sniff_file(&path))
+        .await
+        .map_err(|e| ConvertError::BadOutput(e.to_string()))?
+        .map_err(|e| ConvertError::BadOutput(format!("cannot read it: {e}")))?;
+    match format {
+        Format::Mp3 => Ok(()),
+        other => Err(ConvertError::BadOutput(format!("looks like {other:?}"))),
+    }
+}
+
+/// Masks runs of 6 or more digits (phone numbers in file names echoed by an encoder) for logs.
+pub fn mask_digit_runs(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 6 {
+            out.push_str(&crate::click_to_call::mask_number(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_encoder_messages_are_masked() {
+        assert_eq!(
+            mask_digit_runs("cannot open /m/in-79991234567-101.wav: 2 errors"),
+            "cannot open /m/in-7999*****67-101.wav: 2 errors"
+        );
+    }
+
+    #[test]
+    fn the_cached_copy_sits_next_to_the_original() {
+        assert_eq!(
+            converted_path(Path::new("/var/spool/asterisk/monitor/2026/in-1.wav")),
+            PathBuf::from("/var/spool/asterisk/monitor/2026/in-1.wav.mp3")
+        );
+        let partial = partial_path(Path::new("/m/in-1.WAV"));
+        let name = partial.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(".in-1.WAV.") && name.ends_with(".part.mp3"),
+            "{name}"
+        );
+        assert_eq!(partial.parent(), Some(Path::new("/m")));
+    }
+}

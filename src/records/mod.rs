@@ -1,0 +1,810 @@
+//! Recordings: the signed links uploaded as `recordUrl` and the files behind them.
+//!
+//! A link is `{public_url}/records/{token}.{ext}`. Nothing in it is a path: the token is
+//! `base64url(id ‖ expiry ‖ HMAC-SHA256(key, id ‖ call id ‖ file ‖ expiry))`, where `id` is 16
+//! random bytes naming a [`LinkEntry`] in the store and `key` is `records.secret` (generated and
+//! kept in the store when empty). Checking a token: decode it, load the entry by id, recompute the
+//! MAC and compare in constant time (any mismatch → 404), then the expiry and `records.keep_days`
+//! (→ 410). A call has one link, made once, durably, before the upload that carries it, so every
+//! re-upload sends the same URL.
+//!
+//! Only regular files inside `records.dir` are linked or served: paths are canonicalised (symlinks
+//! resolved) and must stay under the canonical directory, when the link is made and again at
+//! every request. When `records.convert = "mp3"`, the outbox holds a call until its recording is
+//! converted (see [`convert`]); the link then points at the mp3, or at the original if the encoder
+//! failed or timed out.
+
+pub mod convert;
+pub mod serve;
+pub mod sniff;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::calls::CallRecord;
+use crate::config::{Config, RecordsConfig};
+use crate::secret::Secret;
+use crate::store::records::LINK_ID_LEN;
+use crate::store::{unix_now, LinkEntry, LinkId, LinkStore, StoreError};
+
+/// Path prefix of the links.
+pub const PATH_PREFIX: &str = "/records/";
+/// Expired links answer 410 for this long, then their entries are deleted (and they answer 404).
+pub const LINK_GRACE: Duration = Duration::from_secs(30 * 86400);
+
+const MAC_LEN: usize = 32;
+const TOKEN_BYTES: usize = LINK_ID_LEN + 8 + MAC_LEN;
+/// Characters in a token: 56 bytes in unpadded base64url.
+pub const TOKEN_LEN: usize = (TOKEN_BYTES * 4).div_ceil(3);
+const MAC_CONTEXT: &[u8] = b"pbxgate recording link v1\0";
+const DAY_MS: i64 = 86_400_000;
+
+/// Why a token does not lead to a file.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Malformed, forged, unknown, or the file is gone or outside `records.dir`.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// A genuine link past its expiry or past `records.keep_days`.
+    #[error("this recording link has expired")]
+    Expired,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A verified link and the file to serve for it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub entry: LinkEntry,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conversion {
+    Running,
+    /// Done without producing a copy (failed, timed out, or not needed): serve the original.
+    Settled,
+}
+
+/// What `/ready` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub dir: String,
+    /// Whether `records.dir` exists (otherwise calls are uploaded without a recording).
+    pub linking: bool,
+    pub convert: String,
+    pub conversions_running: u64,
+    pub converted: u64,
+    pub conversion_failures: u64,
+}
+
+struct Inner {
+    config: RecordsConfig,
+    public_base: String,
+    /// The canonical `records.dir`, once it exists.
+    dir: OnceLock<PathBuf>,
+    missing_dir_logged: AtomicBool,
+    key: Secret,
+    links: LinkStore,
+    conversions: Mutex<HashMap<PathBuf, Conversion>>,
+    /// One encoder at a time.
+    encoder: tokio::sync::Semaphore,
+    running: AtomicU64,
+    converted: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Records {
+    inner: Arc<Inner>,
+}
+
+impl Records {
+    /// `key` is `records.secret` or the one generated in the store ([`crate::store::Store::records_secret`]).
+    pub fn new(config: &Config, links: LinkStore, key: Secret) -> Records {
+        let records = Records {
+            inner: Arc::new(Inner {
+                config: config.records.clone(),
+                public_base: config.http.public_base().to_string(),
+                dir: OnceLock::new(),
+                missing_dir_logged: AtomicBool::new(false),
+                key,
+                links,
+                conversions: Mutex::default(),
+                encoder: tokio::sync::Semaphore::new(1),
+                running: AtomicU64::new(0),
+                converted: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        };
+        // Says once at startup whether recordings will be linked.
+        let _ = records.dir();
+        records
+    }
+
+    /// The canonical recordings directory, or None (logged once) while it does not exist.
+    pub fn dir(&self) -> Option<&Path> {
+        if let Some(dir) = self.inner.dir.get() {
+            return Some(dir);
+        }
+        match std::fs::canonicalize(&self.inner.config.dir) {
+            Ok(dir) if dir.is_dir() => Some(self.inner.dir.get_or_init(|| dir)),
+            result => {
+                if !self.inner.missing_dir_logged.swap(true, Ordering::Relaxed) {
+                    let why = result
+                        .err()
+                        .map_or("not a directory".to_string(), |e| e.to_string());
+                    tracing::warn!(dir = %self.inner.config.dir.display(), reason = %why,
+                        "records.dir is not usable: calls are uploaded without recordings until it exists");
+                }
+                None
+            }
+        }
+    }
+
+    /// A recording path from a call (absolute, or relative to `records.dir`) as a canonical
+    /// regular file inside `records.dir`; None for anything else.
+    fn locate(&self, raw: &str) -> Option<PathBuf> {
+        let dir = self.dir()?;
+        if raw.is_empty() || raw.contains('\0') {
+            return None;
+        }
+        let canonical = std::fs::canonicalize(dir.join(raw)).ok()?;
+        (canonical.starts_with(dir) && canonical.is_file()).then_some(canonical)
+    }
+
+    /// A stored (canonical) path, checked again: still canonical, inside the directory, a file.
+    fn recheck(&self, stored: &str) -> Option<PathBuf> {
+        let dir = self.dir()?;
+        let canonical = std::fs::canonicalize(stored).ok()?;
+        (canonical.as_os_str() == stored && canonical.starts_with(dir) && canonical.is_file())
+            .then_some(canonical)
+    }
+
+    /// The recording a call's link is made for: the first one that is a file inside the directory.
+    fn choose(&self, record: &CallRecord) -> Option<PathBuf> {
+        record
+            .recordings
+            .iter()
+            .filter(|r| !is_url(r))
+            .find_map(|r| self.locate(r))
+    }
+
+    /// For the outbox, before it uploads a call whose recording has settled: with conversion on,
+    /// starts converting (in the background; `on_done` runs when it has finished) and answers
+    /// false while it runs. True when there is nothing to wait for.
+    pub fn conversion_ready(
+        &self,
+        record: &CallRecord,
+        on_done: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        if self.inner.config.convert != "mp3" {
+            return true;
+        }
+        // A call linked already keeps its link, and so its format.
+        if matches!(self.inner.links.for_call(&record.external_id), Ok(Some(_))) {
+            return true;
+        }
+        let Some(path) = self.choose(record) else {
+            return true;
+        };
+        if convert::converted_path(&path).is_file() {
+            return true;
+        }
+        {
+            let mut conversions = self.lock_conversions();
+            match conversions.get(&path) {
+                Some(Conversion::Running) => return false,
+                Some(Conversion::Settled) => return true,
+                None => {}
+            }
+            conversions.insert(path.clone(), Conversion::Running);
+        }
+        let this = self.clone();
+        let call_id = record.external_id.clone();
+        tokio::spawn(async move {
+            this.convert(&call_id, path).await;
+            on_done();
+        });
+        false
+    }
+
+    async fn convert(&self, call_id: &str, path: PathBuf) {
+        let inner = &self.inner;
+        let Ok(_permit) = inner.encoder.acquire().await else {
+            return;
+        };
+        inner.running.fetch_add(1, Ordering::Relaxed);
+        let probe = path.clone();
+        let format = tokio::task::spawn_blocking(move || sniff::sniff_file(&probe))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        // None: the mp3 copy exists now.
+        let outcome = if format == Some(sniff::Format::Mp3) {
+            tracing::debug!(call = %call_id, "recording is mp3 already");
+            Some(Conversion::Settled)
+        } else {
+            match convert::to_mp3(
+                &inner.config.convert_command,
+                &path,
+                inner.config.convert_timeout,
+            )
+            .await
+            {
+                Ok(_) => {
+                    inner.converted.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(call = %call_id, "recording converted to mp3");
+                    None
+                }
+                Err(e) => {
+                    inner.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(call = %call_id, error = %convert::mask_digit_runs(&e.to_string()),
+                        "converting the recording to mp3 failed; the original is served");
+                    Some(Conversion::Settled)
+                }
+            }
+        };
+        inner.running.fetch_sub(1, Ordering::Relaxed);
+        let mut conversions = self.lock_conversions();
+        match outcome {
+            Some(settled) => conversions.insert(path, settled),
+            None => conversions.remove(&path),
+        };
+    }
+
+    fn lock_conversions(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Conversion>> {
+        self.inner
+            .conversions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The call's link, made (not yet flushed) if it has none and a recording can be linked, as
+    /// if at unix second `now`. Returns the link and whether it was made now.
+    pub fn link_at(
+        &self,
+        record: &CallRecord,
+        tz: &jiff::tz::TimeZone,
+        now: u64,
+    ) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
+        if let Some((id, entry)) = self.inner.links.for_call(&record.external_id)? {
+            return Ok(Some((id, entry, false)));
+        }
+        let Some(path) = self.choose(record) else {
+            return Ok(None);
+        };
+        let keep_days = i64::from(self.inner.config.keep_days);
+        let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
+        if keep_days > 0 && record.start.saturating_add(keep_days * DAY_MS) <= now_ms {
+            return Ok(None);
+        }
+        let served = (self.inner.config.convert == "mp3")
+            .then(|| convert::converted_path(&path))
+            .filter(|c| c.is_file())
+            .and_then(|c| self.locate(&c.to_string_lossy()));
+        let Ok(format) = sniff::sniff_file(served.as_deref().unwrap_or(&path)) else {
+            return Ok(None);
+        };
+        let ttl = self.inner.config.link_ttl.as_secs();
+        let mut id = [0u8; LINK_ID_LEN];
+        rand::rng().fill_bytes(&mut id);
+        let entry = LinkEntry {
+            v: 1,
+            call_id: record.external_id.clone(),
+            path: path.to_string_lossy().into_owned(),
+            served: served.map(|s| s.to_string_lossy().into_owned()),
+            ext: format.ext().to_string(),
+            filename: download_name(record, tz, format.ext()),
+            created_at: now,
+            expires_at: if ttl == 0 { 0 } else { now.saturating_add(ttl) },
+            call_start: record.start,
+        };
+        let made = self.inner.links.insert(id, &entry)?;
+        self.lock_conversions().remove(&path);
+        Ok(Some(made))
+    }
+
+    /// Makes the links of these calls (those that can have one) and flushes them: after this,
+    /// [`Records::url_for`] gives each call's URL and the URL survives a crash.
+    pub async fn ensure_links<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a CallRecord>,
+        tz: &jiff::tz::TimeZone,
+    ) -> Result<(), StoreError> {
+        let now = unix_now();
+        let mut made = false;
+        for record in records {
+            if let Some((_, _, created)) = self.link_at(record, tz, now)? {
+                made |= created;
+            }
+        }
+        if made {
+            self.inner.links.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// One call's link, made durably if needed: its URL, or None without a linkable recording.
+    pub async fn ensure_link(
+        &self,
+        record: &CallRecord,
+        tz: &jiff::tz::TimeZone,
+    ) -> Result<Option<String>, StoreError> {
+        self.ensure_links([record], tz).await?;
+        Ok(self.url_for(record))
+    }
+
+    /// The URL for a call's `recordUrl`: its link if it has one, else a recording that is a URL
+    /// already (a PBX webhook's `record`), else None.
+    pub fn url_for(&self, record: &CallRecord) -> Option<String> {
+        match self.inner.links.for_call(&record.external_id) {
+            Ok(Some((id, entry))) => return Some(self.url(&id, &entry)),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "reading a recording link failed"),
+        }
+        record.recordings.iter().find(|r| is_url(r)).cloned()
+    }
+
+    pub fn url(&self, id: &LinkId, entry: &LinkEntry) -> String {
+        format!(
+            "{}{PATH_PREFIX}{}.{}",
+            self.inner.public_base,
+            self.token(id, entry),
+            entry.ext
+        )
+    }
+
+    pub fn token(&self, id: &LinkId, entry: &LinkEntry) -> String {
+        let mut bytes = Vec::with_capacity(TOKEN_BYTES);
+        bytes.extend_from_slice(id);
+        bytes.extend_from_slice(&entry.expires_at.to_be_bytes());
+        bytes.extend_from_slice(&self.mac(id, entry, entry.expires_at));
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn mac(&self, id: &LinkId, entry: &LinkEntry, expires_at: u64) -> [u8; MAC_LEN] {
+        // HMAC accepts keys of any length.
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.inner.key.expose().as_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(MAC_CONTEXT);
+        mac.update(id);
+        for field in [entry.call_id.as_bytes(), entry.path.as_bytes()] {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        mac.update(&expires_at.to_be_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks a token (the URL's last segment without its extension) at unix second `now` and
+    /// finds the file to serve. Blocking (store and file system): run it off the async threads.
+    pub fn resolve(&self, token: &str, now: u64) -> Result<Resolved, LinkError> {
+        const NO_SUCH: LinkError = LinkError::NotFound("no such recording");
+        if token.len() != TOKEN_LEN {
+            return Err(NO_SUCH);
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| NO_SUCH)?;
+        if bytes.len() != TOKEN_BYTES {
+            return Err(NO_SUCH);
+        }
+        let (id, rest) = bytes.split_at(LINK_ID_LEN);
+        let (expiry, given) = rest.split_at(8);
+        let id: LinkId = id.try_into().map_err(|_| NO_SUCH)?;
+        let expires_at = u64::from_be_bytes(expiry.try_into().map_err(|_| NO_SUCH)?);
+        // An unknown id and a wrong MAC look the same from outside.
+        let Some(entry) = self.inner.links.get(&id)? else {
+            return Err(NO_SUCH);
+        };
+        let expected = self.mac(&id, &entry, expires_at);
+        if !bool::from(expected.as_slice().ct_eq(given)) {
+            return Err(NO_SUCH);
+        }
+        if expires_at != 0 && now >= expires_at {
+            return Err(LinkError::Expired);
+        }
+        let keep_days = i64::from(self.inner.config.keep_days);
+        let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
+        if keep_days > 0 && entry.call_start.saturating_add(keep_days * DAY_MS) <= now_ms {
+            return Err(LinkError::Expired);
+        }
+        let file = entry
+            .served
+            .as_deref()
+            .and_then(|s| self.recheck(s))
+            .or_else(|| self.recheck(&entry.path))
+            .ok_or(LinkError::NotFound("the recording is not available"))?;
+        Ok(Resolved { entry, file })
+    }
+
+    /// Deletes links that stopped working more than [`LINK_GRACE`] before unix second `now`, and
+    /// the mp3 copies made for them. Returns how many.
+    pub fn purge(&self, now: u64) -> Result<usize, StoreError> {
+        let grace = LINK_GRACE.as_secs();
+        let keep_ms = i64::from(self.inner.config.keep_days) * DAY_MS;
+        let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
+        let grace_ms = i64::try_from(grace).unwrap_or(0) * 1000;
+        let purged = self.inner.links.purge(|e| {
+            let link_over = e.expires_at != 0 && e.expires_at.saturating_add(grace) <= now;
+            let kept_over =
+                keep_ms > 0 && e.call_start.saturating_add(keep_ms + grace_ms) <= now_ms;
+            link_over || kept_over
+        })?;
+        for entry in &purged {
+            // Only our own copy, never what Asterisk wrote.
+            if let Some(served) = &entry.served {
+                let ours = convert::converted_path(Path::new(&entry.path));
+                if Path::new(served) == ours && self.recheck(served).is_some() {
+                    if let Err(e) = std::fs::remove_file(&ours) {
+                        tracing::warn!(call = %entry.call_id, error = %e, "cannot delete an expired mp3 copy");
+                    }
+                }
+            }
+        }
+        Ok(purged.len())
+    }
+
+    /// Purges expired links every hour; runs until aborted.
+    pub async fn run_maintenance(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.purge(unix_now())).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(purged = n, "expired recording links deleted"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "purging recording links failed"),
+                Err(e) => tracing::error!(error = %e, "purging recording links panicked"),
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            dir: self.inner.config.dir.display().to_string(),
+            linking: self.dir().is_some(),
+            convert: self.inner.config.convert.clone(),
+            conversions_running: self.inner.running.load(Ordering::Relaxed),
+            converted: self.inner.converted.load(Ordering::Relaxed),
+            conversion_failures: self.inner.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn is_url(recording: &str) -> bool {
+    recording.starts_with("https://") || recording.starts_with("http://")
+}
+
+/// `<call date>-<phone>.<ext>` in the CRM's time zone, e.g. `2026-11-21_13-00-00-79991234567.mp3`.
+fn download_name(record: &CallRecord, tz: &jiff::tz::TimeZone, ext: &str) -> String {
+    let date = jiff::Timestamp::from_millisecond(record.start)
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d_%H-%M-%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "call".into());
+    let phone: String = record
+        .customer_number
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '+')
+        .take(32)
+        .collect();
+    if phone.is_empty() {
+        format!("{date}.{ext}")
+    } else {
+        format!("{date}-{phone}.{ext}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff::samples::{wav_header, MP3_FRAME};
+    use super::*;
+    use crate::calls::{Direction, Outcome};
+    use crate::store::Store;
+
+    /// 2026-11-21 10:00:00 UTC.
+    const T0_MS: i64 = 1_795_255_200_000;
+    const NOW: u64 = 1_795_255_300;
+
+    struct Fixture {
+        records: Records,
+        dir: PathBuf,
+        _tmp: tempfile::TempDir,
+    }
+
+    fn fixture(tweak: impl FnOnce(&mut Config)) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("monitor");
+        std::fs::create_dir(&dir).unwrap();
+        let mut config = Config::default();
+        config.records.dir = dir.clone();
+        config.http.public_url = "https://pbx.example.com/".into();
+        tweak(&mut config);
+        let store = Store::open(&tmp.path().join("db")).unwrap();
+        let records = Records::new(
+            &config,
+            store.records().unwrap(),
+            Secret::new("0123456789abcdef0123456789abcdef"),
+        );
+        Fixture {
+            records,
+            dir: std::fs::canonicalize(dir).unwrap(),
+            _tmp: tmp,
+        }
+    }
+
+    fn record(id: &str, recordings: Vec<String>) -> CallRecord {
+        CallRecord {
+            external_id: id.into(),
+            linkedid: id.into(),
+            direction: Direction::In,
+            customer_number: "+7 (999) 123-45-67".into(),
+            did: None,
+            code: Some("101".into()),
+            user_id: None,
+            external_phone: None,
+            start: T0_MS,
+            answer: None,
+            end: T0_MS + 60_000,
+            wait_seconds: 0,
+            talk_seconds: 60,
+            connected_seconds: 60,
+            outcome: Outcome::Answered,
+            answered_by: None,
+            final_extension: None,
+            placed_by: None,
+            click_to_call: false,
+            rings: vec![],
+            talk: vec![],
+            recordings,
+            customer_dial_status: None,
+            reaped: false,
+            trunk: None,
+            phone_original: None,
+            registration: None,
+            ignored: false,
+        }
+    }
+
+    impl Fixture {
+        fn wav(&self, name: &str) -> String {
+            let path = self.dir.join(name);
+            let mut data = wav_header(1, 1000);
+            data.resize(1044, 0);
+            std::fs::write(&path, data).unwrap();
+            path.to_string_lossy().into_owned()
+        }
+
+        fn link(&self, record: &CallRecord, now: u64) -> (LinkId, LinkEntry) {
+            let (id, entry, _) = self
+                .records
+                .link_at(record, &jiff::tz::TimeZone::UTC, now)
+                .unwrap()
+                .expect("linked");
+            (id, entry)
+        }
+    }
+
+    fn token_of(url: &str) -> &str {
+        let name = url.rsplit('/').next().unwrap();
+        name.split('.').next().unwrap()
+    }
+
+    #[test]
+    fn a_link_round_trips_to_its_file_and_stays_the_same_for_the_call() {
+        let f = fixture(|_| {});
+        let path = f.wav("in-1.wav");
+        let r = record("pbx-1", vec![path.clone()]);
+        let (id, entry) = f.link(&r, NOW);
+        assert_eq!(entry.ext, "wav");
+        assert_eq!(entry.filename, "2026-11-21_10-00-00-+79991234567.wav");
+        assert_eq!(entry.expires_at, NOW + 365 * 86400);
+        let url = f.records.url_for(&r).unwrap();
+        assert!(url.starts_with("https://pbx.example.com/records/"), "{url}");
+        assert!(url.ends_with(".wav"), "{url}");
+        let token = token_of(&url);
+        assert_eq!(token.len(), TOKEN_LEN);
+        assert!(token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let resolved = f.records.resolve(token, NOW + 1).unwrap();
+        assert_eq!(resolved.file, PathBuf::from(&path));
+        // Linking again (a re-upload) gives the same link.
+        let (again, _) = f.link(&r, NOW + 1000);
+        assert_eq!(again, id);
+        assert_eq!(f.records.url_for(&r).unwrap(), url);
+    }
+
+    #[test]
+    fn a_changed_character_anywhere_in_the_token_is_not_found() {
+        let f = fixture(|_| {});
+        let r = record("pbx-2", vec![f.wav("in-2.wav")]);
+        f.link(&r, NOW);
+        let url = f.records.url_for(&r).unwrap();
+        let token = token_of(&url).to_string();
+        for i in 0..token.len() {
+            let mut bytes = token.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let tampered = String::from_utf8(bytes).unwrap();
+            assert!(
+                matches!(
+                    f.records.resolve(&tampered, NOW),
+                    Err(LinkError::NotFound(_))
+                ),
+                "position {i}"
+            );
+        }
+        for bad in ["", "short", &token[1..], &format!("{token}A")] {
+            assert!(matches!(
+                f.records.resolve(bad, NOW),
+                Err(LinkError::NotFound(_))
+            ));
+        }
+        // Another key does not accept the token.
+        let other = Records::new(
+            &Config::default(),
+            f.records.inner.links.clone(),
+            Secret::new("another-key-another-key-another"),
+        );
+        assert!(matches!(
+            other.resolve(&token, NOW),
+            Err(LinkError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn expiry_and_retention_answer_gone() {
+        let f = fixture(|c| c.records.link_ttl = Duration::from_secs(60));
+        let r = record("pbx-3", vec![f.wav("in-3.wav")]);
+        let (id, entry) = f.link(&r, NOW);
+        let token = f.records.token(&id, &entry);
+        assert!(f.records.resolve(&token, NOW + 59).is_ok());
+        assert!(matches!(
+            f.records.resolve(&token, NOW + 60),
+            Err(LinkError::Expired)
+        ));
+
+        let f = fixture(|c| {
+            c.records.link_ttl = Duration::ZERO;
+            c.records.keep_days = 2;
+        });
+        let r = record("pbx-4", vec![f.wav("in-4.wav")]);
+        let (id, entry) = f.link(&r, NOW);
+        assert_eq!(entry.expires_at, 0);
+        let token = f.records.token(&id, &entry);
+        assert!(f.records.resolve(&token, NOW + 86400).is_ok());
+        let past_retention = (T0_MS / 1000) as u64 + 2 * 86400;
+        assert!(matches!(
+            f.records.resolve(&token, past_retention),
+            Err(LinkError::Expired)
+        ));
+        // A call already past retention gets no link at all.
+        let old = record("pbx-5", vec![f.wav("in-5.wav")]);
+        assert!(f
+            .records
+            .link_at(&old, &jiff::tz::TimeZone::UTC, past_retention)
+            .unwrap()
+            .is_none());
+        // Purged after the grace period, with nothing else touched.
+        assert_eq!(f.records.purge(past_retention).unwrap(), 0);
+        let purge_at = past_retention + LINK_GRACE.as_secs();
+        assert_eq!(f.records.purge(purge_at).unwrap(), 1);
+        assert!(matches!(
+            f.records.resolve(&token, NOW),
+            Err(LinkError::NotFound(_))
+        ));
+        assert!(f.dir.join("in-4.wav").exists());
+    }
+
+    #[test]
+    fn only_files_inside_the_directory_are_linked_or_served() {
+        let f = fixture(|_| {});
+        let outside = f.dir.parent().unwrap().join("secret.wav");
+        std::fs::write(&outside, wav_header(1, 0)).unwrap();
+        std::os::unix::fs::symlink(&outside, f.dir.join("link.wav")).unwrap();
+        std::fs::create_dir(f.dir.join("sub")).unwrap();
+        for raw in [
+            outside.to_string_lossy().into_owned(),
+            f.dir.join("link.wav").to_string_lossy().into_owned(),
+            f.dir.join("../secret.wav").to_string_lossy().into_owned(),
+            "../secret.wav".into(),
+            f.dir.join("sub").to_string_lossy().into_owned(),
+            f.dir.join("missing.wav").to_string_lossy().into_owned(),
+            String::new(),
+        ] {
+            let r = record("pbx-x", vec![raw.clone()]);
+            assert!(
+                f.records
+                    .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+                    .unwrap()
+                    .is_none(),
+                "{raw}"
+            );
+        }
+        // Relative to the directory, and the first usable one of several.
+        let inner = f.wav("sub/in-6.wav");
+        let r = record(
+            "pbx-6",
+            vec![outside.display().to_string(), "sub/in-6.wav".into()],
+        );
+        let (id, entry) = f.link(&r, NOW);
+        assert_eq!(entry.path, inner);
+        let token = f.records.token(&id, &entry);
+        // Replaced by a symlink pointing outside after the link was made: refused.
+        std::fs::remove_file(&inner).unwrap();
+        std::os::unix::fs::symlink(&outside, &inner).unwrap();
+        assert!(matches!(
+            f.records.resolve(&token, NOW),
+            Err(LinkError::NotFound(_))
+        ));
+        // Gone: not found either.
+        std::fs::remove_file(&inner).unwrap();
+        assert!(matches!(
+            f.records.resolve(&token, NOW),
+            Err(LinkError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_recording_given_as_a_url_is_passed_through() {
+        let f = fixture(|_| {});
+        let r = record("pbx-7", vec!["https://pbx.example.com/rec/7.mp3".into()]);
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            f.records.url_for(&r).as_deref(),
+            Some("https://pbx.example.com/rec/7.mp3")
+        );
+    }
+
+    #[test]
+    fn a_converted_copy_is_linked_with_its_format() {
+        let f = fixture(|c| c.records.convert = "mp3".into());
+        let path = f.wav("in-8.wav");
+        let mut mp3 = MP3_FRAME.to_vec();
+        mp3.resize(417, 0);
+        std::fs::write(format!("{path}.mp3"), mp3).unwrap();
+        let r = record("pbx-8", vec![path]);
+        assert!(f.records.conversion_ready(&r, || {}), "the copy exists");
+        let (id, entry) = f.link(&r, NOW);
+        assert_eq!(entry.ext, "mp3");
+        assert!(entry.filename.ends_with(".mp3"));
+        let resolved = f
+            .records
+            .resolve(&f.records.token(&id, &entry), NOW)
+            .unwrap();
+        assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
+    }
+
+    #[test]
+    fn missing_directory_links_nothing() {
+        let f = fixture(|c| c.records.dir = PathBuf::from("/nonexistent/pbxgate/monitor"));
+        let r = record("pbx-9", vec![f.wav("in-9.wav")]);
+        assert!(f.records.dir().is_none());
+        assert!(!f.records.status().linking);
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        assert!(f.records.url_for(&r).is_none());
+    }
+}
