@@ -185,6 +185,7 @@ async fn main() {
         config.clone(),
     );
     let ideal = drain as f64 / (40.0 * 50.0);
+    let rss_before_drain = rss_mb();
     let started = Instant::now();
     loop {
         match outbox.drain().await {
@@ -201,5 +202,9 @@ async fn main() {
         ideal / secs * 100.0,
         crm_fake.calls().len(),
         crm_fake.rate_limited_count()
+    );
+    println!(
+        "outbox memory while draining {drain} pending: RSS {rss_before_drain:.1} MB → {:.1} MB",
+        rss_mb()
     );
 }

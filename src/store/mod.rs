@@ -19,7 +19,7 @@ pub use records::{LinkEntry, LinkId, LinkStore};
 
 const META_TREE: &str = "meta";
 /// sled's page cache: bounds the store's memory whatever the queue length.
-const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// How long `open` waits for a lock held by a handle that is being dropped.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const USER_STATUS_TREE: &str = "user_status";

@@ -3,8 +3,10 @@
 //! Trees: `outbox_pending` (sequence number, big-endian → envelope: arrival order is key order),
 //! `outbox_dead` (sequence → envelope with the reason), `outbox_ids` (externalId → where the
 //! record is: pending, done or dead; makes enqueue idempotent and keeps done ids for the
-//! retention period). Every state change is one sled transaction over the trees it touches.
-//! Counters are kept in memory (sled's `len` walks the tree).
+//! retention period), `outbox_done_at` (time done ‖ externalId: the purge reads only the
+//! expired end) and `outbox_meta` (the counters). Every state change is one sled transaction over
+//! the trees it touches, counters included, so nothing ever walks a whole tree: sled keeps what
+//! a walk touches in memory, and a walk over a million records would cost hundreds of MB.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,6 +71,34 @@ pub struct Counts {
     pub done: AtomicU64,
 }
 
+/// Keys of the counters in `outbox_meta`.
+const PENDING: &[u8] = b"pending";
+const DEAD: &[u8] = b"dead";
+const DONE: &[u8] = b"done";
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn read_u64(v: Option<sled::IVec>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Adds `delta` to a counter inside a transaction; returns the new value.
+fn bump(meta: &sled::transaction::TransactionalTree, key: &[u8], delta: i64) -> TxResult<u64> {
+    let now = read_u64(meta.get(key)?);
+    let next = now.saturating_add_signed(delta);
+    meta.insert(key, &next.to_be_bytes())?;
+    Ok(next)
+}
+
+/// `outbox_done_at` key: when the record was done, then its id.
+fn done_key(at: i64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + id.len());
+    k.extend_from_slice(&u64::try_from(at.max(0)).unwrap_or(0).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct OutboxStore {
@@ -76,6 +106,8 @@ pub struct OutboxStore {
     pending: sled::Tree,
     dead: sled::Tree,
     ids: sled::Tree,
+    done_at: sled::Tree,
+    meta: sled::Tree,
     counts: Arc<Counts>,
     flush: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
 }
@@ -110,18 +142,22 @@ impl OutboxStore {
         let pending = db.open_tree("outbox_pending")?;
         let dead = db.open_tree("outbox_dead")?;
         let ids = db.open_tree("outbox_ids")?;
+        let done_at = db.open_tree("outbox_done_at")?;
+        let meta = db.open_tree("outbox_meta")?;
+        if meta.get(PENDING)?.is_none() {
+            // A store from before the counters were kept (or a new one): count once.
+            Self::rebuild_counters(&pending, &dead, &ids, &done_at, &meta)?;
+        }
         let counts = Arc::new(Counts::default());
         counts
             .pending
-            .store(pending.len() as u64, Ordering::Relaxed);
-        counts.dead.store(dead.len() as u64, Ordering::Relaxed);
-        let done = ids
-            .iter()
-            .values()
-            .filter_map(Result::ok)
-            .filter(|v| serde_json::from_slice::<IdEntry>(v).is_ok_and(|e| e.state == State::Done))
-            .count();
-        counts.done.store(done as u64, Ordering::Relaxed);
+            .store(read_u64(meta.get(PENDING)?), Ordering::Relaxed);
+        counts
+            .dead
+            .store(read_u64(meta.get(DEAD)?), Ordering::Relaxed);
+        counts
+            .done
+            .store(read_u64(meta.get(DONE)?), Ordering::Relaxed);
         // Group commit: one flush serves every enqueue waiting at that moment.
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
         let flusher = db.clone();
@@ -146,9 +182,38 @@ impl OutboxStore {
             pending,
             dead,
             ids,
+            done_at,
+            meta,
             counts,
             flush: tx,
         })
+    }
+
+    /// Counts every tree once and indexes done ids by time (stores written before the counters
+    /// and the index existed).
+    fn rebuild_counters(
+        pending: &sled::Tree,
+        dead: &sled::Tree,
+        ids: &sled::Tree,
+        done_at: &sled::Tree,
+        meta: &sled::Tree,
+    ) -> Result<(), StoreError> {
+        let mut done = 0u64;
+        for item in ids.iter() {
+            let (k, v) = item?;
+            if let Ok(e) = serde_json::from_slice::<IdEntry>(&v) {
+                if e.state == State::Done {
+                    done += 1;
+                    let id = String::from_utf8_lossy(&k);
+                    done_at.insert(done_key(e.at, &id), &[])?;
+                }
+            }
+        }
+        meta.insert(DEAD, &(dead.len() as u64).to_be_bytes())?;
+        meta.insert(DONE, &done.to_be_bytes())?;
+        // Written last: its presence says the others are there.
+        meta.insert(PENDING, &(pending.len() as u64).to_be_bytes())?;
+        Ok(())
     }
 
     pub fn counts(&self) -> &Counts {
@@ -179,17 +244,21 @@ impl OutboxStore {
             seq,
             at: now,
         })?;
-        let result = (&self.pending, &self.ids).transaction(|(p, i)| {
+        let result = (&self.pending, &self.ids, &self.meta).transaction(|(p, i, m)| {
             if i.get(id.as_bytes())?.is_some() {
-                return Ok(Enqueued::Duplicate);
+                return Ok((Enqueued::Duplicate, None));
             }
             p.insert(&seq.to_be_bytes(), env_bytes.as_slice())?;
             i.insert(id.as_bytes(), id_bytes.as_slice())?;
-            Ok::<_, ConflictableTransactionError<StoreError>>(Enqueued::Queued(seq))
+            let pending = bump(m, PENDING, 1)?;
+            Ok::<_, ConflictableTransactionError<StoreError>>((
+                Enqueued::Queued(seq),
+                Some(pending),
+            ))
         });
-        let outcome = result.map_err(tx_err)?;
-        if matches!(outcome, Enqueued::Queued(_)) {
-            self.counts.pending.fetch_add(1, Ordering::Relaxed);
+        let (outcome, pending) = result.map_err(tx_err)?;
+        if let Some(n) = pending {
+            self.counts.pending.store(n, Ordering::Relaxed);
         }
         Ok(outcome)
     }
@@ -258,23 +327,24 @@ impl OutboxStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        let removed = (&self.pending, &self.ids)
-            .transaction(|(p, i)| {
-                let mut removed = 0u64;
+        let (pending, done) = (&self.pending, &self.ids, &self.done_at, &self.meta)
+            .transaction(|(p, i, d, m)| {
+                let mut removed = 0i64;
                 for (seq, id, entry) in &entries {
                     if p.remove(&seq.to_be_bytes())?.is_some() {
                         removed += 1;
+                        i.insert(id.as_bytes(), entry.as_slice())?;
+                        d.insert(done_key(now, id), &[])?;
                     }
-                    i.insert(id.as_bytes(), entry.as_slice())?;
                 }
-                Ok::<_, ConflictableTransactionError<StoreError>>(removed)
+                Ok::<_, ConflictableTransactionError<StoreError>>((
+                    bump(m, PENDING, -removed)?,
+                    bump(m, DONE, removed)?,
+                ))
             })
             .map_err(tx_err)?;
-        self.counts.pending.fetch_sub(
-            removed.min(self.counts.pending.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
-        self.counts.done.fetch_add(removed, Ordering::Relaxed);
+        self.counts.pending.store(pending, Ordering::Relaxed);
+        self.counts.done.store(done, Ordering::Relaxed);
         Ok(())
     }
 
@@ -290,17 +360,22 @@ impl OutboxStore {
             seq: env.seq,
             at: now,
         })?;
-        let moved = (&self.pending, &self.dead, &self.ids)
-            .transaction(|(p, d, i)| {
-                let was = p.remove(&env.seq.to_be_bytes())?.is_some();
+        let counts = (&self.pending, &self.dead, &self.ids, &self.meta)
+            .transaction(|(p, d, i, m)| {
+                if p.remove(&env.seq.to_be_bytes())?.is_none() {
+                    return Ok(None);
+                }
                 d.insert(&env.seq.to_be_bytes(), bytes.as_slice())?;
                 i.insert(env.id.as_bytes(), entry.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(was)
+                Ok::<_, ConflictableTransactionError<StoreError>>(Some((
+                    bump(m, PENDING, -1)?,
+                    bump(m, DEAD, 1)?,
+                )))
             })
             .map_err(tx_err)?;
-        if moved {
-            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-            self.counts.dead.fetch_add(1, Ordering::Relaxed);
+        if let Some((pending, dead)) = counts {
+            self.counts.pending.store(pending, Ordering::Relaxed);
+            self.counts.dead.store(dead, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -355,16 +430,23 @@ impl OutboxStore {
                 seq: env.seq,
                 at: now,
             })?;
-            (&self.pending, &self.dead, &self.ids)
-                .transaction(|(p, d, i)| {
-                    d.remove(&env.seq.to_be_bytes())?;
+            let counts = (&self.pending, &self.dead, &self.ids, &self.meta)
+                .transaction(|(p, d, i, m)| {
+                    if d.remove(&env.seq.to_be_bytes())?.is_none() {
+                        return Ok(None);
+                    }
                     p.insert(&env.seq.to_be_bytes(), bytes.as_slice())?;
                     i.insert(env.id.as_bytes(), entry.as_slice())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                    Ok::<_, ConflictableTransactionError<StoreError>>(Some((
+                        bump(m, PENDING, 1)?,
+                        bump(m, DEAD, -1)?,
+                    )))
                 })
                 .map_err(tx_err)?;
-            self.counts.dead.fetch_sub(1, Ordering::Relaxed);
-            self.counts.pending.fetch_add(1, Ordering::Relaxed);
+            if let Some((pending, dead)) = counts {
+                self.counts.pending.store(pending, Ordering::Relaxed);
+                self.counts.dead.store(dead, Ordering::Relaxed);
+            }
         }
         Ok(targets.len())
     }
@@ -377,28 +459,170 @@ impl OutboxStore {
         })
     }
 
-    /// Forgets done ids older than `older_than_ms` (the retention); returns how many.
+    /// Forgets done ids older than `older_than_ms` (the retention); returns how many. Reads
+    /// only the expired end of `outbox_done_at`, in transactions of at most 512 ids.
     pub fn purge_done(&self, older_than_ms: i64) -> Result<u64, StoreError> {
-        let cutoff = now_ms() - older_than_ms;
-        let mut purged = 0;
-        for item in self.ids.iter() {
-            let (k, v) = item?;
-            let entry: IdEntry = decode("outbox_ids", &v)?;
-            if entry.state == State::Done && entry.at < cutoff {
-                // Only if unchanged meanwhile.
-                if self
-                    .ids
-                    .compare_and_swap(&k, Some(v), None::<&[u8]>)?
-                    .is_ok()
-                {
-                    purged += 1;
-                }
+        let cutoff = done_key(now_ms() - older_than_ms, "");
+        let mut purged = 0u64;
+        loop {
+            let keys: Vec<sled::IVec> = self
+                .done_at
+                .range(..cutoff.as_slice())
+                .keys()
+                .take(512)
+                .collect::<Result<_, _>>()?;
+            if keys.is_empty() {
+                return Ok(purged);
             }
+            let (n, done) = (&self.ids, &self.done_at, &self.meta)
+                .transaction(|(i, d, m)| {
+                    let mut n = 0i64;
+                    for k in &keys {
+                        d.remove(k)?;
+                        let id = &k[8..];
+                        // Only if still done (a done id never changes state, but be sure).
+                        let still_done = i.get(id)?.is_some_and(|v| {
+                            serde_json::from_slice::<IdEntry>(&v)
+                                .is_ok_and(|e| e.state == State::Done)
+                        });
+                        if still_done {
+                            i.remove(id)?;
+                            n += 1;
+                        }
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>((n, bump(m, DONE, -n)?))
+                })
+                .map_err(tx_err)?;
+            self.counts.done.store(done, Ordering::Relaxed);
+            purged += n.unsigned_abs();
         }
-        self.counts.done.fetch_sub(
-            purged.min(self.counts.done.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calls::{Direction, Outcome};
+    use crate::store::Store;
+
+    fn record(id: &str) -> CallRecord {
+        CallRecord {
+            external_id: id.into(),
+            linkedid: id.into(),
+            direction: Direction::In,
+            customer_number: "+79991234567".into(),
+            did: None,
+            code: Some("101".into()),
+            user_id: None,
+            external_phone: None,
+            start: 1_795_255_200_000,
+            answer: None,
+            end: 1_795_255_260_000,
+            wait_seconds: 60,
+            talk_seconds: 0,
+            connected_seconds: 0,
+            outcome: Outcome::NoAnswer,
+            answered_by: None,
+            final_extension: None,
+            placed_by: None,
+            click_to_call: false,
+            rings: vec![],
+            talk: vec![],
+            recordings: vec![],
+            customer_dial_status: None,
+            reaped: false,
+            trunk: None,
+            phone_original: None,
+            registration: None,
+            ignored: false,
+        }
+    }
+
+    fn counts(q: &OutboxStore) -> (u64, u64, u64) {
+        let c = q.counts();
+        (
+            c.pending.load(Ordering::Relaxed),
+            c.done.load(Ordering::Relaxed),
+            c.dead.load(Ordering::Relaxed),
+        )
+    }
+
+    // Multi-threaded: the dropped store's flusher task must run to release sled's lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counters_follow_every_transition_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let q = store.outbox().unwrap();
+            for id in ["a", "b", "c", "d"] {
+                q.insert(record(id)).unwrap();
+            }
+            assert_eq!(q.insert(record("a")).unwrap(), Enqueued::Duplicate);
+            let envs = q.pending(None, 10, |_| true).unwrap();
+            q.mark_done(&envs[..2]).unwrap();
+            // Done twice: counted once.
+            q.mark_done(&envs[..1]).unwrap();
+            q.mark_dead(&envs[2], "bad phone").unwrap();
+            assert_eq!(counts(&q), (1, 2, 1));
+            q.flush().await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let q = store.outbox().unwrap();
+        assert_eq!(counts(&q), (1, 2, 1), "read back, not recounted");
+        assert_eq!(q.retry(None).unwrap(), 1);
+        assert_eq!(counts(&q), (2, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn the_purge_forgets_only_expired_done_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let q = store.outbox().unwrap();
+        for id in ["a", "b", "c"] {
+            q.insert(record(id)).unwrap();
+        }
+        let envs = q.pending(None, 10, |_| true).unwrap();
+        q.mark_done(&envs[..2]).unwrap();
+        assert_eq!(q.purge_done(3_600_000).unwrap(), 0, "not expired yet");
+        assert_eq!(q.state_of("a").unwrap(), Some(State::Done));
+        // A retention of "minus a minute" puts every done id past it.
+        assert_eq!(q.purge_done(-60_000).unwrap(), 2);
+        assert_eq!(q.state_of("a").unwrap(), None);
+        assert_eq!(q.state_of("c").unwrap(), Some(State::Pending));
+        assert_eq!(counts(&q), (1, 0, 0));
+        // Forgotten: the same id may be queued again.
+        assert!(matches!(
+            q.insert(record("a")).unwrap(),
+            Enqueued::Queued(_)
+        ));
+    }
+
+    // Multi-threaded: the dropped store's flusher task must run to release sled's lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_without_counters_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let q = store.outbox().unwrap();
+            for id in ["a", "b", "c"] {
+                q.insert(record(id)).unwrap();
+            }
+            let envs = q.pending(None, 10, |_| true).unwrap();
+            q.mark_done(&envs[..1]).unwrap();
+            // As written before the counters and the done index existed.
+            q.meta.clear().unwrap();
+            q.done_at.clear().unwrap();
+            q.flush().await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let q = store.outbox().unwrap();
+        assert_eq!(counts(&q), (2, 1, 0));
+        assert_eq!(
+            q.purge_done(-60_000).unwrap(),
+            1,
+            "the done index was rebuilt"
         );
-        Ok(purged)
     }
 }

@@ -1,46 +1,12 @@
 //! Calls tracked end to end: capture bytes from the scripted AMI server (or PBX webhooks) into
 //! the service, live events out to the fake CRM, finished calls into the history sink.
 
-use std::time::Duration;
-
-use pbxgate::calls::{CallRecord, Direction, Outcome};
+use pbxgate::calls::{Direction, Outcome};
 use serde_json::Value;
 
-use crate::support::TestApp;
+use crate::support::{capture_body, finished, lab_app, TestApp};
 
 const EVENT: &str = "/api/v5/telephony/call/event";
-
-/// A capture's bytes without its banner lines (the session already has one).
-fn capture_body(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../shared/ami-captures/{name}.raw",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = String::from_utf8(std::fs::read(path).unwrap()).unwrap();
-    text.split_inclusive('\n')
-        .filter(|l| !l.starts_with("Asterisk Call Manager/"))
-        .collect::<String>()
-        .into_bytes()
-}
-
-async fn lab_app(tweak: impl FnOnce(&mut pbxgate::config::Config)) -> TestApp {
-    let app = TestApp::spawn(|c| {
-        c.crm.register_on_start = false;
-        c.calls.inbound_contexts = vec!["from-trunk".into()];
-        c.pbx.system_id = "lab".into();
-        tweak(c);
-    })
-    .await;
-    app.ami_connected().await;
-    app
-}
-
-async fn finished(app: &TestApp, n: u64) -> Vec<CallRecord> {
-    tokio::time::timeout(Duration::from_secs(15), app.state.recent_calls.wait_for(n))
-        .await
-        .expect("calls finished");
-    app.state.recent_calls.all()
-}
 
 fn events(app: &TestApp) -> Vec<Value> {
     app.crm

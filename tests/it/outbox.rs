@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use pbxgate::calls::{CallRecord, Direction, Outcome};
 use pbxgate::outbox::Drain;
 use pbxgate::store::outbox::{Enqueued, State};
 use serde_json::Value;
 
-use crate::support::{Fault, TestApp};
+use crate::support::{call_record as record, Fault, TestApp, T0};
 
 const UPLOAD: &str = "/api/v5/telephony/calls/upload";
 const TOKEN: &str = "webhook-token-0123456789";
@@ -30,42 +29,6 @@ async fn manual_app(tweak: impl FnOnce(&mut pbxgate::config::Config)) -> TestApp
         .expect("startup drain");
     app
 }
-
-fn record(id: &str, start: i64) -> CallRecord {
-    CallRecord {
-        external_id: id.to_string(),
-        linkedid: id.to_string(),
-        direction: Direction::In,
-        customer_number: "+79991234567".into(),
-        did: Some("+74951234567".into()),
-        code: Some("101".into()),
-        user_id: None,
-        external_phone: Some("+74951234567".into()),
-        start,
-        answer: Some(start + 5_000),
-        end: start + 65_000,
-        wait_seconds: 5,
-        talk_seconds: 60,
-        connected_seconds: 60,
-        outcome: Outcome::Answered,
-        answered_by: Some("101".into()),
-        final_extension: Some("101".into()),
-        placed_by: None,
-        click_to_call: false,
-        rings: vec![],
-        talk: vec![],
-        recordings: vec![],
-        customer_dial_status: None,
-        reaped: false,
-        trunk: None,
-        phone_original: None,
-        registration: None,
-        ignored: false,
-    }
-}
-
-/// 2026-11-21 10:00:00 UTC.
-const T0: i64 = 1_795_255_200_000;
 
 #[tokio::test]
 async fn a_call_is_uploaded_in_the_crm_wire_format_and_its_time_zone() {

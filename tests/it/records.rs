@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pbxgate::calls::{CallRecord, Direction, Outcome};
+use pbxgate::calls::CallRecord;
 use pbxgate::config::Config;
 use pbxgate::outbox::Drain;
 use reqwest::StatusCode;
@@ -13,10 +13,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::TestApp;
+use crate::support::{call_record, TestApp, T0};
 
-/// 2026-11-21 10:00:00 UTC.
-const T0: i64 = 1_795_255_200_000;
 const MP3_FRAME: [u8; 4] = [0xff, 0xfb, 0x90, 0x64];
 
 struct Rec {
@@ -55,34 +53,8 @@ async fn rec_app(tweak: impl FnOnce(&mut Config)) -> Rec {
 
 fn record(id: &str, recordings: Vec<String>) -> CallRecord {
     CallRecord {
-        external_id: id.to_string(),
-        linkedid: id.to_string(),
-        direction: Direction::In,
-        customer_number: "+79991234567".into(),
-        did: Some("+74951234567".into()),
-        code: Some("101".into()),
-        user_id: None,
-        external_phone: Some("+74951234567".into()),
-        start: T0,
-        answer: Some(T0 + 5_000),
-        end: T0 + 65_000,
-        wait_seconds: 5,
-        talk_seconds: 60,
-        connected_seconds: 60,
-        outcome: Outcome::Answered,
-        answered_by: Some("101".into()),
-        final_extension: Some("101".into()),
-        placed_by: None,
-        click_to_call: false,
-        rings: vec![],
-        talk: vec![],
         recordings,
-        customer_dial_status: None,
-        reaped: false,
-        trunk: None,
-        phone_original: None,
-        registration: None,
-        ignored: false,
+        ..call_record(id, T0)
     }
 }
 

@@ -8,22 +8,10 @@ use pbxgate::config::{Config, FmcNumber, RuleAction, RuleConfig};
 use pbxgate::secret::Secret;
 use serde_json::{json, Value};
 
-use crate::support::TestApp;
+use crate::support::{capture_body, finished, lab_app, TestApp};
 
 const EVENT: &str = "/api/v5/telephony/call/event";
 const UPLOAD: &str = "/api/v5/telephony/calls/upload";
-
-fn capture_body(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../shared/ami-captures/{name}.raw",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = String::from_utf8(std::fs::read(path).unwrap()).unwrap();
-    text.split_inclusive('\n')
-        .filter(|l| !l.starts_with("Asterisk Call Manager/"))
-        .collect::<String>()
-        .into_bytes()
-}
 
 fn rule(action: RuleAction) -> RuleConfig {
     RuleConfig {
@@ -35,26 +23,6 @@ fn rule(action: RuleAction) -> RuleConfig {
         did: vec![],
         phone: vec![],
     }
-}
-
-async fn lab_app(tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let app = TestApp::spawn(|c| {
-        c.crm.register_on_start = false;
-        c.calls.inbound_contexts = vec!["from-trunk".into()];
-        c.pbx.system_id = "lab".into();
-        c.history.batch_window = Duration::from_millis(50);
-        tweak(c);
-    })
-    .await;
-    app.ami_connected().await;
-    app
-}
-
-async fn finished(app: &TestApp, n: u64) -> Vec<CallRecord> {
-    tokio::time::timeout(Duration::from_secs(15), app.state.recent_calls.wait_for(n))
-        .await
-        .expect("calls finished");
-    app.state.recent_calls.all()
 }
 
 fn event_ids(app: &TestApp) -> Vec<String> {
@@ -98,6 +66,7 @@ const C09: &str = "lab-1795264721.70";
 #[tokio::test]
 async fn a_call_of_an_ignored_extension_sends_nothing_to_the_crm() {
     let app = lab_app(|c| {
+        c.history.batch_window = Duration::from_millis(50);
         c.rules = vec![RuleConfig {
             extension: vec!["103".into()],
             ..rule(RuleAction::Ignore)
@@ -140,6 +109,7 @@ async fn a_call_of_an_ignored_extension_sends_nothing_to_the_crm() {
 #[tokio::test]
 async fn a_white_list_by_trunk_and_direction() {
     let app = lab_app(|c| {
+        c.history.batch_window = Duration::from_millis(50);
         c.rules = vec![
             RuleConfig {
                 name: Some("main trunk".into()),

@@ -123,3 +123,76 @@ impl TestApp {
         self.handle.stop(true).await;
     }
 }
+
+/// A capture's bytes without its banner lines (the session already has one).
+pub fn capture_body(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../shared/ami-captures/{name}.raw",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = String::from_utf8(std::fs::read(path).unwrap()).unwrap();
+    text.split_inclusive('\n')
+        .filter(|l| !l.starts_with("Asterisk Call Manager/"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// An app set up like the lab the captures come from (system id `lab`, `from-trunk`), AMI up.
+pub async fn lab_app(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.calls.inbound_contexts = vec!["from-trunk".into()];
+        c.pbx.system_id = "lab".into();
+        tweak(c);
+    })
+    .await;
+    app.ami_connected().await;
+    app
+}
+
+/// Waits until `n` calls finished in total (at most 15 s); returns the recent calls.
+pub async fn finished(app: &TestApp, n: u64) -> Vec<pbxgate::calls::CallRecord> {
+    tokio::time::timeout(Duration::from_secs(15), app.state.recent_calls.wait_for(n))
+        .await
+        .expect("calls finished");
+    app.state.recent_calls.all()
+}
+
+/// 2026-11-21 10:00:00 UTC.
+pub const T0: i64 = 1_795_255_200_000;
+
+/// An answered inbound call record (customer +79991234567 on +74951234567, extension 101, 5 s
+/// waiting, 60 s talking) starting at `start`.
+pub fn call_record(id: &str, start: i64) -> pbxgate::calls::CallRecord {
+    use pbxgate::calls::{CallRecord, Direction, Outcome};
+    CallRecord {
+        external_id: id.to_string(),
+        linkedid: id.to_string(),
+        direction: Direction::In,
+        customer_number: "+79991234567".into(),
+        did: Some("+74951234567".into()),
+        code: Some("101".into()),
+        user_id: None,
+        external_phone: Some("+74951234567".into()),
+        start,
+        answer: Some(start + 5_000),
+        end: start + 65_000,
+        wait_seconds: 5,
+        talk_seconds: 60,
+        connected_seconds: 60,
+        outcome: Outcome::Answered,
+        answered_by: Some("101".into()),
+        final_extension: Some("101".into()),
+        placed_by: None,
+        click_to_call: false,
+        rings: vec![],
+        talk: vec![],
+        recordings: vec![],
+        customer_dial_status: None,
+        reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: None,
+        ignored: false,
+    }
+}
