@@ -55,6 +55,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Set while uploading is stopped for a reason only an operator can fix.
     pub blocked: Option<String>,
+    /// How often the upload scheduler woke up (a number that races shows a busy loop).
+    pub scheduler_wakeups: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +89,8 @@ struct Inner {
     draining: tokio::sync::Mutex<()>,
     /// Bumped after every batch and every drain: lets callers wait for progress.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Scheduler loop iterations.
+    wakeups: std::sync::atomic::AtomicU64,
 }
 
 /// Cheap to clone.
@@ -136,6 +140,7 @@ impl Outbox {
                 tz: OnceCell::new(),
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
+                wakeups: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -176,6 +181,7 @@ impl Outbox {
             last_success_at: p.last_success_at,
             last_error: p.last_error.clone(),
             blocked: p.blocked.clone(),
+            scheduler_wakeups: self.inner.wakeups.load(Ordering::Relaxed),
         }
     }
 
@@ -192,10 +198,12 @@ impl Outbox {
         let mut due = true;
         loop {
             if !due {
-                let wake_at = [retry_at, recheck]
-                    .into_iter()
-                    .flatten()
-                    .fold(next_periodic, |a, b| a.min(b));
+                // While backing off only the retry (or the scheduler) wakes the loop: a call
+                // waiting for its recording must not shorten an outage's pause, nor spin it.
+                let wake_at = match retry_at {
+                    Some(r) => r.min(next_periodic),
+                    None => recheck.map_or(next_periodic, |c| c.min(next_periodic)),
+                };
                 tokio::select! {
                     _ = self.inner.enqueued.notified(), if h.immediate => {
                         // A short window gathers the calls ending together into one batch.
@@ -209,6 +217,7 @@ impl Outbox {
                 }
             }
             due = false;
+            self.inner.wakeups.fetch_add(1, Ordering::Relaxed);
             let now = tokio::time::Instant::now();
             if now >= next_periodic {
                 next_periodic = now + h.interval;
@@ -311,8 +320,17 @@ impl Outbox {
         let mut after = None;
         loop {
             let now = now_ms();
-            let batch = match inner.store.pending(after, size, |e| self.is_ready(e, now)) {
-                Ok(b) => b,
+            // Reading the queue and looking at recording files block: off the async workers.
+            let this = self.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                this.inner
+                    .store
+                    .pending(after, size, |e| this.is_ready(e, now))
+            })
+            .await;
+            let batch = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => return Drain::Retry(format!("reading the queue: {e}")),
                 Err(e) => return Drain::Retry(format!("reading the queue: {e}")),
             };
             let Some(last) = batch.last() else {
@@ -424,7 +442,9 @@ impl Outbox {
         let mut settled_at = now;
         let settled = now >= give_up_at
             || e.record.recordings.iter().all(|path| {
-                match std::fs::metadata(path).and_then(|m| m.modified()) {
+                // A relative path is relative to the recordings directory, as for the links.
+                let path = self.inner.config.records.dir.join(path);
+                match std::fs::metadata(&path).and_then(|m| m.modified()) {
                     Ok(modified) => match modified.elapsed() {
                         Ok(age) if age >= h.record_settle => true,
                         Ok(age) => {

@@ -291,3 +291,47 @@ async fn after_an_outage_every_call_arrives_in_order_with_bounded_requests() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_call_waiting_for_its_recording_does_not_spin_the_scheduler_during_a_backoff() {
+    // Nothing listens at the CRM's address: every upload fails and the uploader backs off.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let recordings = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.crm.url = dead_url;
+        c.crm.max_retries = 0;
+        c.history.batch_window = Duration::from_millis(10);
+        c.history.retry_base = Duration::from_secs(4);
+        c.history.retry_max = Duration::from_secs(4);
+        c.history.record_settle = Duration::from_millis(300);
+        c.records.dir = recordings.path().to_path_buf();
+    })
+    .await;
+    let outbox = &app.state.outbox;
+    // One call ready to go, one whose recording is still being written (re-checked in 300 ms).
+    let fresh = recordings.path().join("b.wav");
+    std::fs::write(&fresh, b"RIFF").unwrap();
+    let mut held = record("pbx-b", T0 + 1);
+    held.recordings = vec![fresh.to_string_lossy().into_owned()];
+    outbox.enqueue(held).await.unwrap();
+    outbox.enqueue(record("pbx-a", T0)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        outbox.wait_until(|s| s.failed_attempts >= 1),
+    )
+    .await
+    .expect("the first upload failed");
+    // The backoff lasts at least 2 s; the recording's re-check falls inside it. Watch the
+    // scheduler for 1 s (an observation window: we measure that nothing happens).
+    let before = outbox.status().scheduler_wakeups;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let woke = outbox.status().scheduler_wakeups - before;
+    assert!(
+        woke <= 2,
+        "the scheduler woke {woke} times during its backoff"
+    );
+    assert_eq!(outbox.status().pending, 2, "nothing dropped");
+}
