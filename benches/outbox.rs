@@ -2,13 +2,15 @@
 //! PENDING (default 200,000) records pending, and draining DRAIN (default 100,000) calls to the
 //! fake CRM enforcing its 40 rps telephony limit (ideal: DRAIN / (40 × 50) seconds).
 
-#[path = "../tests/support/fake_crm.rs"]
-mod fake_crm;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::fake_crm;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pbxgate::calls::{CallRecord, Direction, Outcome};
+use pbxgate::calls::CallRecord;
 use pbxgate::config::Config;
 use pbxgate::crm::CrmClient;
 use pbxgate::outbox::{Drain, Outbox};
@@ -16,36 +18,9 @@ use pbxgate::secret::Secret;
 use pbxgate::store::Store;
 
 fn record(i: usize) -> CallRecord {
-    CallRecord {
-        external_id: format!("bench-{i:08}"),
-        linkedid: format!("1795264400.{i}"),
-        direction: Direction::In,
-        customer_number: "+79991234567".into(),
-        did: Some("+74951234567".into()),
-        code: Some("101".into()),
-        user_id: None,
-        external_phone: Some("+74951234567".into()),
-        start: 1_795_255_200_000 + i as i64,
-        answer: Some(1_795_255_205_000 + i as i64),
-        end: 1_795_255_265_000 + i as i64,
-        wait_seconds: 5,
-        talk_seconds: 60,
-        connected_seconds: 60,
-        outcome: Outcome::Answered,
-        answered_by: Some("101".into()),
-        final_extension: Some("101".into()),
-        placed_by: None,
-        click_to_call: false,
-        rings: vec![],
-        talk: vec![],
-        recordings: vec![],
-        customer_dial_status: None,
-        reaped: false,
-        trunk: None,
-        phone_original: None,
-        registration: None,
-        ignored: false,
-    }
+    let mut r = support::call_record(&format!("bench-{i:08}"), support::T0 + i as i64);
+    r.linkedid = format!("1795264400.{i}");
+    r
 }
 
 fn rss_mb() -> f64 {

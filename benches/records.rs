@@ -6,6 +6,9 @@
 //! (its name), `NGINX_URL` (the same file through nginx), `NGINX_PID` (nginx's master process);
 //! optional `CONNECTIONS` (50), `DURATION` (seconds, 10), `WRK_THREADS` (2).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pbxgate::app::Application;
-use pbxgate::calls::{CallRecord, Direction, Outcome};
+use pbxgate::calls::CallRecord;
 use pbxgate::config::Config;
 
 fn env(name: &str) -> String {
@@ -134,35 +137,10 @@ fn load(url: &str, rss: impl Fn() -> u64 + Send + Sync + 'static) -> Run {
 }
 
 fn record(path: &str) -> CallRecord {
+    let now = pbxgate::calls::tracker::now_ms();
     CallRecord {
-        external_id: "bench-1".into(),
-        linkedid: "bench-1".into(),
-        direction: Direction::In,
-        customer_number: "+79991234567".into(),
-        did: None,
-        code: Some("101".into()),
-        user_id: None,
-        external_phone: None,
-        start: pbxgate::calls::tracker::now_ms(),
-        answer: None,
-        end: pbxgate::calls::tracker::now_ms(),
-        wait_seconds: 0,
-        talk_seconds: 60,
-        connected_seconds: 60,
-        outcome: Outcome::Answered,
-        answered_by: None,
-        final_extension: None,
-        placed_by: None,
-        click_to_call: false,
-        rings: vec![],
-        talk: vec![],
         recordings: vec![path.to_string()],
-        customer_dial_status: None,
-        reaped: false,
-        trunk: None,
-        phone_original: None,
-        registration: None,
-        ignored: false,
+        ..support::call_record("pbx-bench", now)
     }
 }
 

@@ -160,3 +160,40 @@ impl LiveEvent {
         }
     }
 }
+
+#[cfg(test)]
+impl CallRecord {
+    /// A finished inbound call from +79991234567 answered by 101, for unit tests.
+    pub(crate) fn sample(id: &str) -> CallRecord {
+        CallRecord {
+            external_id: id.into(),
+            linkedid: id.into(),
+            direction: Direction::In,
+            customer_number: "+79991234567".into(),
+            did: None,
+            code: Some("101".into()),
+            user_id: None,
+            external_phone: None,
+            start: 1_795_255_200_000,
+            answer: Some(1_795_255_205_000),
+            end: 1_795_255_265_000,
+            wait_seconds: 5,
+            talk_seconds: 60,
+            connected_seconds: 60,
+            outcome: Outcome::Answered,
+            answered_by: Some("101".into()),
+            final_extension: Some("101".into()),
+            placed_by: None,
+            click_to_call: false,
+            rings: vec![],
+            talk: vec![],
+            recordings: vec![],
+            customer_dial_status: None,
+            reaped: false,
+            trunk: None,
+            phone_original: None,
+            registration: None,
+            ignored: false,
+        }
+    }
+}

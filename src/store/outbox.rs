@@ -502,40 +502,10 @@ impl OutboxStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calls::{Direction, Outcome};
     use crate::store::Store;
 
     fn record(id: &str) -> CallRecord {
-        CallRecord {
-            external_id: id.into(),
-            linkedid: id.into(),
-            direction: Direction::In,
-            customer_number: "+79991234567".into(),
-            did: None,
-            code: Some("101".into()),
-            user_id: None,
-            external_phone: None,
-            start: 1_795_255_200_000,
-            answer: None,
-            end: 1_795_255_260_000,
-            wait_seconds: 60,
-            talk_seconds: 0,
-            connected_seconds: 0,
-            outcome: Outcome::NoAnswer,
-            answered_by: None,
-            final_extension: None,
-            placed_by: None,
-            click_to_call: false,
-            rings: vec![],
-            talk: vec![],
-            recordings: vec![],
-            customer_dial_status: None,
-            reaped: false,
-            trunk: None,
-            phone_original: None,
-            registration: None,
-            ignored: false,
-        }
+        CallRecord::sample(id)
     }
 
     fn counts(q: &OutboxStore) -> (u64, u64, u64) {
