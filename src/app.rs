@@ -44,6 +44,8 @@ pub struct Application {
     addr: SocketAddr,
     state: web::Data<AppState>,
     tasks: Vec<JoinHandle<()>>,
+    /// Exits the process if the store gets stuck; stopped with the application.
+    _watchdog: Option<crate::store::watchdog::Watchdog>,
 }
 
 impl Application {
@@ -65,6 +67,17 @@ impl Application {
         let config = Arc::new(config);
         let addr = listener.local_addr().map_err(StartError::Http)?;
         let store = Store::open(&config.storage.path)?;
+        let watchdog = (!config.storage.stall_limit.is_zero()).then(|| {
+            let probe_store = store.clone();
+            crate::store::watchdog::watch(
+                config.storage.stall_limit,
+                move || probe_store.probe().map_err(|e| e.to_string()),
+                |why| {
+                    tracing::error!(%why, "the store is stuck; exiting so that the service is restarted");
+                    std::process::exit(70);
+                },
+            )
+        });
         let client_id = store.client_id(&config.crm.client_id).await?;
         let crm = CrmClient::new(&config.crm)?;
 
@@ -178,6 +191,7 @@ impl Application {
             addr,
             state,
             tasks,
+            _watchdog: watchdog,
         })
     }
 
@@ -201,6 +215,9 @@ impl Application {
         self.state.ami.stop();
         for t in &self.tasks {
             t.abort();
+        }
+        if let Err(e) = self.state.outbox.store().close() {
+            tracing::error!(error = %e, "writing the call history's counters failed");
         }
         if let Err(e) = self.state.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");

@@ -393,6 +393,10 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
             }
         }
     }
+    if let Err(e) = queue.close() {
+        eprintln!("pbxgate: {e}");
+        return ExitCode::from(1);
+    }
     if let Err(e) = queue.flush().await {
         eprintln!("pbxgate: {e}");
         return ExitCode::from(1);

@@ -44,7 +44,11 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
     /// Counts per state and the age of the oldest pending call.
-    Stats,
+    Stats {
+        /// Count every record again instead of trusting the kept counters (after a crash).
+        #[arg(long)]
+        recount: bool,
+    },
     /// Records in a state (dead: with the CRM's reason).
     List {
         #[arg(long, value_parser = ["dead", "pending"], default_value = "dead")]
@@ -193,7 +197,10 @@ async fn outbox(config: &Config, command: OutboxCommand) -> ExitCode {
     let now = crate::calls::tracker::now_ms();
     let result: Result<(), crate::store::StoreError> = (|| {
         match command {
-            OutboxCommand::Stats => {
+            OutboxCommand::Stats { recount } => {
+                if recount {
+                    queue.recount()?;
+                }
                 let c = queue.counts();
                 let oldest = queue.oldest_pending()?.map(|t| (now - t) / 1000);
                 println!(
@@ -239,8 +246,9 @@ async fn outbox(config: &Config, command: OutboxCommand) -> ExitCode {
         }
         Ok(())
     })();
+    let closed = queue.close();
     let flushed = queue.flush().await;
-    match result.and(flushed) {
+    match result.and(closed).and(flushed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pbxgate: {e}");

@@ -609,12 +609,17 @@ impl Default for ManagerStatusConfig {
 pub struct StorageConfig {
     #[validate(custom(function = "non_empty_path"))]
     pub path: PathBuf,
+    /// A store write + flush that takes longer than this means the store is stuck: the process
+    /// exits so that its supervisor restarts it (0 = never).
+    #[serde(with = "humantime_serde")]
+    pub stall_limit: Duration,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             path: PathBuf::from("data/pbxgate.sled"),
+            stall_limit: Duration::from_secs(120),
         }
     }
 }

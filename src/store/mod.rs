@@ -14,6 +14,7 @@ use crate::secret::Secret;
 
 pub mod outbox;
 pub mod records;
+pub mod watchdog;
 pub use outbox::{Envelope, OutboxStore};
 pub use records::{LinkEntry, LinkId, LinkStore};
 
@@ -193,6 +194,13 @@ impl Store {
     /// The recording links.
     pub fn records(&self) -> Result<LinkStore, StoreError> {
         LinkStore::open(&self.db)
+    }
+
+    /// One small write and a flush: what the watchdog checks still completes.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        self.meta.insert(b"watchdog", &unix_now().to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Makes every write so far durable (across a process crash; see sled's own caveats).

@@ -4,9 +4,16 @@
 //! `outbox_dead` (sequence → envelope with the reason), `outbox_ids` (externalId → where the
 //! record is: pending, done or dead; makes enqueue idempotent and keeps done ids for the
 //! retention period), `outbox_done_at` (time done ‖ externalId: the purge reads only the
-//! expired end) and `outbox_meta` (the counters). Every state change is one sled transaction over
-//! the trees it touches, counters included, so nothing ever walks a whole tree: sled keeps what
-//! a walk touches in memory, and a walk over a million records would cost hundreds of MB.
+//! expired end) and `outbox_meta` (a snapshot of the counters). Every state change is one sled
+//! transaction over the trees it touches. Nothing walks a whole tree: sled keeps what a walk
+//! touches in memory, and a walk over a million records would cost hundreds of MB.
+//!
+//! The counters live in memory and are written to `outbox_meta` with every group commit (not
+//! with every record: a key rewritten by every transaction makes sled free and truncate log
+//! segments constantly, which is what exposes sled 0.34's truncation deadlock) and marked clean
+//! at shutdown. After a crash, records queued since the last snapshot are counted from the tail
+//! of the queue; records uploaded in that last moment may be counted as pending until
+//! `pbxgate outbox stats --recount`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,26 +76,47 @@ pub struct Counts {
     pub pending: AtomicU64,
     pub dead: AtomicU64,
     pub done: AtomicU64,
+    max_seq: AtomicU64,
 }
 
-/// Keys of the counters in `outbox_meta`.
-const PENDING: &[u8] = b"pending";
-const DEAD: &[u8] = b"dead";
-const DONE: &[u8] = b"done";
+/// The key of the counters' snapshot in `outbox_meta`.
+const SNAPSHOT: &[u8] = b"counters";
 
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
-
-fn read_u64(v: Option<sled::IVec>) -> u64 {
-    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map_or(0, u64::from_be_bytes)
+/// The counters as last written, and whether the store was closed cleanly after that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Snapshot {
+    #[serde(default = "v1")]
+    v: u32,
+    pending: u64,
+    dead: u64,
+    done: u64,
+    /// The highest sequence number queued when the snapshot was taken.
+    max_seq: u64,
+    clean: bool,
 }
 
-/// Adds `delta` to a counter inside a transaction; returns the new value.
-fn bump(meta: &sled::transaction::TransactionalTree, key: &[u8], delta: i64) -> TxResult<u64> {
-    let now = read_u64(meta.get(key)?);
-    let next = now.saturating_add_signed(delta);
-    meta.insert(key, &next.to_be_bytes())?;
-    Ok(next)
+impl Counts {
+    fn snapshot(&self, clean: bool) -> Snapshot {
+        Snapshot {
+            v: 1,
+            pending: self.pending.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+            max_seq: self.max_seq.load(Ordering::Relaxed),
+            clean,
+        }
+    }
+
+    fn sub(counter: &AtomicU64, n: u64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+            Some(c.saturating_sub(n))
+        });
+    }
+}
+
+fn write_snapshot(meta: &sled::Tree, snap: &Snapshot) -> Result<(), StoreError> {
+    meta.insert(SNAPSHOT, encode(snap)?)?;
+    Ok(())
 }
 
 /// `outbox_done_at` key: when the record was done, then its id.
@@ -144,34 +172,65 @@ impl OutboxStore {
         let ids = db.open_tree("outbox_ids")?;
         let done_at = db.open_tree("outbox_done_at")?;
         let meta = db.open_tree("outbox_meta")?;
-        if meta.get(PENDING)?.is_none() {
-            // A store from before the counters were kept (or a new one): count once.
-            Self::rebuild_counters(&pending, &dead, &ids, &done_at, &meta)?;
-        }
+        let snap = match meta.get(SNAPSHOT)? {
+            Some(v) => {
+                let mut snap: Snapshot = decode("outbox_meta", &v)?;
+                if !snap.clean {
+                    // Records queued after the last snapshot are at the queue's tail.
+                    let mut extra = 0u64;
+                    for item in pending.range((snap.max_seq.saturating_add(1)).to_be_bytes()..) {
+                        let (k, _) = item?;
+                        extra += 1;
+                        if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
+                            snap.max_seq = snap.max_seq.max(u64::from_be_bytes(b));
+                        }
+                    }
+                    snap.pending += extra;
+                    tracing::warn!(
+                        queued_since_snapshot = extra,
+                        "the call history was not closed cleanly; its counters were restored \
+                         (records uploaded just before the stop may still count as pending)"
+                    );
+                }
+                snap
+            }
+            // A new store, or one from before the snapshot existed: count once.
+            None => Self::count(&pending, &dead, &ids, &done_at)?,
+        };
+        // From now on a crash must be recognisable: not clean until `close`.
+        write_snapshot(
+            &meta,
+            &Snapshot {
+                clean: false,
+                ..snap
+            },
+        )?;
+        db.flush()?;
         let counts = Arc::new(Counts::default());
-        counts
-            .pending
-            .store(read_u64(meta.get(PENDING)?), Ordering::Relaxed);
-        counts
-            .dead
-            .store(read_u64(meta.get(DEAD)?), Ordering::Relaxed);
-        counts
-            .done
-            .store(read_u64(meta.get(DONE)?), Ordering::Relaxed);
+        counts.pending.store(snap.pending, Ordering::Relaxed);
+        counts.dead.store(snap.dead, Ordering::Relaxed);
+        counts.done.store(snap.done, Ordering::Relaxed);
+        counts.max_seq.store(snap.max_seq, Ordering::Relaxed);
         // Group commit: one flush serves every enqueue waiting at that moment.
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
         let flusher = db.clone();
+        let (snap_meta, snap_counts) = (meta.clone(), counts.clone());
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut waiters = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     waiters.push(more);
                 }
-                let result = flusher
-                    .flush_async()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                // The counters ride along with the group commit.
+                let snapshot = write_snapshot(&snap_meta, &snap_counts.snapshot(false));
+                let result = match snapshot {
+                    Ok(()) => flusher
+                        .flush_async()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
@@ -189,15 +248,14 @@ impl OutboxStore {
         })
     }
 
-    /// Counts every tree once and indexes done ids by time (stores written before the counters
-    /// and the index existed).
-    fn rebuild_counters(
+    /// Counts every tree once and indexes done ids by time (a new store, or one written before
+    /// the snapshot and the index existed).
+    fn count(
         pending: &sled::Tree,
         dead: &sled::Tree,
         ids: &sled::Tree,
         done_at: &sled::Tree,
-        meta: &sled::Tree,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Snapshot, StoreError> {
         let mut done = 0u64;
         for item in ids.iter() {
             let (k, v) = item?;
@@ -209,11 +267,32 @@ impl OutboxStore {
                 }
             }
         }
-        meta.insert(DEAD, &(dead.len() as u64).to_be_bytes())?;
-        meta.insert(DONE, &done.to_be_bytes())?;
-        // Written last: its presence says the others are there.
-        meta.insert(PENDING, &(pending.len() as u64).to_be_bytes())?;
-        Ok(())
+        let max_seq = match pending.last()? {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes),
+            None => 0,
+        };
+        Ok(Snapshot {
+            v: 1,
+            pending: pending.len() as u64,
+            dead: dead.len() as u64,
+            done,
+            max_seq,
+            clean: false,
+        })
+    }
+
+    /// Counts every record again (walks the trees: for the command line, not the service).
+    pub fn recount(&self) -> Result<(), StoreError> {
+        let snap = Self::count(&self.pending, &self.dead, &self.ids, &self.done_at)?;
+        self.counts.pending.store(snap.pending, Ordering::Relaxed);
+        self.counts.dead.store(snap.dead, Ordering::Relaxed);
+        self.counts.done.store(snap.done, Ordering::Relaxed);
+        write_snapshot(&self.meta, &self.counts.snapshot(false))
+    }
+
+    /// Writes the counters as clean; the caller flushes the store next (at shutdown).
+    pub fn close(&self) -> Result<(), StoreError> {
+        write_snapshot(&self.meta, &self.counts.snapshot(true))
     }
 
     pub fn counts(&self) -> &Counts {
@@ -244,21 +323,18 @@ impl OutboxStore {
             seq,
             at: now,
         })?;
-        let result = (&self.pending, &self.ids, &self.meta).transaction(|(p, i, m)| {
+        let result = (&self.pending, &self.ids).transaction(|(p, i)| {
             if i.get(id.as_bytes())?.is_some() {
-                return Ok((Enqueued::Duplicate, None));
+                return Ok(Enqueued::Duplicate);
             }
             p.insert(&seq.to_be_bytes(), env_bytes.as_slice())?;
             i.insert(id.as_bytes(), id_bytes.as_slice())?;
-            let pending = bump(m, PENDING, 1)?;
-            Ok::<_, ConflictableTransactionError<StoreError>>((
-                Enqueued::Queued(seq),
-                Some(pending),
-            ))
+            Ok::<_, ConflictableTransactionError<StoreError>>(Enqueued::Queued(seq))
         });
-        let (outcome, pending) = result.map_err(tx_err)?;
-        if let Some(n) = pending {
-            self.counts.pending.store(n, Ordering::Relaxed);
+        let outcome = result.map_err(tx_err)?;
+        if let Enqueued::Queued(seq) = outcome {
+            self.counts.pending.fetch_add(1, Ordering::Relaxed);
+            self.counts.max_seq.fetch_max(seq, Ordering::Relaxed);
         }
         Ok(outcome)
     }
@@ -327,9 +403,9 @@ impl OutboxStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        let (pending, done) = (&self.pending, &self.ids, &self.done_at, &self.meta)
-            .transaction(|(p, i, d, m)| {
-                let mut removed = 0i64;
+        let removed = (&self.pending, &self.ids, &self.done_at)
+            .transaction(|(p, i, d)| {
+                let mut removed = 0u64;
                 for (seq, id, entry) in &entries {
                     if p.remove(&seq.to_be_bytes())?.is_some() {
                         removed += 1;
@@ -337,14 +413,11 @@ impl OutboxStore {
                         d.insert(done_key(now, id), &[])?;
                     }
                 }
-                Ok::<_, ConflictableTransactionError<StoreError>>((
-                    bump(m, PENDING, -removed)?,
-                    bump(m, DONE, removed)?,
-                ))
+                Ok::<_, ConflictableTransactionError<StoreError>>(removed)
             })
             .map_err(tx_err)?;
-        self.counts.pending.store(pending, Ordering::Relaxed);
-        self.counts.done.store(done, Ordering::Relaxed);
+        Counts::sub(&self.counts.pending, removed);
+        self.counts.done.fetch_add(removed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -360,22 +433,19 @@ impl OutboxStore {
             seq: env.seq,
             at: now,
         })?;
-        let counts = (&self.pending, &self.dead, &self.ids, &self.meta)
-            .transaction(|(p, d, i, m)| {
+        let moved = (&self.pending, &self.dead, &self.ids)
+            .transaction(|(p, d, i)| {
                 if p.remove(&env.seq.to_be_bytes())?.is_none() {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 d.insert(&env.seq.to_be_bytes(), bytes.as_slice())?;
                 i.insert(env.id.as_bytes(), entry.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(Some((
-                    bump(m, PENDING, -1)?,
-                    bump(m, DEAD, 1)?,
-                )))
+                Ok::<_, ConflictableTransactionError<StoreError>>(true)
             })
             .map_err(tx_err)?;
-        if let Some((pending, dead)) = counts {
-            self.counts.pending.store(pending, Ordering::Relaxed);
-            self.counts.dead.store(dead, Ordering::Relaxed);
+        if moved {
+            Counts::sub(&self.counts.pending, 1);
+            self.counts.dead.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -430,22 +500,19 @@ impl OutboxStore {
                 seq: env.seq,
                 at: now,
             })?;
-            let counts = (&self.pending, &self.dead, &self.ids, &self.meta)
-                .transaction(|(p, d, i, m)| {
+            let moved = (&self.pending, &self.dead, &self.ids)
+                .transaction(|(p, d, i)| {
                     if d.remove(&env.seq.to_be_bytes())?.is_none() {
-                        return Ok(None);
+                        return Ok(false);
                     }
                     p.insert(&env.seq.to_be_bytes(), bytes.as_slice())?;
                     i.insert(env.id.as_bytes(), entry.as_slice())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(Some((
-                        bump(m, PENDING, 1)?,
-                        bump(m, DEAD, -1)?,
-                    )))
+                    Ok::<_, ConflictableTransactionError<StoreError>>(true)
                 })
                 .map_err(tx_err)?;
-            if let Some((pending, dead)) = counts {
-                self.counts.pending.store(pending, Ordering::Relaxed);
-                self.counts.dead.store(dead, Ordering::Relaxed);
+            if moved {
+                Counts::sub(&self.counts.dead, 1);
+                self.counts.pending.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(targets.len())
@@ -474,9 +541,9 @@ impl OutboxStore {
             if keys.is_empty() {
                 return Ok(purged);
             }
-            let (n, done) = (&self.ids, &self.done_at, &self.meta)
-                .transaction(|(i, d, m)| {
-                    let mut n = 0i64;
+            let n = (&self.ids, &self.done_at)
+                .transaction(|(i, d)| {
+                    let mut n = 0u64;
                     for k in &keys {
                         d.remove(k)?;
                         let id = &k[8..];
@@ -490,11 +557,11 @@ impl OutboxStore {
                             n += 1;
                         }
                     }
-                    Ok::<_, ConflictableTransactionError<StoreError>>((n, bump(m, DONE, -n)?))
+                    Ok::<_, ConflictableTransactionError<StoreError>>(n)
                 })
                 .map_err(tx_err)?;
-            self.counts.done.store(done, Ordering::Relaxed);
-            purged += n.unsigned_abs();
+            Counts::sub(&self.counts.done, n);
+            purged += n;
         }
     }
 }
@@ -544,6 +611,54 @@ mod tests {
         assert_eq!(counts(&q), (2, 2, 0));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_crash_the_queue_tail_is_counted_and_a_recount_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let q = store.outbox().unwrap();
+            q.insert(record("a")).unwrap();
+            q.insert(record("b")).unwrap();
+            // A group commit writes the counters.
+            q.flush().await.unwrap();
+            // Then a crash after more records became durable, without a snapshot.
+            q.insert(record("c")).unwrap();
+            let envs = q.pending(None, 1, |_| true).unwrap();
+            q.mark_done(&envs).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let q = store.outbox().unwrap();
+        // "c" is found at the tail; "a" was uploaded in the last moment: still counted.
+        assert_eq!(counts(&q), (3, 0, 0));
+        q.recount().unwrap();
+        assert_eq!(counts(&q), (2, 1, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_close_keeps_exact_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let q = store.outbox().unwrap();
+            for id in ["a", "b", "c"] {
+                q.insert(record(id)).unwrap();
+            }
+            let envs = q.pending(None, 1, |_| true).unwrap();
+            q.mark_done(&envs).unwrap();
+            q.close().unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let q = store.outbox().unwrap();
+        assert_eq!(counts(&q), (2, 1, 0));
+        // Reopened: not clean any more until the next close.
+        let snap: Snapshot = decode("meta", &q.meta.get(SNAPSHOT).unwrap().unwrap()).unwrap();
+        assert!(!snap.clean);
+    }
+
     #[tokio::test]
     async fn the_purge_forgets_only_expired_done_ids() {
         let dir = tempfile::tempdir().unwrap();
@@ -581,10 +696,10 @@ mod tests {
             }
             let envs = q.pending(None, 10, |_| true).unwrap();
             q.mark_done(&envs[..1]).unwrap();
-            // As written before the counters and the done index existed.
+            // As written before the counters' snapshot and the done index existed.
             q.meta.clear().unwrap();
             q.done_at.clear().unwrap();
-            q.flush().await.unwrap();
+            store.flush().await.unwrap();
         }
         let store = Store::open(&path).unwrap();
         let q = store.outbox().unwrap();
