@@ -44,7 +44,9 @@ pub const CHUNK: usize = 16 * 1024;
 struct Opened {
     file: std::fs::File,
     len: u64,
-    modified: SystemTime,
+    /// The file's mtime, when an HTTP date can express it (not before 1970, before year 10000):
+    /// otherwise there is no `Last-Modified` and no date-based validation.
+    modified: Option<SystemTime>,
     etag: EntityTag,
     format: Format,
     filename: String,
@@ -91,7 +93,7 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
         return Err(unavailable());
     }
     let len = meta.len();
-    let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+    let modified = meta.modified().ok().filter(|&t| http_date_can_express(t));
     let mut head = [0u8; SNIFF_LEN];
     let mut got = 0;
     while got < head.len() {
@@ -103,12 +105,15 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
         }
     }
     let format = sniff::sniff(&head[..got], len);
-    let mtime_ns = modified
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
     // Changes whenever the file is replaced or rewritten.
-    let etag = EntityTag::new_strong(format!("{:x}-{:x}-{:x}", meta.ino(), len, mtime_ns));
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    let sign = if mtime_ns < 0 { "-" } else { "" };
+    let etag = EntityTag::new_strong(format!(
+        "{:x}-{:x}-{sign}{:x}",
+        meta.ino(),
+        len,
+        mtime_ns.unsigned_abs()
+    ));
     let filename = match (resolved.entry.filename.rsplit_once('.'), format) {
         (Some((stem, _)), f) if f != Format::Unknown => format!("{stem}.{}", f.ext()),
         _ => resolved.entry.filename.clone(),
@@ -130,13 +135,25 @@ fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .open(path)
 }
 
+/// The last second an HTTP date can name (9999-12-31 23:59:59 UTC); formatting a later time, or
+/// one before 1970, panics.
+const LAST_HTTP_DATE_SECS: u64 = 253_402_300_799;
+
+/// Whether `t` can be sent as an HTTP date.
+fn http_date_can_express(t: SystemTime) -> bool {
+    t.duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() <= LAST_HTTP_DATE_SECS)
+}
+
 fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
-    let last_modified = HttpDate::from(f.modified);
+    let last_modified = f.modified.map(|t| HttpDate::from(t).to_string());
     let headers = |status: StatusCode| {
         let mut b = HttpResponseBuilder::new(status);
-        b.insert_header((header::ETAG, f.etag.to_string()))
-            .insert_header((header::LAST_MODIFIED, last_modified.to_string()))
-            .insert_header((header::ACCEPT_RANGES, "bytes"))
+        b.insert_header((header::ETAG, f.etag.to_string()));
+        if let Some(date) = &last_modified {
+            b.insert_header((header::LAST_MODIFIED, date.as_str()));
+        }
+        b.insert_header((header::ACCEPT_RANGES, "bytes"))
             .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
             .insert_header((
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
@@ -188,8 +205,9 @@ fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
     b.body(FileBody::new(f.file, start, end, head_only))
 }
 
-/// `If-None-Match` (weak comparison, `*` matches), else `If-Modified-Since` (whole seconds).
-fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bool {
+/// `If-None-Match` (weak comparison, `*` matches), else `If-Modified-Since` (whole seconds; never
+/// without a `Last-Modified`).
+fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: Option<SystemTime>) -> bool {
     if req.headers().contains_key(header::IF_NONE_MATCH) {
         return match req.get_header::<IfNoneMatch>() {
             Some(IfNoneMatch::Any) => true,
@@ -197,6 +215,9 @@ fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bo
             None => false,
         };
     }
+    let Some(modified) = modified else {
+        return false;
+    };
     let since = req
         .headers()
         .get(header::IF_MODIFIED_SINCE)
@@ -209,16 +230,17 @@ fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bo
     }
 }
 
-/// A `Range` counts unless `If-Range` names another version (strong comparison, exact date).
-fn range_applies(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bool {
+/// A `Range` counts unless `If-Range` names another version (strong comparison, exact date; a
+/// date never matches a file without a `Last-Modified`).
+fn range_applies(req: &HttpRequest, etag: &EntityTag, modified: Option<SystemTime>) -> bool {
     if !req.headers().contains_key(header::IF_RANGE) {
         return true;
     }
     match req.get_header::<IfRange>() {
         Some(IfRange::EntityTag(tag)) => tag.strong_eq(etag),
-        Some(IfRange::Date(date)) => {
+        Some(IfRange::Date(date)) => modified.is_some_and(|modified| {
             whole_seconds(SystemTime::from(date)) == whole_seconds(modified)
-        }
+        }),
         None => false,
     }
 }
@@ -451,6 +473,24 @@ mod tests {
         assert_eq!(
             parse_range("bytes=0-99999999999999999999999", 10),
             Range::Partial(0, 10)
+        );
+    }
+
+    #[test]
+    fn only_mtimes_an_http_date_can_express_are_sent() {
+        let last = UNIX_EPOCH + Duration::from_secs(LAST_HTTP_DATE_SECS);
+        assert!(http_date_can_express(UNIX_EPOCH));
+        assert!(http_date_can_express(last + Duration::from_millis(999)));
+        assert!(!http_date_can_express(last + Duration::from_secs(1)));
+        assert!(!http_date_can_express(UNIX_EPOCH - Duration::from_nanos(1)));
+        // The bounds format without panicking.
+        assert_eq!(
+            HttpDate::from(last + Duration::from_millis(999)).to_string(),
+            "Fri, 31 Dec 9999 23:59:59 GMT"
+        );
+        assert_eq!(
+            HttpDate::from(UNIX_EPOCH).to_string(),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
         );
     }
 

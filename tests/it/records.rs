@@ -539,6 +539,57 @@ async fn conditional_requests_answer_not_modified() {
 }
 
 #[tokio::test]
+async fn a_file_dated_before_1970_is_served_without_last_modified() {
+    let rec = rec_app(|_| {}).await;
+    let data = wav_bytes(5_000);
+    let path = rec.write("in.wav", &data);
+    let long_ago = std::time::UNIX_EPOCH - Duration::from_secs(10 * 365 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    assert!(std::fs::metadata(&path).unwrap().modified().unwrap() < std::time::UNIX_EPOCH);
+    let url = rec.link("pbx-1", &path).await;
+
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("last-modified").is_none(), "{res:?}");
+    let etag = header(&res, "etag").to_string();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), data.as_slice());
+    let head = rec.app.http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert!(head.headers().get("last-modified").is_none());
+
+    // Dates cannot validate it; the ETag still does.
+    let since = rec
+        .get(
+            &url,
+            &[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+        )
+        .await;
+    assert_eq!(since.status(), StatusCode::OK);
+    let if_range = rec
+        .get(
+            &url,
+            &[
+                ("range", "bytes=0-9"),
+                ("if-range", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ],
+        )
+        .await;
+    assert_eq!(if_range.status(), StatusCode::OK);
+    assert_eq!(if_range.bytes().await.unwrap().len(), data.len());
+    let tagged = rec.get(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(tagged.status(), StatusCode::NOT_MODIFIED);
+    let ranged = rec
+        .get(&url, &[("range", "bytes=0-9"), ("if-range", &etag)])
+        .await;
+    assert_eq!(ranged.status(), StatusCode::PARTIAL_CONTENT);
+}
+
+#[tokio::test]
 async fn a_missing_recording_is_a_json_not_found() {
     let rec = rec_app(|_| {}).await;
     let path = rec.write("in.wav", &wav_bytes(1_000));
