@@ -19,6 +19,8 @@ pub mod serve;
 pub mod sniff;
 
 use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -484,6 +486,30 @@ impl Records {
     }
 }
 
+/// Opens a file for reading only if it is a regular file: not through a symlink in the last
+/// component (`O_NOFOLLOW`), and without waiting for a writer if a FIFO was swapped in
+/// (`O_NONBLOCK`, cleared again once the file is known to be regular).
+pub(crate) fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor we own, reading then setting its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 fn is_url(recording: &str) -> bool {
     recording.starts_with("https://") || recording.starts_with("http://")
 }
@@ -792,6 +818,32 @@ mod tests {
             .resolve(&f.records.token(&id, &entry), NOW)
             .unwrap();
         assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let f = fixture(|_| {});
+        let fifo = f.dir.join("in-15.wav");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((
+                open_regular(&fifo).is_err(),
+                sniff::sniff_file(&fifo).is_err(),
+            ));
+        });
+        let refused = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("opening a FIFO does not block");
+        assert_eq!(refused, (true, true));
+        // A regular file opens, and reads normally.
+        let path = f.wav("in-16.wav");
+        let file = open_regular(Path::new(&path)).unwrap();
+        let mut head = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).unwrap();
+        assert_eq!(&head, b"RIFF");
     }
 
     #[test]

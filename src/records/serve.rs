@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -78,8 +78,8 @@ fn error(e: ApiError) -> HttpResponse {
     res
 }
 
-/// Blocking: checks the token, opens the file (refusing a symlink swapped in since the check)
-/// and sniffs its format.
+/// Blocking: checks the token, opens the file (refusing a symlink or a FIFO swapped in since the
+/// check) and sniffs its format.
 fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
     let resolved = records.resolve(token, now).map_err(|e| match e {
         LinkError::NotFound(why) => ApiError::new(StatusCode::NOT_FOUND, why),
@@ -87,33 +87,14 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
         LinkError::Store(e) => ApiError::internal(e.to_string()),
     })?;
     let unavailable = || ApiError::new(StatusCode::NOT_FOUND, "the recording is not available");
-    let file = open_no_follow(&resolved.file).map_err(|_| unavailable())?;
-    let meta = file.metadata().map_err(|_| unavailable())?;
-    if !meta.is_file() {
-        return Err(unavailable());
-    }
-    let len = meta.len();
-    let modified = meta.modified().ok().filter(|&t| http_date_can_express(t));
-    let mut head = [0u8; SNIFF_LEN];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(unavailable()),
-        }
-    }
-    let format = sniff::sniff(&head[..got], len);
-    // Changes whenever the file is replaced or rewritten.
-    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-    let sign = if mtime_ns < 0 { "-" } else { "" };
-    let etag = EntityTag::new_strong(format!(
-        "{:x}-{:x}-{sign}{:x}",
-        meta.ino(),
+    let found = open_checked(&resolved.file);
+    let Found {
+        file,
         len,
-        mtime_ns.unsigned_abs()
-    ));
+        modified,
+        etag,
+        format,
+    } = found.ok_or_else(unavailable)?;
     let filename = match (resolved.entry.filename.rsplit_once('.'), format) {
         (Some((stem, _)), f) if f != Format::Unknown => format!("{stem}.{}", f.ext()),
         _ => resolved.entry.filename.clone(),
@@ -128,11 +109,64 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
     })
 }
 
-fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+/// A recording file, open and sniffed.
+struct Found {
+    file: std::fs::File,
+    len: u64,
+    modified: Option<SystemTime>,
+    etag: EntityTag,
+    format: Format,
+}
+
+/// Opens the regular file at the canonical `path` (no symlink, no FIFO, no other path to it) and
+/// sniffs it; None if it is not available.
+fn open_checked(path: &Path) -> Option<Found> {
+    let file = super::open_regular(path).ok()?;
+    if !is_open_at(&file, path) {
+        return None;
+    }
+    let meta = file.metadata().ok()?;
+    let len = meta.len();
+    let modified = meta.modified().ok().filter(|&t| http_date_can_express(t));
+    let mut head = [0u8; SNIFF_LEN];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let format = sniff::sniff(&head[..got], len);
+    // Changes whenever the file is replaced or rewritten.
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    let sign = if mtime_ns < 0 { "-" } else { "" };
+    let etag = EntityTag::new_strong(format!(
+        "{:x}-{:x}-{sign}{:x}",
+        meta.ino(),
+        len,
+        mtime_ns.unsigned_abs()
+    ));
+    Some(Found {
+        file,
+        len,
+        modified,
+        etag,
+        format,
+    })
+}
+
+/// Whether `file` was opened at the canonical `path`: `O_NOFOLLOW` guards only the last
+/// component, so a directory above it swapped for a symlink since the check shows up here, in
+/// the kernel's name for the descriptor. Without a readable `/proc` this cannot be told, and the
+/// earlier checks stand alone.
+fn is_open_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        Ok(actual) => actual == path,
+        Err(_) => true,
+    }
 }
 
 /// The last second an HTTP date can name (9999-12-31 23:59:59 UTC); formatting a later time, or
@@ -492,6 +526,31 @@ mod tests {
             HttpDate::from(UNIX_EPOCH).to_string(),
             "Thu, 01 Jan 1970 00:00:00 GMT"
         );
+    }
+
+    #[test]
+    fn a_file_reached_through_a_directory_swapped_for_a_symlink_is_refused() {
+        use std::os::fd::AsRawFd;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir(base.join("monitor")).unwrap();
+        std::fs::create_dir(base.join("outside")).unwrap();
+        std::fs::write(base.join("monitor/a.wav"), b"RIFF").unwrap();
+        std::fs::write(base.join("outside/a.wav"), b"RIFF").unwrap();
+        // Checked (canonical), then the directory is swapped before the open.
+        let checked = std::fs::canonicalize(base.join("monitor/a.wav")).unwrap();
+        let direct = super::super::open_regular(&checked).unwrap();
+        assert!(is_open_at(&direct, &checked));
+        assert!(open_checked(&checked).is_some());
+        std::fs::rename(base.join("monitor"), base.join("old")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside"), base.join("monitor")).unwrap();
+        let swapped = super::super::open_regular(&checked).unwrap();
+        let proc_readable =
+            std::fs::read_link(format!("/proc/self/fd/{}", swapped.as_raw_fd())).is_ok();
+        assert_eq!(is_open_at(&swapped, &checked), !proc_readable);
+        if proc_readable {
+            assert!(open_checked(&checked).is_none());
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn sniff(head: &[u8], len: u64) -> Format {
 
 /// Reads the first bytes of `path` and sniffs them.
 pub fn sniff_file(path: &Path) -> std::io::Result<Format> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = super::open_regular(path)?;
     let len = file.metadata()?.len();
     let mut head = Vec::with_capacity(SNIFF_LEN);
     (&mut file).take(SNIFF_LEN as u64).read_to_end(&mut head)?;
