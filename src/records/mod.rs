@@ -69,6 +69,9 @@ pub enum LinkError {
 pub struct Resolved {
     pub entry: LinkEntry,
     pub file: PathBuf,
+    /// The original recording when `file` is its converted copy: served instead if the copy
+    /// turns out unusable.
+    pub original: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,13 +425,18 @@ impl Records {
         if keep_days > 0 && entry.call_start.saturating_add(keep_days * DAY_MS) <= now_ms {
             return Err(LinkError::Expired);
         }
-        let file = entry
-            .served
-            .as_deref()
-            .and_then(|s| self.recheck(s))
-            .or_else(|| self.recheck(&entry.path))
-            .ok_or(LinkError::NotFound("the recording is not available"))?;
-        Ok(Resolved { entry, file })
+        let copy = entry.served.as_deref().and_then(|s| self.recheck(s));
+        let original = self.recheck(&entry.path);
+        let (file, original) = match (copy, original) {
+            (Some(copy), original) => (copy, original),
+            (None, Some(original)) => (original, None),
+            (None, None) => return Err(LinkError::NotFound("the recording is not available")),
+        };
+        Ok(Resolved {
+            entry,
+            file,
+            original,
+        })
     }
 
     /// Deletes links that stopped working more than [`LINK_GRACE`] before unix second `now`, and
@@ -818,6 +826,24 @@ mod tests {
             .resolve(&f.records.token(&id, &entry), NOW)
             .unwrap();
         assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
+    }
+
+    #[test]
+    fn a_converted_copy_resolves_with_its_original_as_the_fallback() {
+        let f = fixture(|c| c.records.convert = "mp3".into());
+        let path = f.wav("in-14.wav");
+        std::fs::write(format!("{path}.mp3"), MP3_FRAME).unwrap();
+        let r = record("pbx-14", vec![path.clone()]);
+        let (id, entry) = f.link(&r, NOW);
+        let token = f.records.token(&id, &entry);
+        let resolved = f.records.resolve(&token, NOW).unwrap();
+        assert_eq!(resolved.file, PathBuf::from(format!("{path}.mp3")));
+        assert_eq!(resolved.original, Some(PathBuf::from(&path)));
+        // Without the copy, the original is the file, with nothing behind it.
+        std::fs::remove_file(format!("{path}.mp3")).unwrap();
+        let resolved = f.records.resolve(&token, NOW).unwrap();
+        assert_eq!(resolved.file, PathBuf::from(&path));
+        assert_eq!(resolved.original, None);
     }
 
     #[test]

@@ -79,7 +79,8 @@ fn error(e: ApiError) -> HttpResponse {
 }
 
 /// Blocking: checks the token, opens the file (refusing a symlink or a FIFO swapped in since the
-/// check) and sniffs its format.
+/// check) and sniffs its format. A converted copy that turns out empty or not mp3 is passed over
+/// for the original.
 fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
     let resolved = records.resolve(token, now).map_err(|e| match e {
         LinkError::NotFound(why) => ApiError::new(StatusCode::NOT_FOUND, why),
@@ -87,7 +88,17 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
         LinkError::Store(e) => ApiError::internal(e.to_string()),
     })?;
     let unavailable = || ApiError::new(StatusCode::NOT_FOUND, "the recording is not available");
-    let found = open_checked(&resolved.file);
+    let found = match &resolved.original {
+        Some(original) => match open_checked(&resolved.file) {
+            Some(copy) if copy.len > 0 && copy.format == Format::Mp3 => Some(copy),
+            _ => {
+                tracing::warn!(call = %resolved.entry.call_id,
+                    "the mp3 copy of the recording cannot be served (unreadable, empty or not mp3); the original is");
+                open_checked(original)
+            }
+        },
+        None => open_checked(&resolved.file),
+    };
     let Found {
         file,
         len,

@@ -817,3 +817,28 @@ async fn an_encoder_past_its_timeout_is_killed_and_the_original_served() {
     assert_eq!(header(&res, "content-type"), "audio/wav");
     assert_eq!(rec.app.state.records.status().conversion_failures, 1);
 }
+
+#[tokio::test]
+async fn an_unusable_mp3_copy_is_passed_over_for_the_original() {
+    let rec = rec_app(|c| c.records.convert = "mp3".into()).await;
+    let data = wav_bytes(3_000);
+    let path = rec.write("in.wav", &data);
+    let copy = format!("{path}.mp3");
+    let mut mp3 = MP3_FRAME.to_vec();
+    mp3.resize(417, 0);
+    std::fs::write(&copy, &mp3).unwrap();
+    let url = rec.link("pbx-1", &path).await;
+    assert!(url.ends_with(".mp3"), "{url}");
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(header(&res, "content-type"), "audio/mpeg");
+    assert_eq!(res.bytes().await.unwrap().as_ref(), mp3.as_slice());
+
+    for broken in [&b""[..], b"<html>not mp3</html>"] {
+        std::fs::write(&copy, broken).unwrap();
+        let res = rec.get(&url, &[]).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "content-type"), "audio/wav");
+        assert!(header(&res, "content-disposition").ends_with(".wav\""));
+        assert_eq!(res.bytes().await.unwrap().as_ref(), data.as_slice());
+    }
+}
