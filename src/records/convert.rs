@@ -1,8 +1,9 @@
 //! Conversion to mp3 through an external encoder (`lame`, `ffmpeg`), from `records.convert_command`.
 //!
 //! The encoder writes a hidden temporary file next to the original; only a complete, non-empty
-//! output that sniffs as mp3 is renamed into place (`<original name>.mp3`), so a converted copy
-//! either exists whole or not at all. An encoder that outlives `records.convert_timeout` is killed
+//! output that sniffs as mp3 is synced to disk and renamed into place (`<original name>.mp3`, the
+//! directory synced too), so a converted copy either exists whole or not at all, also after a
+//! power loss. An encoder that outlives `records.convert_timeout` is killed
 //! with its whole process group. One conversion runs at a time (the PBX host's cores belong to
 //! Asterisk first).
 
@@ -50,6 +51,20 @@ fn partial_path(original: &Path) -> PathBuf {
     original.with_file_name(name)
 }
 
+/// Makes the output durable before it is renamed into place.
+async fn sync_file(path: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(path).await?.sync_all().await
+}
+
+/// Makes a rename in `dir` durable. File systems that cannot sync a directory say so with
+/// `EINVAL`: nothing more can be done there.
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::File::open(dir).await?.sync_all().await {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        result => result,
+    }
+}
+
 /// Runs the encoder on `input`, leaving `converted_path(input)` on success.
 pub async fn to_mp3(
     command: &[String],
@@ -58,21 +73,32 @@ pub async fn to_mp3(
 ) -> Result<PathBuf, ConvertError> {
     let output = converted_path(input);
     let partial = partial_path(input);
+    let dir = input.parent().unwrap_or(Path::new(".")).to_path_buf();
     let result = run_encoder(command, input, &partial, timeout).await;
     let checked = match result {
         Ok(()) => check_output(&partial).await,
         Err(e) => Err(e),
     };
-    match checked {
-        Ok(()) => {
-            tokio::fs::rename(&partial, &output).await?;
-            Ok(output)
-        }
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(e)
-        }
+    let synced = match checked {
+        Ok(()) => sync_file(&partial).await.map_err(ConvertError::from),
+        Err(e) => Err(e),
+    };
+    let renamed = match synced {
+        Ok(()) => tokio::fs::rename(&partial, &output)
+            .await
+            .map_err(ConvertError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = renamed {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
     }
+    // The link made next is flushed to the store: the name it points at must be on disk first.
+    if let Err(e) = sync_dir(&dir).await {
+        let _ = tokio::fs::remove_file(&output).await;
+        return Err(e.into());
+    }
+    Ok(output)
 }
 
 async fn run_encoder(
