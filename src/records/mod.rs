@@ -330,13 +330,13 @@ impl Records {
         tz: &jiff::tz::TimeZone,
     ) -> Result<(), StoreError> {
         let now = unix_now();
-        let mut made = false;
+        let mut linked = false;
         for record in records {
-            if let Some((_, _, created)) = self.link_at(record, tz, now)? {
-                made |= created;
-            }
+            linked |= self.link_at(record, tz, now)?.is_some();
         }
-        if made {
+        // Also when every link was there already: one made by an earlier attempt that failed
+        // before its flush is not durable yet. Cheap when nothing is left to write.
+        if linked {
             self.inner.links.flush().await?;
         }
         Ok(())
