@@ -199,7 +199,8 @@ impl Records {
             return true;
         }
         // A call linked already keeps its link, and so its format.
-        if matches!(self.inner.links.for_call(&record.external_id), Ok(Some(_))) {
+        if !matches!(self.inner.links.for_call(&record.external_id), Ok(None)) {
+            // Or it has one that cannot be read, and will get none.
             return true;
         }
         let Some(path) = self.choose(record) else {
@@ -285,8 +286,10 @@ impl Records {
         tz: &jiff::tz::TimeZone,
         now: u64,
     ) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
-        if let Some((id, entry)) = self.inner.links.for_call(&record.external_id)? {
-            return Ok(Some((id, entry, false)));
+        match self.inner.links.for_call(&record.external_id) {
+            Ok(Some((id, entry))) => return Ok(Some((id, entry, false))),
+            Ok(None) => {}
+            Err(e) => return unreadable_link(&record.external_id, e),
         }
         let Some(path) = self.choose(record) else {
             return Ok(None);
@@ -317,7 +320,10 @@ impl Records {
             expires_at: if ttl == 0 { 0 } else { now.saturating_add(ttl) },
             call_start: record.start,
         };
-        let made = self.inner.links.insert(id, &entry)?;
+        let made = match self.inner.links.insert(id, &entry) {
+            Ok(made) => made,
+            Err(e) => return unreadable_link(&record.external_id, e),
+        };
         self.lock_conversions().remove(&path);
         Ok(Some(made))
     }
@@ -358,6 +364,10 @@ impl Records {
         match self.inner.links.for_call(&record.external_id) {
             Ok(Some((id, entry))) => return Some(self.url(&id, &entry)),
             Ok(None) => {}
+            // Logged when the drain tried to link the call.
+            Err(e @ StoreError::Decode { .. }) => {
+                tracing::debug!(call = %record.external_id, error = %e, "unreadable recording link");
+            }
             Err(e) => tracing::error!(error = %e, "reading a recording link failed"),
         }
         record.recordings.iter().find(|r| is_url(r)).cloned()
@@ -491,6 +501,22 @@ impl Records {
             converted: self.inner.converted.load(Ordering::Relaxed),
             conversion_failures: self.inner.failures.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A call's link entry that cannot be decoded counts as no link, so that the call is uploaded
+/// without `recordUrl` rather than holding up the queue; other store errors stand.
+fn unreadable_link(
+    call_id: &str,
+    e: StoreError,
+) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
+    match e {
+        StoreError::Decode { .. } => {
+            tracing::warn!(call = %call_id, error = %e,
+                "the call's recording link is unreadable; the call is uploaded without recordUrl");
+            Ok(None)
+        }
+        e => Err(e),
     }
 }
 
@@ -826,6 +852,44 @@ mod tests {
             .resolve(&f.records.token(&id, &entry), NOW)
             .unwrap();
         assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
+    }
+
+    #[test]
+    fn a_call_whose_link_entry_is_unreadable_is_uploaded_without_one() {
+        let f = fixture(|c| c.records.convert = "mp3".into());
+        let r = record("pbx-10", vec![f.wav("in-10.wav")]);
+        f.records
+            .inner
+            .links
+            .insert_raw([9; 16], "pbx-10", b"\xff not json");
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        // What the outbox does before an upload: no error (that would hold up every upload), no
+        // recordUrl for this call, and no conversion waited for.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let other = record("pbx-11", vec![f.wav("in-11.wav")]);
+        rt.block_on(
+            f.records
+                .ensure_links([&r, &other], &jiff::tz::TimeZone::UTC),
+        )
+        .unwrap();
+        assert_eq!(f.records.url_for(&r), None);
+        assert!(f.records.url_for(&other).is_some());
+        assert!(f.records.conversion_ready(&r, || {}));
+        // A URL given by the PBX is still passed through.
+        let with_url = CallRecord {
+            recordings: vec!["https://pbx.example.com/rec/10.mp3".into()],
+            ..r
+        };
+        assert_eq!(
+            f.records.url_for(&with_url).as_deref(),
+            Some("https://pbx.example.com/rec/10.mp3")
+        );
     }
 
     #[test]
