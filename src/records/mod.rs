@@ -167,7 +167,16 @@ impl Records {
             return None;
         }
         let canonical = std::fs::canonicalize(dir.join(raw)).ok()?;
-        (canonical.starts_with(dir) && canonical.is_file()).then_some(canonical)
+        if !(canonical.starts_with(dir) && canonical.is_file()) {
+            return None;
+        }
+        // Links store paths as text: a name that is not UTF-8 could never be found again.
+        if canonical.to_str().is_none() {
+            tracing::warn!(path = %convert::mask_digit_runs(&canonical.to_string_lossy()),
+                "a recording whose path is not UTF-8 is not linked");
+            return None;
+        }
+        Some(canonical)
     }
 
     /// A stored (canonical) path, checked again: still canonical, inside the directory, a file.
@@ -302,18 +311,22 @@ impl Records {
         let served = (self.inner.config.convert == "mp3")
             .then(|| convert::converted_path(&path))
             .filter(|c| c.is_file())
-            .and_then(|c| self.locate(&c.to_string_lossy()));
+            .and_then(|c| self.locate(c.to_str()?));
         let Ok(format) = sniff::sniff_file(served.as_deref().unwrap_or(&path)) else {
             return Ok(None);
         };
         let ttl = self.inner.config.link_ttl.as_secs();
         let mut id = [0u8; LINK_ID_LEN];
         rand::rng().fill_bytes(&mut id);
+        // `locate` gives only UTF-8 paths.
+        let Some(path_text) = path.to_str() else {
+            return Ok(None);
+        };
         let entry = LinkEntry {
             v: 1,
             call_id: record.external_id.clone(),
-            path: path.to_string_lossy().into_owned(),
-            served: served.map(|s| s.to_string_lossy().into_owned()),
+            path: path_text.to_owned(),
+            served: served.as_deref().and_then(Path::to_str).map(str::to_owned),
             ext: format.ext().to_string(),
             filename: download_name(record, tz, format.ext()),
             created_at: now,
@@ -890,6 +903,35 @@ mod tests {
             f.records.url_for(&with_url).as_deref(),
             Some("https://pbx.example.com/rec/10.mp3")
         );
+    }
+
+    #[test]
+    fn a_recording_whose_path_is_not_utf8_is_not_linked() {
+        use std::os::unix::ffi::OsStrExt;
+        let f = fixture(|_| {});
+        let name = std::ffi::OsStr::from_bytes(b"in-\xff.wav");
+        std::fs::write(f.dir.join(name), wav_header(1, 0)).unwrap();
+        // Reached through a UTF-8 name, it resolves to the other one.
+        std::os::unix::fs::symlink(f.dir.join(name), f.dir.join("in-12.wav")).unwrap();
+        let r = record(
+            "pbx-12",
+            vec![f.dir.join("in-12.wav").display().to_string()],
+        );
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        // The next usable recording of the call is linked instead.
+        let usable = f.wav("in-13.wav");
+        let r = record(
+            "pbx-13",
+            vec![
+                f.dir.join("in-12.wav").display().to_string(),
+                usable.clone(),
+            ],
+        );
+        assert_eq!(f.link(&r, NOW).1.path, usable);
     }
 
     #[test]
