@@ -297,15 +297,19 @@ async fn traversal_attempts_are_not_found() {
     let outside = rec.dir.parent().unwrap().join("outside.wav");
     std::fs::write(&outside, wav_bytes(1000)).unwrap();
 
-    for path in [
-        "/records/..%2F..%2Fetc%2Fpasswd",
-        "/records/../../etc/passwd",
-        "/records/%2e%2e/%2e%2e/etc/passwd",
-        "/records//etc/passwd",
-        "/records/%2Fetc%2Fpasswd",
-        "/records/..",
-        "/records/%2e%2e%2foutside.wav",
-        &format!("/records/{}", outside.display()),
+    // One segment after /records/ reaches the recordings handler, which finds no such token;
+    // anything with more segments matches no route at all.
+    const HANDLER: &str = "no such recording";
+    const NO_ROUTE: &str = "no such endpoint";
+    for (path, why) in [
+        ("/records/..%2F..%2Fetc%2Fpasswd", HANDLER),
+        ("/records/../../etc/passwd", NO_ROUTE),
+        ("/records/%2e%2e/%2e%2e/etc/passwd", NO_ROUTE),
+        ("/records//etc/passwd", NO_ROUTE),
+        ("/records/%2Fetc%2Fpasswd", HANDLER),
+        ("/records/..", HANDLER),
+        ("/records/%2e%2e%2foutside.wav", HANDLER),
+        (&format!("/records/{}", outside.display()), NO_ROUTE),
     ] {
         let answer = raw(
             &rec.app,
@@ -313,7 +317,10 @@ async fn traversal_attempts_are_not_found() {
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
-        assert!(answer.contains("\"success\":false"), "{path}: {answer}");
+        assert!(
+            answer.contains(&format!("\"success\":false,\"errorMsg\":\"{why}\"")),
+            "{path}: {answer}"
+        );
         assert!(!answer.contains("root:"), "{path}");
     }
 
@@ -341,9 +348,27 @@ async fn traversal_attempts_are_not_found() {
     // A linked file replaced by a symlink to the outside afterwards is refused.
     let inside = rec.write("in-1.wav", &wav_bytes(1000));
     let url = rec.link("pbx-1", &inside).await;
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.unwrap().len(), 1000);
     std::fs::remove_file(&inside).unwrap();
     std::os::unix::fs::symlink(&outside, &inside).unwrap();
-    json_error(rec.get(&url, &[]).await, StatusCode::NOT_FOUND).await;
+    let body = json_error(rec.get(&url, &[]).await, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["errorMsg"], "the recording is not available");
+
+    // So is one replaced by a FIFO (which would block a reader waiting for a writer).
+    let fifo = rec.write("in-2.wav", &wav_bytes(1000));
+    let url = rec.link("pbx-2", &fifo).await;
+    assert_eq!(rec.get(&url, &[]).await.status(), StatusCode::OK);
+    std::fs::remove_file(&fifo).unwrap();
+    let c_path = std::ffi::CString::new(fifo).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let res = tokio::time::timeout(Duration::from_secs(10), rec.get(&url, &[]))
+        .await
+        .expect("answered without waiting for a writer");
+    let body = json_error(res, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["errorMsg"], "the recording is not available");
 }
 
 #[tokio::test]
