@@ -826,14 +826,36 @@ async fn a_failing_encoder_leaves_the_original_served() {
     );
 }
 
+/// Whether process `pid` has ended: no longer in /proc, or a zombie (dead, only waiting for
+/// its parent, or for an init that may not reap in a container, to collect its status).
+fn has_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
 #[tokio::test]
 async fn an_encoder_past_its_timeout_is_killed_and_the_original_served() {
     let scripts = tempfile::tempdir().unwrap();
-    let command = encoder(scripts.path(), "slow.sh", "exec sleep 30");
+    let pids = scripts.path().join("pids");
+    // The encoder's shell and a background child of its own: both must go.
+    let command = encoder(
+        scripts.path(),
+        "slow.sh",
+        &format!(
+            "sleep 30 &\necho \"$$ $!\" > {0}.tmp && mv {0}.tmp {0}\nwait",
+            pids.display()
+        ),
+    );
     let rec = rec_app(|c| {
         c.records.convert = "mp3".into();
         c.records.convert_command = command;
-        c.records.convert_timeout = Duration::from_millis(300);
+        c.records.convert_timeout = Duration::from_secs(1);
     })
     .await;
     let (url, _) = convert_and_upload(&rec).await;
@@ -841,6 +863,23 @@ async fn an_encoder_past_its_timeout_is_killed_and_the_original_served() {
     let res = rec.get(&url, &[]).await;
     assert_eq!(header(&res, "content-type"), "audio/wav");
     assert_eq!(rec.app.state.records.status().conversion_failures, 1);
+
+    let pids: Vec<u32> = std::fs::read_to_string(&pids)
+        .expect("the encoder wrote its pids before the timeout")
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    // Killed together with the SIGKILL to the group; their teardown takes a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&pid| has_ended(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {:?}",
+            pids.iter().filter(|&&p| !has_ended(p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
