@@ -1,15 +1,19 @@
 //! Conversion to mp3 through an external encoder (`lame`, `ffmpeg`), from `records.convert_command`.
 //!
-//! The encoder writes a hidden temporary file next to the original; only a complete, non-empty
-//! output that sniffs as mp3 is renamed into place (`<original name>.mp3`), so a converted copy
-//! either exists whole or not at all. An encoder that outlives `records.convert_timeout` is killed
-//! with its whole process group. One conversion runs at a time (the PBX host's cores belong to
-//! Asterisk first).
+//! The encoder writes a hidden temporary file with an unguessable name next to the original; only
+//! a complete, non-empty output that sniffs as mp3 is synced to disk and renamed into place
+//! (`<original name>.mp3`, the directory synced too), so a converted copy either exists whole or
+//! not at all, also after a power loss. An encoder that outlives `records.convert_timeout` is
+//! killed with its whole process group. One conversion runs at a time (the PBX host's cores
+//! belong to Asterisk first). Temporary files a crash left behind are deleted after an hour.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
+use rand::RngCore;
 use tokio::io::AsyncReadExt;
 
 use super::sniff::{self, Format};
@@ -41,13 +45,84 @@ pub fn converted_path(original: &Path) -> PathBuf {
     original.with_file_name(name)
 }
 
-/// The temporary output of a conversion in progress (hidden, still ending in `.mp3` so that
-/// ffmpeg picks the format from the name).
+/// Suffix of the temporary outputs.
+const PARTIAL_SUFFIX: &str = ".part.mp3";
+/// Temporary outputs older than this are left over from a crash: no conversion runs this long.
+const PARTIAL_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// The temporary output of a conversion in progress: hidden, with 64 random bits in its name so
+/// that nobody else with write access to the directory can prepare it (a symlink the encoder
+/// would write through), still ending in `.mp3` so that ffmpeg picks the format from the name.
 fn partial_path(original: &Path) -> PathBuf {
+    let mut random = [0u8; 8];
+    rand::rng().fill_bytes(&mut random);
+    let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let mut name = std::ffi::OsString::from(".");
     name.push(original.file_name().unwrap_or_default());
-    name.push(format!(".{}.part.mp3", std::process::id()));
+    name.push(format!(".{random}{PARTIAL_SUFFIX}"));
     original.with_file_name(name)
+}
+
+/// Deletes temporary outputs older than [`PARTIAL_MAX_AGE`] (a crash during a conversion) from
+/// `dir`, looking at most once an hour per directory.
+fn remove_stale_partials(dir: &Path) {
+    static SWEPT: Mutex<Option<HashMap<PathBuf, Instant>>> = Mutex::new(None);
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
+        let swept = swept.get_or_insert_with(HashMap::new);
+        let now = Instant::now();
+        if swept
+            .get(dir)
+            .is_some_and(|at| now.duration_since(*at) < PARTIAL_MAX_AGE)
+        {
+            return;
+        }
+        swept.retain(|_, at| now.duration_since(*at) < PARTIAL_MAX_AGE);
+        swept.insert(dir.to_path_buf(), now);
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !(name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)) {
+            continue;
+        }
+        // Never follows a symlink: only our own regular files.
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age >= PARTIAL_MAX_AGE)
+        });
+        if stale {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!("a conversion's leftover temporary file deleted"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete a conversion's leftover temporary file")
+                }
+            }
+        }
+    }
+}
+
+/// Makes the output durable before it is renamed into place.
+async fn sync_file(path: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(path).await?.sync_all().await
+}
+
+/// Makes a rename in `dir` durable. File systems that cannot sync a directory say so with
+/// `EINVAL`: nothing more can be done there.
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::File::open(dir).await?.sync_all().await {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        result => result,
+    }
 }
 
 /// Runs the encoder on `input`, leaving `converted_path(input)` on success.
@@ -58,21 +133,34 @@ pub async fn to_mp3(
 ) -> Result<PathBuf, ConvertError> {
     let output = converted_path(input);
     let partial = partial_path(input);
+    let dir = input.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let sweep = dir.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_stale_partials(&sweep)).await;
     let result = run_encoder(command, input, &partial, timeout).await;
     let checked = match result {
         Ok(()) => check_output(&partial).await,
         Err(e) => Err(e),
     };
-    match checked {
-        Ok(()) => {
-            tokio::fs::rename(&partial, &output).await?;
-            Ok(output)
-        }
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(e)
-        }
+    let synced = match checked {
+        Ok(()) => sync_file(&partial).await.map_err(ConvertError::from),
+        Err(e) => Err(e),
+    };
+    let renamed = match synced {
+        Ok(()) => tokio::fs::rename(&partial, &output)
+            .await
+            .map_err(ConvertError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = renamed {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
     }
+    // The link made next is flushed to the store: the name it points at must be on disk first.
+    if let Err(e) = sync_dir(&dir).await {
+        let _ = tokio::fs::remove_file(&output).await;
+        return Err(e.into());
+    }
+    Ok(output)
 }
 
 async fn run_encoder(
@@ -222,5 +310,47 @@ mod tests {
             "{name}"
         );
         assert_eq!(partial.parent(), Some(Path::new("/m")));
+        // Not predictable: 16 random hex digits, different every time.
+        let random = &name[".in-1.WAV.".len()..name.len() - PARTIAL_SUFFIX.len()];
+        assert_eq!(random.len(), 16, "{name}");
+        assert!(random.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+        assert_ne!(partial_path(Path::new("/m/in-1.WAV")), partial);
+    }
+
+    #[test]
+    fn only_old_leftover_partials_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        let make = |name: &str, old: bool| {
+            let path = dir.join(name);
+            std::fs::write(&path, b"x").unwrap();
+            if old {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(two_hours_ago)
+                    .unwrap();
+            }
+            path
+        };
+        let stale = make(".in-1.wav.0123456789abcdef.part.mp3", true);
+        let running = make(".in-2.wav.0123456789abcdef.part.mp3", false);
+        let copy = make("in-3.wav.mp3", true);
+        let other = make(".in-4.part.mp3.keep", true);
+        let target = make("target.wav", true);
+        let link = dir.join(".in-5.wav.0123456789abcdef.part.mp3");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        remove_stale_partials(dir);
+        assert!(!stale.exists());
+        for kept in [&running, &copy, &other, &target] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert!(link.symlink_metadata().is_ok(), "a symlink is not ours");
+        // At most once an hour per directory.
+        let again = make(".in-6.wav.0123456789abcdef.part.mp3", true);
+        remove_stale_partials(dir);
+        assert!(again.exists());
     }
 }

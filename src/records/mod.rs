@@ -19,6 +19,8 @@ pub mod serve;
 pub mod sniff;
 
 use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -67,6 +69,9 @@ pub enum LinkError {
 pub struct Resolved {
     pub entry: LinkEntry,
     pub file: PathBuf,
+    /// The original recording when `file` is its converted copy: served instead if the copy
+    /// turns out unusable.
+    pub original: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +167,16 @@ impl Records {
             return None;
         }
         let canonical = std::fs::canonicalize(dir.join(raw)).ok()?;
-        (canonical.starts_with(dir) && canonical.is_file()).then_some(canonical)
+        if !(canonical.starts_with(dir) && canonical.is_file()) {
+            return None;
+        }
+        // Links store paths as text: a name that is not UTF-8 could never be found again.
+        if canonical.to_str().is_none() {
+            tracing::warn!(path = %convert::mask_digit_runs(&canonical.to_string_lossy()),
+                "a recording whose path is not UTF-8 is not linked");
+            return None;
+        }
+        Some(canonical)
     }
 
     /// A stored (canonical) path, checked again: still canonical, inside the directory, a file.
@@ -194,7 +208,8 @@ impl Records {
             return true;
         }
         // A call linked already keeps its link, and so its format.
-        if matches!(self.inner.links.for_call(&record.external_id), Ok(Some(_))) {
+        if !matches!(self.inner.links.for_call(&record.external_id), Ok(None)) {
+            // Or it has one that cannot be read, and will get none.
             return true;
         }
         let Some(path) = self.choose(record) else {
@@ -280,8 +295,10 @@ impl Records {
         tz: &jiff::tz::TimeZone,
         now: u64,
     ) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
-        if let Some((id, entry)) = self.inner.links.for_call(&record.external_id)? {
-            return Ok(Some((id, entry, false)));
+        match self.inner.links.for_call(&record.external_id) {
+            Ok(Some((id, entry))) => return Ok(Some((id, entry, false))),
+            Ok(None) => {}
+            Err(e) => return unreadable_link(&record.external_id, e),
         }
         let Some(path) = self.choose(record) else {
             return Ok(None);
@@ -294,25 +311,32 @@ impl Records {
         let served = (self.inner.config.convert == "mp3")
             .then(|| convert::converted_path(&path))
             .filter(|c| c.is_file())
-            .and_then(|c| self.locate(&c.to_string_lossy()));
+            .and_then(|c| self.locate(c.to_str()?));
         let Ok(format) = sniff::sniff_file(served.as_deref().unwrap_or(&path)) else {
             return Ok(None);
         };
         let ttl = self.inner.config.link_ttl.as_secs();
         let mut id = [0u8; LINK_ID_LEN];
         rand::rng().fill_bytes(&mut id);
+        // `locate` gives only UTF-8 paths.
+        let Some(path_text) = path.to_str() else {
+            return Ok(None);
+        };
         let entry = LinkEntry {
             v: 1,
             call_id: record.external_id.clone(),
-            path: path.to_string_lossy().into_owned(),
-            served: served.map(|s| s.to_string_lossy().into_owned()),
+            path: path_text.to_owned(),
+            served: served.as_deref().and_then(Path::to_str).map(str::to_owned),
             ext: format.ext().to_string(),
             filename: download_name(record, tz, format.ext()),
             created_at: now,
             expires_at: if ttl == 0 { 0 } else { now.saturating_add(ttl) },
             call_start: record.start,
         };
-        let made = self.inner.links.insert(id, &entry)?;
+        let made = match self.inner.links.insert(id, &entry) {
+            Ok(made) => made,
+            Err(e) => return unreadable_link(&record.external_id, e),
+        };
         self.lock_conversions().remove(&path);
         Ok(Some(made))
     }
@@ -325,13 +349,13 @@ impl Records {
         tz: &jiff::tz::TimeZone,
     ) -> Result<(), StoreError> {
         let now = unix_now();
-        let mut made = false;
+        let mut linked = false;
         for record in records {
-            if let Some((_, _, created)) = self.link_at(record, tz, now)? {
-                made |= created;
-            }
+            linked |= self.link_at(record, tz, now)?.is_some();
         }
-        if made {
+        // Also when every link was there already: one made by an earlier attempt that failed
+        // before its flush is not durable yet. Cheap when nothing is left to write.
+        if linked {
             self.inner.links.flush().await?;
         }
         Ok(())
@@ -353,6 +377,10 @@ impl Records {
         match self.inner.links.for_call(&record.external_id) {
             Ok(Some((id, entry))) => return Some(self.url(&id, &entry)),
             Ok(None) => {}
+            // Logged when the drain tried to link the call.
+            Err(e @ StoreError::Decode { .. }) => {
+                tracing::debug!(call = %record.external_id, error = %e, "unreadable recording link");
+            }
             Err(e) => tracing::error!(error = %e, "reading a recording link failed"),
         }
         record.recordings.iter().find(|r| is_url(r)).cloned()
@@ -420,13 +448,18 @@ impl Records {
         if keep_days > 0 && entry.call_start.saturating_add(keep_days * DAY_MS) <= now_ms {
             return Err(LinkError::Expired);
         }
-        let file = entry
-            .served
-            .as_deref()
-            .and_then(|s| self.recheck(s))
-            .or_else(|| self.recheck(&entry.path))
-            .ok_or(LinkError::NotFound("the recording is not available"))?;
-        Ok(Resolved { entry, file })
+        let copy = entry.served.as_deref().and_then(|s| self.recheck(s));
+        let original = self.recheck(&entry.path);
+        let (file, original) = match (copy, original) {
+            (Some(copy), original) => (copy, original),
+            (None, Some(original)) => (original, None),
+            (None, None) => return Err(LinkError::NotFound("the recording is not available")),
+        };
+        Ok(Resolved {
+            entry,
+            file,
+            original,
+        })
     }
 
     /// Deletes links that stopped working more than [`LINK_GRACE`] before unix second `now`, and
@@ -482,6 +515,46 @@ impl Records {
             conversion_failures: self.inner.failures.load(Ordering::Relaxed),
         }
     }
+}
+
+/// A call's link entry that cannot be decoded counts as no link, so that the call is uploaded
+/// without `recordUrl` rather than holding up the queue; other store errors stand.
+fn unreadable_link(
+    call_id: &str,
+    e: StoreError,
+) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
+    match e {
+        StoreError::Decode { .. } => {
+            tracing::warn!(call = %call_id, error = %e,
+                "the call's recording link is unreadable; the call is uploaded without recordUrl");
+            Ok(None)
+        }
+        e => Err(e),
+    }
+}
+
+/// Opens a file for reading only if it is a regular file: not through a symlink in the last
+/// component (`O_NOFOLLOW`), and without waiting for a writer if a FIFO was swapped in
+/// (`O_NONBLOCK`, cleared again once the file is known to be regular).
+pub(crate) fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor we own, reading then setting its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 fn is_url(recording: &str) -> bool {
@@ -792,6 +865,117 @@ mod tests {
             .resolve(&f.records.token(&id, &entry), NOW)
             .unwrap();
         assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
+    }
+
+    #[test]
+    fn a_call_whose_link_entry_is_unreadable_is_uploaded_without_one() {
+        let f = fixture(|c| c.records.convert = "mp3".into());
+        let r = record("pbx-10", vec![f.wav("in-10.wav")]);
+        f.records
+            .inner
+            .links
+            .insert_raw([9; 16], "pbx-10", b"\xff not json");
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        // What the outbox does before an upload: no error (that would hold up every upload), no
+        // recordUrl for this call, and no conversion waited for.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let other = record("pbx-11", vec![f.wav("in-11.wav")]);
+        rt.block_on(
+            f.records
+                .ensure_links([&r, &other], &jiff::tz::TimeZone::UTC),
+        )
+        .unwrap();
+        assert_eq!(f.records.url_for(&r), None);
+        assert!(f.records.url_for(&other).is_some());
+        assert!(f.records.conversion_ready(&r, || {}));
+        // A URL given by the PBX is still passed through.
+        let with_url = CallRecord {
+            recordings: vec!["https://pbx.example.com/rec/10.mp3".into()],
+            ..r
+        };
+        assert_eq!(
+            f.records.url_for(&with_url).as_deref(),
+            Some("https://pbx.example.com/rec/10.mp3")
+        );
+    }
+
+    #[test]
+    fn a_recording_whose_path_is_not_utf8_is_not_linked() {
+        use std::os::unix::ffi::OsStrExt;
+        let f = fixture(|_| {});
+        let name = std::ffi::OsStr::from_bytes(b"in-\xff.wav");
+        std::fs::write(f.dir.join(name), wav_header(1, 0)).unwrap();
+        // Reached through a UTF-8 name, it resolves to the other one.
+        std::os::unix::fs::symlink(f.dir.join(name), f.dir.join("in-12.wav")).unwrap();
+        let r = record(
+            "pbx-12",
+            vec![f.dir.join("in-12.wav").display().to_string()],
+        );
+        assert!(f
+            .records
+            .link_at(&r, &jiff::tz::TimeZone::UTC, NOW)
+            .unwrap()
+            .is_none());
+        // The next usable recording of the call is linked instead.
+        let usable = f.wav("in-13.wav");
+        let r = record(
+            "pbx-13",
+            vec![
+                f.dir.join("in-12.wav").display().to_string(),
+                usable.clone(),
+            ],
+        );
+        assert_eq!(f.link(&r, NOW).1.path, usable);
+    }
+
+    #[test]
+    fn a_converted_copy_resolves_with_its_original_as_the_fallback() {
+        let f = fixture(|c| c.records.convert = "mp3".into());
+        let path = f.wav("in-14.wav");
+        std::fs::write(format!("{path}.mp3"), MP3_FRAME).unwrap();
+        let r = record("pbx-14", vec![path.clone()]);
+        let (id, entry) = f.link(&r, NOW);
+        let token = f.records.token(&id, &entry);
+        let resolved = f.records.resolve(&token, NOW).unwrap();
+        assert_eq!(resolved.file, PathBuf::from(format!("{path}.mp3")));
+        assert_eq!(resolved.original, Some(PathBuf::from(&path)));
+        // Without the copy, the original is the file, with nothing behind it.
+        std::fs::remove_file(format!("{path}.mp3")).unwrap();
+        let resolved = f.records.resolve(&token, NOW).unwrap();
+        assert_eq!(resolved.file, PathBuf::from(&path));
+        assert_eq!(resolved.original, None);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let f = fixture(|_| {});
+        let fifo = f.dir.join("in-15.wav");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((
+                open_regular(&fifo).is_err(),
+                sniff::sniff_file(&fifo).is_err(),
+            ));
+        });
+        let refused = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("opening a FIFO does not block");
+        assert_eq!(refused, (true, true));
+        // A regular file opens, and reads normally.
+        let path = f.wav("in-16.wav");
+        let file = open_regular(Path::new(&path)).unwrap();
+        let mut head = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).unwrap();
+        assert_eq!(&head, b"RIFF");
     }
 
     #[test]

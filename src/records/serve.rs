@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,7 +44,9 @@ pub const CHUNK: usize = 16 * 1024;
 struct Opened {
     file: std::fs::File,
     len: u64,
-    modified: SystemTime,
+    /// The file's mtime, when an HTTP date can express it (not before 1970, before year 10000):
+    /// otherwise there is no `Last-Modified` and no date-based validation.
+    modified: Option<SystemTime>,
     etag: EntityTag,
     format: Format,
     filename: String,
@@ -76,8 +78,9 @@ fn error(e: ApiError) -> HttpResponse {
     res
 }
 
-/// Blocking: checks the token, opens the file (refusing a symlink swapped in since the check)
-/// and sniffs its format.
+/// Blocking: checks the token, opens the file (refusing a symlink or a FIFO swapped in since the
+/// check) and sniffs its format. A converted copy that turns out empty or not mp3 is passed over
+/// for the original.
 fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
     let resolved = records.resolve(token, now).map_err(|e| match e {
         LinkError::NotFound(why) => ApiError::new(StatusCode::NOT_FOUND, why),
@@ -85,30 +88,24 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
         LinkError::Store(e) => ApiError::internal(e.to_string()),
     })?;
     let unavailable = || ApiError::new(StatusCode::NOT_FOUND, "the recording is not available");
-    let file = open_no_follow(&resolved.file).map_err(|_| unavailable())?;
-    let meta = file.metadata().map_err(|_| unavailable())?;
-    if !meta.is_file() {
-        return Err(unavailable());
-    }
-    let len = meta.len();
-    let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-    let mut head = [0u8; SNIFF_LEN];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(unavailable()),
-        }
-    }
-    let format = sniff::sniff(&head[..got], len);
-    let mtime_ns = modified
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    // Changes whenever the file is replaced or rewritten.
-    let etag = EntityTag::new_strong(format!("{:x}-{:x}-{:x}", meta.ino(), len, mtime_ns));
+    let found = match &resolved.original {
+        Some(original) => match open_checked(&resolved.file) {
+            Some(copy) if copy.len > 0 && copy.format == Format::Mp3 => Some(copy),
+            _ => {
+                tracing::warn!(call = %resolved.entry.call_id,
+                    "the mp3 copy of the recording cannot be served (unreadable, empty or not mp3); the original is");
+                open_checked(original)
+            }
+        },
+        None => open_checked(&resolved.file),
+    };
+    let Found {
+        file,
+        len,
+        modified,
+        etag,
+        format,
+    } = found.ok_or_else(unavailable)?;
     let filename = match (resolved.entry.filename.rsplit_once('.'), format) {
         (Some((stem, _)), f) if f != Format::Unknown => format!("{stem}.{}", f.ext()),
         _ => resolved.entry.filename.clone(),
@@ -123,20 +120,85 @@ fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
     })
 }
 
-fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+/// A recording file, open and sniffed.
+struct Found {
+    file: std::fs::File,
+    len: u64,
+    modified: Option<SystemTime>,
+    etag: EntityTag,
+    format: Format,
+}
+
+/// Opens the regular file at the canonical `path` (no symlink, no FIFO, no other path to it) and
+/// sniffs it; None if it is not available.
+fn open_checked(path: &Path) -> Option<Found> {
+    let file = super::open_regular(path).ok()?;
+    if !is_open_at(&file, path) {
+        return None;
+    }
+    let meta = file.metadata().ok()?;
+    let len = meta.len();
+    let modified = meta.modified().ok().filter(|&t| http_date_can_express(t));
+    let mut head = [0u8; SNIFF_LEN];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let format = sniff::sniff(&head[..got], len);
+    // Changes whenever the file is replaced or rewritten.
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    let sign = if mtime_ns < 0 { "-" } else { "" };
+    let etag = EntityTag::new_strong(format!(
+        "{:x}-{:x}-{sign}{:x}",
+        meta.ino(),
+        len,
+        mtime_ns.unsigned_abs()
+    ));
+    Some(Found {
+        file,
+        len,
+        modified,
+        etag,
+        format,
+    })
+}
+
+/// Whether `file` was opened at the canonical `path`: `O_NOFOLLOW` guards only the last
+/// component, so a directory above it swapped for a symlink since the check shows up here, in
+/// the kernel's name for the descriptor. Without a readable `/proc` this cannot be told, and the
+/// earlier checks stand alone.
+fn is_open_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        Ok(actual) => actual == path,
+        Err(_) => true,
+    }
+}
+
+/// The last second an HTTP date can name (9999-12-31 23:59:59 UTC); formatting a later time, or
+/// one before 1970, panics.
+const LAST_HTTP_DATE_SECS: u64 = 253_402_300_799;
+
+/// Whether `t` can be sent as an HTTP date.
+fn http_date_can_express(t: SystemTime) -> bool {
+    t.duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() <= LAST_HTTP_DATE_SECS)
 }
 
 fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
-    let last_modified = HttpDate::from(f.modified);
+    let last_modified = f.modified.map(|t| HttpDate::from(t).to_string());
     let headers = |status: StatusCode| {
         let mut b = HttpResponseBuilder::new(status);
-        b.insert_header((header::ETAG, f.etag.to_string()))
-            .insert_header((header::LAST_MODIFIED, last_modified.to_string()))
-            .insert_header((header::ACCEPT_RANGES, "bytes"))
+        b.insert_header((header::ETAG, f.etag.to_string()));
+        if let Some(date) = &last_modified {
+            b.insert_header((header::LAST_MODIFIED, date.as_str()));
+        }
+        b.insert_header((header::ACCEPT_RANGES, "bytes"))
             .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
             .insert_header((
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
@@ -188,8 +250,9 @@ fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
     b.body(FileBody::new(f.file, start, end, head_only))
 }
 
-/// `If-None-Match` (weak comparison, `*` matches), else `If-Modified-Since` (whole seconds).
-fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bool {
+/// `If-None-Match` (weak comparison, `*` matches), else `If-Modified-Since` (whole seconds; never
+/// without a `Last-Modified`).
+fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: Option<SystemTime>) -> bool {
     if req.headers().contains_key(header::IF_NONE_MATCH) {
         return match req.get_header::<IfNoneMatch>() {
             Some(IfNoneMatch::Any) => true,
@@ -197,6 +260,9 @@ fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bo
             None => false,
         };
     }
+    let Some(modified) = modified else {
+        return false;
+    };
     let since = req
         .headers()
         .get(header::IF_MODIFIED_SINCE)
@@ -209,16 +275,17 @@ fn not_modified(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bo
     }
 }
 
-/// A `Range` counts unless `If-Range` names another version (strong comparison, exact date).
-fn range_applies(req: &HttpRequest, etag: &EntityTag, modified: SystemTime) -> bool {
+/// A `Range` counts unless `If-Range` names another version (strong comparison, exact date; a
+/// date never matches a file without a `Last-Modified`).
+fn range_applies(req: &HttpRequest, etag: &EntityTag, modified: Option<SystemTime>) -> bool {
     if !req.headers().contains_key(header::IF_RANGE) {
         return true;
     }
     match req.get_header::<IfRange>() {
         Some(IfRange::EntityTag(tag)) => tag.strong_eq(etag),
-        Some(IfRange::Date(date)) => {
+        Some(IfRange::Date(date)) => modified.is_some_and(|modified| {
             whole_seconds(SystemTime::from(date)) == whole_seconds(modified)
-        }
+        }),
         None => false,
     }
 }
@@ -452,6 +519,49 @@ mod tests {
             parse_range("bytes=0-99999999999999999999999", 10),
             Range::Partial(0, 10)
         );
+    }
+
+    #[test]
+    fn only_mtimes_an_http_date_can_express_are_sent() {
+        let last = UNIX_EPOCH + Duration::from_secs(LAST_HTTP_DATE_SECS);
+        assert!(http_date_can_express(UNIX_EPOCH));
+        assert!(http_date_can_express(last + Duration::from_millis(999)));
+        assert!(!http_date_can_express(last + Duration::from_secs(1)));
+        assert!(!http_date_can_express(UNIX_EPOCH - Duration::from_nanos(1)));
+        // The bounds format without panicking.
+        assert_eq!(
+            HttpDate::from(last + Duration::from_millis(999)).to_string(),
+            "Fri, 31 Dec 9999 23:59:59 GMT"
+        );
+        assert_eq!(
+            HttpDate::from(UNIX_EPOCH).to_string(),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
+
+    #[test]
+    fn a_file_reached_through_a_directory_swapped_for_a_symlink_is_refused() {
+        use std::os::fd::AsRawFd;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir(base.join("monitor")).unwrap();
+        std::fs::create_dir(base.join("outside")).unwrap();
+        std::fs::write(base.join("monitor/a.wav"), b"RIFF").unwrap();
+        std::fs::write(base.join("outside/a.wav"), b"RIFF").unwrap();
+        // Checked (canonical), then the directory is swapped before the open.
+        let checked = std::fs::canonicalize(base.join("monitor/a.wav")).unwrap();
+        let direct = super::super::open_regular(&checked).unwrap();
+        assert!(is_open_at(&direct, &checked));
+        assert!(open_checked(&checked).is_some());
+        std::fs::rename(base.join("monitor"), base.join("old")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside"), base.join("monitor")).unwrap();
+        let swapped = super::super::open_regular(&checked).unwrap();
+        let proc_readable =
+            std::fs::read_link(format!("/proc/self/fd/{}", swapped.as_raw_fd())).is_ok();
+        assert_eq!(is_open_at(&swapped, &checked), !proc_readable);
+        if proc_readable {
+            assert!(open_checked(&checked).is_none());
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn sniff(head: &[u8], len: u64) -> Format {
 
 /// Reads the first bytes of `path` and sniffs them.
 pub fn sniff_file(path: &Path) -> std::io::Result<Format> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = super::open_regular(path)?;
     let len = file.metadata()?.len();
     let mut head = Vec::with_capacity(SNIFF_LEN);
     (&mut file).take(SNIFF_LEN as u64).read_to_end(&mut head)?;
@@ -94,13 +94,16 @@ fn wave_format_tag(head: &[u8]) -> Option<u16> {
     let mut at = 12;
     while at + 8 <= head.len() {
         let id = &head[at..at + 4];
-        let size = u32::from_le_bytes(head[at + 4..at + 8].try_into().ok()?) as usize;
+        let size =
+            usize::try_from(u32::from_le_bytes(head[at + 4..at + 8].try_into().ok()?)).ok()?;
         if id == b"fmt " {
             let tag = head.get(at + 8..at + 10)?;
             return Some(u16::from_le_bytes([tag[0], tag[1]]));
         }
         // Chunks are padded to an even size.
-        at = at.checked_add(8)?.checked_add(size + (size & 1))?;
+        at = at
+            .checked_add(8)?
+            .checked_add(size.checked_add(size & 1)?)?;
     }
     None
 }
@@ -211,6 +214,16 @@ mod tests {
             Format::Unknown,
             "a frame without the signature"
         );
+    }
+
+    #[test]
+    fn a_chunk_size_at_the_limit_ends_the_walk() {
+        // The largest size a chunk can declare: the walk stops (no overflow, even where usize
+        // has 32 bits) and the file is plain WAV, not wav49.
+        let mut h = b"RIFF\0\0\0\0WAVELIST\xff\xff\xff\xff".to_vec();
+        h.extend_from_slice(&wav_header(0x31, 0)[12..]);
+        assert_eq!(wave_format_tag(&h), None);
+        assert_eq!(sniff(&h, h.len() as u64), Format::Wav);
     }
 
     #[test]

@@ -172,6 +172,13 @@ impl LinkStore {
     pub fn count(&self) -> usize {
         self.links.len()
     }
+
+    /// Stores `bytes` as the entry of link `id` for `call_id`, as a damaged store would hold it.
+    #[cfg(test)]
+    pub(crate) fn insert_raw(&self, id: LinkId, call_id: &str, bytes: &[u8]) {
+        self.links.insert(id, bytes).unwrap();
+        self.by_call.insert(call_id.as_bytes(), &id).unwrap();
+    }
 }
 
 #[cfg(test)]
@@ -217,5 +224,20 @@ mod tests {
         assert!(links.for_call("c1").unwrap().is_none());
         assert!(links.get(&[1; 16]).unwrap().is_none());
         assert!(links.get(&[3; 16]).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_undecodable_entry_is_a_decode_error_and_skipped_by_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = Store::open(&dir.path().join("db"))
+            .unwrap()
+            .records()
+            .unwrap();
+        links.insert_raw([7; 16], "c7", b"{not json");
+        assert!(matches!(
+            links.for_call("c7"),
+            Err(StoreError::Decode { .. })
+        ));
+        assert!(links.purge(|_| true).unwrap().is_empty());
     }
 }

@@ -297,15 +297,19 @@ async fn traversal_attempts_are_not_found() {
     let outside = rec.dir.parent().unwrap().join("outside.wav");
     std::fs::write(&outside, wav_bytes(1000)).unwrap();
 
-    for path in [
-        "/records/..%2F..%2Fetc%2Fpasswd",
-        "/records/../../etc/passwd",
-        "/records/%2e%2e/%2e%2e/etc/passwd",
-        "/records//etc/passwd",
-        "/records/%2Fetc%2Fpasswd",
-        "/records/..",
-        "/records/%2e%2e%2foutside.wav",
-        &format!("/records/{}", outside.display()),
+    // One segment after /records/ reaches the recordings handler, which finds no such token;
+    // anything with more segments matches no route at all.
+    const HANDLER: &str = "no such recording";
+    const NO_ROUTE: &str = "no such endpoint";
+    for (path, why) in [
+        ("/records/..%2F..%2Fetc%2Fpasswd", HANDLER),
+        ("/records/../../etc/passwd", NO_ROUTE),
+        ("/records/%2e%2e/%2e%2e/etc/passwd", NO_ROUTE),
+        ("/records//etc/passwd", NO_ROUTE),
+        ("/records/%2Fetc%2Fpasswd", HANDLER),
+        ("/records/..", HANDLER),
+        ("/records/%2e%2e%2foutside.wav", HANDLER),
+        (&format!("/records/{}", outside.display()), NO_ROUTE),
     ] {
         let answer = raw(
             &rec.app,
@@ -313,7 +317,10 @@ async fn traversal_attempts_are_not_found() {
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
-        assert!(answer.contains("\"success\":false"), "{path}: {answer}");
+        assert!(
+            answer.contains(&format!("\"success\":false,\"errorMsg\":\"{why}\"")),
+            "{path}: {answer}"
+        );
         assert!(!answer.contains("root:"), "{path}");
     }
 
@@ -341,9 +348,27 @@ async fn traversal_attempts_are_not_found() {
     // A linked file replaced by a symlink to the outside afterwards is refused.
     let inside = rec.write("in-1.wav", &wav_bytes(1000));
     let url = rec.link("pbx-1", &inside).await;
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.unwrap().len(), 1000);
     std::fs::remove_file(&inside).unwrap();
     std::os::unix::fs::symlink(&outside, &inside).unwrap();
-    json_error(rec.get(&url, &[]).await, StatusCode::NOT_FOUND).await;
+    let body = json_error(rec.get(&url, &[]).await, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["errorMsg"], "the recording is not available");
+
+    // So is one replaced by a FIFO (which would block a reader waiting for a writer).
+    let fifo = rec.write("in-2.wav", &wav_bytes(1000));
+    let url = rec.link("pbx-2", &fifo).await;
+    assert_eq!(rec.get(&url, &[]).await.status(), StatusCode::OK);
+    std::fs::remove_file(&fifo).unwrap();
+    let c_path = std::ffi::CString::new(fifo).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let res = tokio::time::timeout(Duration::from_secs(10), rec.get(&url, &[]))
+        .await
+        .expect("answered without waiting for a writer");
+    let body = json_error(res, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["errorMsg"], "the recording is not available");
 }
 
 #[tokio::test]
@@ -536,6 +561,57 @@ async fn conditional_requests_answer_not_modified() {
         assert_eq!(res.status(), StatusCode::OK, "{headers:?}");
         assert_eq!(res.bytes().await.unwrap().len(), 5_000);
     }
+}
+
+#[tokio::test]
+async fn a_file_dated_before_1970_is_served_without_last_modified() {
+    let rec = rec_app(|_| {}).await;
+    let data = wav_bytes(5_000);
+    let path = rec.write("in.wav", &data);
+    let long_ago = std::time::UNIX_EPOCH - Duration::from_secs(10 * 365 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    assert!(std::fs::metadata(&path).unwrap().modified().unwrap() < std::time::UNIX_EPOCH);
+    let url = rec.link("pbx-1", &path).await;
+
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("last-modified").is_none(), "{res:?}");
+    let etag = header(&res, "etag").to_string();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), data.as_slice());
+    let head = rec.app.http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert!(head.headers().get("last-modified").is_none());
+
+    // Dates cannot validate it; the ETag still does.
+    let since = rec
+        .get(
+            &url,
+            &[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+        )
+        .await;
+    assert_eq!(since.status(), StatusCode::OK);
+    let if_range = rec
+        .get(
+            &url,
+            &[
+                ("range", "bytes=0-9"),
+                ("if-range", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ],
+        )
+        .await;
+    assert_eq!(if_range.status(), StatusCode::OK);
+    assert_eq!(if_range.bytes().await.unwrap().len(), data.len());
+    let tagged = rec.get(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(tagged.status(), StatusCode::NOT_MODIFIED);
+    let ranged = rec
+        .get(&url, &[("range", "bytes=0-9"), ("if-range", &etag)])
+        .await;
+    assert_eq!(ranged.status(), StatusCode::PARTIAL_CONTENT);
 }
 
 #[tokio::test]
@@ -750,14 +826,36 @@ async fn a_failing_encoder_leaves_the_original_served() {
     );
 }
 
+/// Whether process `pid` has ended: no longer in /proc, or a zombie (dead, only waiting for
+/// its parent, or for an init that may not reap in a container, to collect its status).
+fn has_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
 #[tokio::test]
 async fn an_encoder_past_its_timeout_is_killed_and_the_original_served() {
     let scripts = tempfile::tempdir().unwrap();
-    let command = encoder(scripts.path(), "slow.sh", "exec sleep 30");
+    let pids = scripts.path().join("pids");
+    // The encoder's shell and a background child of its own: both must go.
+    let command = encoder(
+        scripts.path(),
+        "slow.sh",
+        &format!(
+            "sleep 30 &\necho \"$$ $!\" > {0}.tmp && mv {0}.tmp {0}\nwait",
+            pids.display()
+        ),
+    );
     let rec = rec_app(|c| {
         c.records.convert = "mp3".into();
         c.records.convert_command = command;
-        c.records.convert_timeout = Duration::from_millis(300);
+        c.records.convert_timeout = Duration::from_secs(1);
     })
     .await;
     let (url, _) = convert_and_upload(&rec).await;
@@ -765,4 +863,46 @@ async fn an_encoder_past_its_timeout_is_killed_and_the_original_served() {
     let res = rec.get(&url, &[]).await;
     assert_eq!(header(&res, "content-type"), "audio/wav");
     assert_eq!(rec.app.state.records.status().conversion_failures, 1);
+
+    let pids: Vec<u32> = std::fs::read_to_string(&pids)
+        .expect("the encoder wrote its pids before the timeout")
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    // Killed together with the SIGKILL to the group; their teardown takes a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&pid| has_ended(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {:?}",
+            pids.iter().filter(|&&p| !has_ended(p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_mp3_copy_is_passed_over_for_the_original() {
+    let rec = rec_app(|c| c.records.convert = "mp3".into()).await;
+    let data = wav_bytes(3_000);
+    let path = rec.write("in.wav", &data);
+    let copy = format!("{path}.mp3");
+    let mut mp3 = MP3_FRAME.to_vec();
+    mp3.resize(417, 0);
+    std::fs::write(&copy, &mp3).unwrap();
+    let url = rec.link("pbx-1", &path).await;
+    assert!(url.ends_with(".mp3"), "{url}");
+    let res = rec.get(&url, &[]).await;
+    assert_eq!(header(&res, "content-type"), "audio/mpeg");
+    assert_eq!(res.bytes().await.unwrap().as_ref(), mp3.as_slice());
+
+    for broken in [&b""[..], b"<html>not mp3</html>"] {
+        std::fs::write(&copy, broken).unwrap();
+        let res = rec.get(&url, &[]).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "content-type"), "audio/wav");
+        assert!(header(&res, "content-disposition").ends_with(".wav\""));
+        assert_eq!(res.bytes().await.unwrap().as_ref(), data.as_slice());
+    }
 }
