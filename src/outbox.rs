@@ -431,7 +431,8 @@ impl Outbox {
 
     /// Only final records go out: a recording still being written (modified within
     /// `history.record_settle`) holds its call back, at most `history.record_wait_max`; then, with
-    /// `records.convert`, until its conversion has finished (bounded by `records.convert_timeout`).
+    /// `records.convert`, until its conversion has finished (conversions run one at a time, each
+    /// limited to `records.convert_timeout`).
     fn is_ready(&self, e: &Envelope, now: i64) -> bool {
         let h = &self.inner.config.history;
         if e.record.recordings.is_empty() {

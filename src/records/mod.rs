@@ -587,7 +587,6 @@ fn download_name(record: &CallRecord, tz: &jiff::tz::TimeZone, ext: &str) -> Str
 mod tests {
     use super::sniff::samples::{wav_header, MP3_FRAME};
     use super::*;
-    use crate::calls::{Direction, Outcome};
     use crate::store::Store;
 
     /// 2026-11-21 10:00:00 UTC.
@@ -623,34 +622,11 @@ mod tests {
 
     fn record(id: &str, recordings: Vec<String>) -> CallRecord {
         CallRecord {
-            external_id: id.into(),
-            linkedid: id.into(),
-            direction: Direction::In,
             customer_number: "+7 (999) 123-45-67".into(),
-            did: None,
-            code: Some("101".into()),
-            user_id: None,
-            external_phone: None,
             start: T0_MS,
-            answer: None,
             end: T0_MS + 60_000,
-            wait_seconds: 0,
-            talk_seconds: 60,
-            connected_seconds: 60,
-            outcome: Outcome::Answered,
-            answered_by: None,
-            final_extension: None,
-            placed_by: None,
-            click_to_call: false,
-            rings: vec![],
-            talk: vec![],
             recordings,
-            customer_dial_status: None,
-            reaped: false,
-            trunk: None,
-            phone_original: None,
-            registration: None,
-            ignored: false,
+            ..CallRecord::sample(id)
         }
     }
 
