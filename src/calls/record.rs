@@ -161,10 +161,10 @@ impl LiveEvent {
     }
 }
 
-#[cfg(test)]
 impl CallRecord {
-    /// A finished inbound call from +79991234567 answered by 101, for unit tests.
-    pub(crate) fn sample(id: &str) -> CallRecord {
+    /// A finished inbound call from +79991234567 answered by 101 (for tests and benchmarks).
+    #[doc(hidden)]
+    pub fn sample(id: &str) -> CallRecord {
         CallRecord {
             external_id: id.into(),
             linkedid: id.into(),

@@ -575,6 +575,16 @@ mod tests {
         CallRecord::sample(id)
     }
 
+    /// Opens the store at `path` and queues a record for each id.
+    fn open_with(path: &std::path::Path, ids: &[&str]) -> (Store, OutboxStore) {
+        let store = Store::open(path).unwrap();
+        let q = store.outbox().unwrap();
+        for id in ids {
+            q.insert(record(id)).unwrap();
+        }
+        (store, q)
+    }
+
     fn counts(q: &OutboxStore) -> (u64, u64, u64) {
         let c = q.counts();
         (
@@ -590,11 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let store = Store::open(&path).unwrap();
-            let q = store.outbox().unwrap();
-            for id in ["a", "b", "c", "d"] {
-                q.insert(record(id)).unwrap();
-            }
+            let (_store, q) = open_with(&path, &["a", "b", "c", "d"]);
             assert_eq!(q.insert(record("a")).unwrap(), Enqueued::Duplicate);
             let envs = q.pending(None, 10, |_| true).unwrap();
             q.mark_done(&envs[..2]).unwrap();
@@ -641,11 +647,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let store = Store::open(&path).unwrap();
-            let q = store.outbox().unwrap();
-            for id in ["a", "b", "c"] {
-                q.insert(record(id)).unwrap();
-            }
+            let (store, q) = open_with(&path, &["a", "b", "c"]);
             let envs = q.pending(None, 1, |_| true).unwrap();
             q.mark_done(&envs).unwrap();
             q.close().unwrap();
@@ -662,11 +664,7 @@ mod tests {
     #[tokio::test]
     async fn the_purge_forgets_only_expired_done_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
-        let q = store.outbox().unwrap();
-        for id in ["a", "b", "c"] {
-            q.insert(record(id)).unwrap();
-        }
+        let (_store, q) = open_with(&dir.path().join("db"), &["a", "b", "c"]);
         let envs = q.pending(None, 10, |_| true).unwrap();
         q.mark_done(&envs[..2]).unwrap();
         assert_eq!(q.purge_done(3_600_000).unwrap(), 0, "not expired yet");
@@ -689,11 +687,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let store = Store::open(&path).unwrap();
-            let q = store.outbox().unwrap();
-            for id in ["a", "b", "c"] {
-                q.insert(record(id)).unwrap();
-            }
+            let (store, q) = open_with(&path, &["a", "b", "c"]);
             let envs = q.pending(None, 10, |_| true).unwrap();
             q.mark_done(&envs[..1]).unwrap();
             // As written before the counters' snapshot and the done index existed.

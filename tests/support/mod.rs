@@ -164,35 +164,12 @@ pub const T0: i64 = 1_795_255_200_000;
 /// An answered inbound call record (customer +79991234567 on +74951234567, extension 101, 5 s
 /// waiting, 60 s talking) starting at `start`.
 pub fn call_record(id: &str, start: i64) -> pbxgate::calls::CallRecord {
-    use pbxgate::calls::{CallRecord, Direction, Outcome};
-    CallRecord {
-        external_id: id.to_string(),
-        linkedid: id.to_string(),
-        direction: Direction::In,
-        customer_number: "+79991234567".into(),
+    pbxgate::calls::CallRecord {
         did: Some("+74951234567".into()),
-        code: Some("101".into()),
-        user_id: None,
         external_phone: Some("+74951234567".into()),
         start,
         answer: Some(start + 5_000),
         end: start + 65_000,
-        wait_seconds: 5,
-        talk_seconds: 60,
-        connected_seconds: 60,
-        outcome: Outcome::Answered,
-        answered_by: Some("101".into()),
-        final_extension: Some("101".into()),
-        placed_by: None,
-        click_to_call: false,
-        rings: vec![],
-        talk: vec![],
-        recordings: vec![],
-        customer_dial_status: None,
-        reaped: false,
-        trunk: None,
-        phone_original: None,
-        registration: None,
-        ignored: false,
+        ..pbxgate::calls::CallRecord::sample(id)
     }
 }
