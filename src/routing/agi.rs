@@ -169,6 +169,9 @@ async fn handle(stream: TcpStream, router: &Router, timeout: Duration) -> Result
     let did = usable(env.get("agi_dnid")).or_else(|| usable(env.get("agi_extension")));
     let route = router.route(phone, did).await;
     let code = route.code.clone().unwrap_or_default();
+    // One command at a time: Asterisk reads commands through a buffered stream and waits for
+    // its socket to be readable before each, so a second command sent before the first answer
+    // may sit unread in its buffer.
     for (name, value) in [
         ("PBXGATE_ROUTE", code.as_str()),
         ("PBXGATE_ROUTE_SOURCE", route.source.as_str()),
