@@ -57,15 +57,7 @@ async fn activity_is_stored_durably() {
     assert!(a.active && a.freeze && !a.may_push());
     assert_eq!(a.system_url.as_deref(), Some("https://acme.retailcrm.ru"));
 
-    let ready: Value = app
-        .http
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.ready().await;
     assert_eq!(ready["crm"]["pushing"], false);
 
     // String booleans, as PHP may send them.

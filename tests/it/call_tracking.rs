@@ -255,15 +255,7 @@ async fn a_call_cut_off_by_an_ami_outage_is_closed_after_the_resync() {
         (c.direction, c.answered_by.as_deref()),
         (Direction::In, Some("101"))
     );
-    let ready: Value = app
-        .http
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.ready().await;
     assert_eq!(ready["calls"]["resyncs"], 1);
     assert_eq!(ready["calls"]["live"], 0);
 }

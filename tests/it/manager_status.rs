@@ -108,15 +108,7 @@ async fn a_failed_queue_pause_is_reported_in_ready_not_to_the_crm() {
     // The failure is recorded right after the answer is processed; wait for /ready to show it.
     let ready = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
-            let r: Value = app
-                .http
-                .get(app.url("/ready"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r: Value = app.ready().await;
             if r["managerStatus"]["pbxFailures"]["7"].is_string() {
                 return r;
             }

@@ -104,19 +104,7 @@ async fn batches_hold_at_most_fifty_calls_in_arrival_order() {
         .map(|r| r.form_json("calls").as_array().unwrap().len())
         .collect();
     assert_eq!(sizes, vec![50, 50, 20]);
-    let order: Vec<String> = app
-        .crm
-        .requests_to(UPLOAD)
-        .iter()
-        .flat_map(|r| {
-            r.form_json("calls")
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c["externalId"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let order = app.crm.uploaded_ids();
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(order, sorted);
@@ -174,15 +162,7 @@ async fn a_wrong_key_blocks_uploads_loudly_and_drops_nothing() {
     let outbox = &app.state.outbox;
     outbox.enqueue(record("pbx-k", T0)).await.unwrap();
     assert!(matches!(outbox.drain().await, Drain::Blocked(_)));
-    let ready: Value = app
-        .http
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.ready().await;
     assert!(
         ready["history"]["blocked"]
             .as_str()

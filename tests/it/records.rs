@@ -198,16 +198,7 @@ async fn the_uploaded_record_url_serves_the_recording_with_its_headers() {
     outbox.drain().await;
     assert!(rec.app.crm.calls()["pbx-2"].get("recordUrl").is_none());
 
-    let ready: Value = rec
-        .app
-        .http
-        .get(rec.app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = rec.app.ready().await;
     assert_eq!(ready["records"]["linking"], true, "{ready}");
 }
 

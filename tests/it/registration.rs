@@ -50,15 +50,7 @@ async fn registers_on_start_with_exactly_the_specified_body() {
         .wait_for(|s| *s != RegistrationState::Pending)
         .await;
     assert_eq!(state, RegistrationState::Registered);
-    let ready: serde_json::Value = app
-        .http
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = app.ready().await;
     assert_eq!(ready["crm"]["registration"], "registered");
 }
 

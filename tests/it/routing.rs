@@ -80,15 +80,7 @@ async fn a_cache_miss_asks_the_crm_once_and_later_calls_hit_the_cache() {
     assert_eq!(app.crm.requests_to(MANAGER).len(), 1);
 
     // /ready counts them.
-    let ready: Value = app
-        .http
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.ready().await;
     let stats = &ready["routing"]["stats"];
     assert_eq!(
         (
@@ -168,20 +160,25 @@ async fn a_crm_that_is_down_gets_the_fallback() {
     assert_eq!(body, "100");
 }
 
-#[tokio::test]
-async fn a_manager_on_break_is_passed_over() {
-    let app = app(|_| {}).await;
+/// Manager 7 (extension 101) reports `status` through changeUserStatusUrl.
+async fn set_status(app: &TestApp, status: UserStatus) {
     app.state
         .store
         .put_user_status(&StoredUserStatus {
             v: 1,
             user_id: 7,
             code: "101".into(),
-            status: UserStatus::Break,
+            status,
             since: 0,
         })
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_manager_on_break_is_passed_over() {
+    let app = app(|_| {}).await;
+    set_status(&app, UserStatus::Break).await;
     let r = route_json(&app, "phone=89161234567").await;
     assert_eq!(
         (&r["code"], &r["source"], &r["managerStatus"], &r["userId"]),
@@ -193,17 +190,7 @@ async fn a_manager_on_break_is_passed_over() {
         )
     );
     // Back at work: routed again, from the cache, with the status shown.
-    app.state
-        .store
-        .put_user_status(&StoredUserStatus {
-            v: 1,
-            user_id: 7,
-            code: "101".into(),
-            status: UserStatus::Free,
-            since: 1,
-        })
-        .await
-        .unwrap();
+    set_status(&app, UserStatus::Free).await;
     let r = route_json(&app, "phone=89161234567").await;
     assert_eq!(
         (&r["code"], &r["source"], &r["managerStatus"]),

@@ -38,21 +38,6 @@ fn event_ids(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
-fn uploaded_ids(app: &TestApp) -> Vec<String> {
-    app.crm
-        .requests_to(UPLOAD)
-        .iter()
-        .flat_map(|r| {
-            r.form_json("calls")
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c["externalId"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn by_id<'a>(calls: &'a [CallRecord], id: &str) -> &'a CallRecord {
     calls.iter().find(|c| c.external_id == id).unwrap()
 }
@@ -94,7 +79,7 @@ async fn a_call_of_an_ignored_extension_sends_nothing_to_the_crm() {
     );
     // The history holds only the registered call.
     app.crm.wait_for_requests(UPLOAD, 1).await;
-    assert_eq!(uploaded_ids(&app), vec![C03.to_string()]);
+    assert_eq!(app.crm.uploaded_ids(), vec![C03.to_string()]);
     let s = app.state.outbox.status();
     assert_eq!(s.pending + s.done + s.dead, 1, "{s:?}");
     assert_eq!(
@@ -143,7 +128,7 @@ async fn a_white_list_by_trunk_and_direction() {
         event_ids(&app)
     );
     app.crm.wait_for_requests(UPLOAD, 1).await;
-    assert_eq!(uploaded_ids(&app), vec![C09.to_string()]);
+    assert_eq!(app.crm.uploaded_ids(), vec![C09.to_string()]);
 }
 
 #[tokio::test]

@@ -232,6 +232,24 @@ impl FakeCrm {
         );
     }
 
+    /// The `externalId`s of every call uploaded so far, in upload order.
+    pub fn uploaded_ids(&self) -> Vec<String> {
+        self.requests_to("/api/v5/telephony/calls/upload")
+            .iter()
+            .flat_map(|r| {
+                r.form_json("calls")
+                    .as_array()
+                    .map(|calls| {
+                        calls
+                            .iter()
+                            .filter_map(|c| c["externalId"].as_str().map(str::to_string))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
     /// The registered module, as last received.
     pub fn module(&self) -> Option<Value> {
         self.lock().module.clone()

@@ -108,6 +108,18 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET /ready`'s body.
+    pub async fn ready(&self) -> serde_json::Value {
+        self.http
+            .get(self.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn client_id(&self) -> String {
         self.state.client_id.expose().to_string()
     }
