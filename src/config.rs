@@ -544,6 +544,21 @@ pub struct RuleConfig {
     pub phone: Vec<String>,
 }
 
+impl RuleConfig {
+    /// A rule with this action and no condition yet (it matches every call).
+    pub fn new(action: RuleAction) -> RuleConfig {
+        RuleConfig {
+            action,
+            name: None,
+            direction: Vec::new(),
+            extension: Vec::new(),
+            trunk: Vec::new(),
+            did: Vec::new(),
+            phone: Vec::new(),
+        }
+    }
+}
+
 /// A string or a list of strings.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]

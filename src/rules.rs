@@ -199,15 +199,7 @@ mod tests {
     use crate::phone::PhoneBook;
 
     fn rule(action: RuleAction) -> RuleConfig {
-        RuleConfig {
-            action,
-            name: None,
-            direction: vec![],
-            extension: vec![],
-            trunk: vec![],
-            did: vec![],
-            phone: vec![],
-        }
+        RuleConfig::new(action)
     }
 
     fn book() -> PhoneBook {

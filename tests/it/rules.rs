@@ -14,15 +14,7 @@ const EVENT: &str = "/api/v5/telephony/call/event";
 const UPLOAD: &str = "/api/v5/telephony/calls/upload";
 
 fn rule(action: RuleAction) -> RuleConfig {
-    RuleConfig {
-        action,
-        name: None,
-        direction: vec![],
-        extension: vec![],
-        trunk: vec![],
-        did: vec![],
-        phone: vec![],
-    }
+    RuleConfig::new(action)
 }
 
 fn event_ids(app: &TestApp) -> Vec<String> {
