@@ -98,6 +98,9 @@ impl Application {
             status
         };
 
+        for warning in crate::check::config_warnings(&config) {
+            tracing::warn!("{warning}");
+        }
         let ami = AmiClient::start(config.ami.clone());
 
         // Call tracking: live events to the CRM through a bounded queue, finished calls to the
@@ -143,6 +146,7 @@ impl Application {
 
         let phones = Arc::new(PhoneBook::new(&config.phone));
         let router = Router::new(config.clone(), crm.clone(), store.clone(), phones);
+        router.report_to(tracker.clone());
         let agi_addr = if config.routing.agi_listen.is_empty() {
             None
         } else {

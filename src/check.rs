@@ -10,20 +10,41 @@ use crate::store::Store;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckLine {
     pub ok: bool,
+    /// Works, but something will not reach the CRM (`!`): does not fail the check.
+    pub warning: bool,
     pub text: String,
 }
 
 impl std::fmt::Display for CheckLine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", if self.ok { "✓" } else { "✗" }, self.text)
+        let mark = match (self.ok, self.warning) {
+            (false, _) => "✗",
+            (true, true) => "!",
+            (true, false) => "✓",
+        };
+        write!(f, "{mark} {}", self.text)
     }
 }
 
 fn line(ok: bool, text: impl Into<String>) -> CheckLine {
     CheckLine {
         ok,
+        warning: false,
         text: text.into(),
     }
+}
+
+/// Configuration that works but keeps some calls from the CRM; also logged at startup.
+pub fn config_warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if config.calls.unassigned().is_none() {
+        w.push(
+            "calls.unassigned_code is empty: calls no extension touched (hung up in the IVR or \
+             a queue before any phone rang) are kept locally, held, and cannot reach the CRM"
+                .to_string(),
+        );
+    }
+    w
 }
 
 /// Runs every check (config validity was checked by loading it), printing each line as it is
@@ -37,6 +58,13 @@ pub async fn run(config: &Config, origin: &Origin, out: &mut dyn Write) -> bool 
     };
 
     emit(line(true, format!("config valid ({origin})")));
+    for w in config_warnings(config) {
+        emit(CheckLine {
+            ok: true,
+            warning: true,
+            text: w,
+        });
+    }
     emit(check_store(config).await);
     emit(check_crm(config).await);
     emit(check_ami(config).await);

@@ -276,6 +276,81 @@ pub struct CallsConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "request_timeout"))]
     pub live_event_deadline: Duration,
+    /// Who is credited with an inbound call that rang several extensions and nobody answered.
+    pub missed_owner: MissedOwner,
+    /// The manager of calls no extension touched (hung up in the IVR or a queue, an outbound
+    /// call reported without its extension): an extension code, or `user:<id>`. Empty: such
+    /// calls are kept locally, held, and never sent (the CRM requires a manager).
+    #[validate(custom(function = "unassigned_code"))]
+    pub unassigned_code: String,
+    /// The company line of outbound calls when the PBX does not show the caller ID it presented:
+    /// one number, or a table of trunk → number (`{ trunk = "+74951234567", "*" = "..." }`).
+    #[validate(custom(function = "outbound_line"))]
+    pub outbound_line: OutboundLine,
+}
+
+/// `calls.missed_owner`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissedOwner {
+    /// The manager routing chose for the call if that one rang, else the first that rang.
+    #[default]
+    Responsible,
+    FirstRung,
+    LastRung,
+}
+
+/// `calls.unassigned_code`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignee {
+    Code(String),
+    User(i64),
+}
+
+/// `calls.outbound_line`: empty, one number, or per trunk (`*` for the others).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OutboundLine {
+    One(String),
+    PerTrunk(BTreeMap<String, String>),
+}
+
+impl Default for OutboundLine {
+    fn default() -> Self {
+        OutboundLine::One(String::new())
+    }
+}
+
+impl OutboundLine {
+    /// The line for a call through `trunk` (`PJSIP/trunk`, or the bare endpoint name).
+    pub fn for_trunk(&self, trunk: Option<&str>) -> Option<&str> {
+        let found = match self {
+            OutboundLine::One(n) => Some(n.as_str()),
+            OutboundLine::PerTrunk(map) => {
+                let endpoint = trunk.map(|t| t.rsplit('/').next().unwrap_or(t));
+                trunk
+                    .and_then(|t| map.get(t))
+                    .or_else(|| endpoint.and_then(|e| map.get(e)))
+                    .or_else(|| map.get("*"))
+                    .map(String::as_str)
+            }
+        };
+        found.filter(|n| !n.is_empty())
+    }
+}
+
+impl CallsConfig {
+    /// `unassigned_code` parsed; `None` when empty.
+    pub fn unassigned(&self) -> Option<Assignee> {
+        let v = self.unassigned_code.trim();
+        if v.is_empty() {
+            return None;
+        }
+        match v.strip_prefix("user:") {
+            Some(id) => id.parse().ok().map(Assignee::User),
+            None => Some(Assignee::Code(v.to_string())),
+        }
+    }
 }
 
 impl Default for CallsConfig {
@@ -292,6 +367,9 @@ impl Default for CallsConfig {
             max_silence: Duration::from_secs(3600),
             send_internal: false,
             live_event_deadline: Duration::from_secs(5),
+            missed_owner: MissedOwner::Responsible,
+            unassigned_code: String::new(),
+            outbound_line: OutboundLine::default(),
         }
     }
 }
@@ -1229,6 +1307,38 @@ fn extension_code(value: &str) -> Result<(), ValidationError> {
         Err(problem(format!(
             "{value:?} must be 1 to 16 of 0-9, '*', '#'"
         )))
+    }
+}
+
+fn unassigned_code(value: &str) -> Result<(), ValidationError> {
+    let v = value.trim();
+    let ok = v.is_empty()
+        || is_extension_code(v)
+        || v.strip_prefix("user:")
+            .and_then(|id| id.parse::<i64>().ok())
+            .is_some_and(|id| id > 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(format!(
+            "{value:?} must be an extension code (1 to 16 of 0-9, '*', '#') or user:<CRM user id>"
+        )))
+    }
+}
+
+fn outbound_line(value: &OutboundLine) -> Result<(), ValidationError> {
+    let check = |n: &str| n.is_empty() || phone_number(n).is_ok();
+    match value {
+        OutboundLine::One(n) if !check(n) => Err(problem(format!(
+            "{n:?} must be 3 to 20 digits with an optional leading '+'"
+        ))),
+        OutboundLine::PerTrunk(map) => match map.iter().find(|(_, n)| !check(n)) {
+            Some((trunk, n)) => Err(problem(format!(
+                "{trunk}: {n:?} must be 3 to 20 digits with an optional leading '+'"
+            ))),
+            None => Ok(()),
+        },
+        _ => Ok(()),
     }
 }
 

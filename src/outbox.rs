@@ -20,7 +20,7 @@ use tokio::sync::{Notify, OnceCell};
 use crate::calls::live::site_for;
 use crate::calls::tracker::now_ms;
 use crate::calls::{CallRecord, CallSink, Direction};
-use crate::config::Config;
+use crate::config::{Assignee, Config};
 use crate::crm::{Call, CallType, CrmClient, CrmError, MAX_CALLS_PER_UPLOAD};
 use crate::records::Records;
 use crate::store::outbox::{Enqueued, Envelope, OutboxStore};
@@ -91,6 +91,25 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// Scheduler loop iterations.
     wakeups: std::sync::atomic::AtomicU64,
+    /// What dead records are judged under: a change gives them another try.
+    fingerprint: String,
+}
+
+/// A fingerprint of the settings that decide what a call record looks like to the CRM.
+pub fn config_fingerprint(config: &Config) -> String {
+    use sha2::Digest;
+    let decisive = format!(
+        "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
+        config.calls,
+        config.users,
+        config.external_phones,
+        config.phone,
+        config.crm.url,
+        config.crm.site,
+        config.crm.module_code,
+    );
+    let digest = sha2::Sha256::digest(decisive.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Cheap to clone.
@@ -125,6 +144,7 @@ impl Outbox {
         config: Arc<Config>,
         records: Option<Records>,
     ) -> Outbox {
+        let fingerprint = config_fingerprint(&config);
         Outbox {
             inner: Arc::new(Inner {
                 store,
@@ -141,6 +161,7 @@ impl Outbox {
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 wakeups: std::sync::atomic::AtomicU64::new(0),
+                fingerprint,
             }),
         }
     }
@@ -185,8 +206,38 @@ impl Outbox {
         }
     }
 
+    /// Dead records judged under another configuration go back to pending (a held call gets
+    /// its chance once `calls.unassigned_code` is set). Returns how many.
+    pub async fn revive_changed(&self) -> usize {
+        let this = self.clone();
+        let revived = tokio::task::spawn_blocking(move || {
+            this.inner.store.retry_changed(&this.inner.fingerprint)
+        })
+        .await;
+        match revived {
+            Ok(Ok(n)) => {
+                if n > 0 {
+                    tracing::info!(
+                        calls = n,
+                        "the configuration changed: calls set aside before are tried again"
+                    );
+                }
+                n
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not re-queue the dead calls");
+                0
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not re-queue the dead calls");
+                0
+            }
+        }
+    }
+
     /// The upload scheduler: runs until the task is aborted.
     pub async fn run(self) {
+        self.revive_changed().await;
         let h = &self.inner.config.history;
         let mut next_periodic = tokio::time::Instant::now() + h.interval;
         let mut next_purge = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -387,7 +438,30 @@ impl Outbox {
         tz: &'a jiff::tz::TimeZone,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stop>> + Send + 'a>> {
         Box::pin(async move {
-            let calls: Vec<Call> = batch.iter().map(|e| self.to_call(&e.record, tz)).collect();
+            let mut calls: Vec<Call> = Vec::with_capacity(batch.len());
+            let mut sendable = Vec::with_capacity(batch.len());
+            for e in batch {
+                let call = self.to_call(&e.record, tz);
+                match call.problem() {
+                    // Never sent: the CRM must refuse it. Held until the configuration changes.
+                    Some(why) => {
+                        tracing::warn!(id = %e.id, reason = %why, "call held: retailCRM would reject it");
+                        let mut held = e.clone();
+                        held.last_error = Some(format!("held by pbxgate: {why}"));
+                        held.held = true;
+                        held.config = Some(self.inner.fingerprint.clone());
+                        self.inner.store.set_aside(held)?;
+                    }
+                    None => {
+                        calls.push(call);
+                        sendable.push(e);
+                    }
+                }
+            }
+            let batch = sendable;
+            if batch.is_empty() {
+                return Ok(());
+            }
             match self.inner.crm.calls_upload(&calls).await {
                 Ok(answer) => {
                     self.inner.store.mark_done(&batch)?;
@@ -410,7 +484,10 @@ impl Outbox {
                 Err(e @ CrmError::Validation { .. }) => {
                     if batch.len() == 1 {
                         tracing::warn!(id = %batch[0].id, error = %e, "call rejected by retailCRM; set aside as dead");
-                        self.inner.store.mark_dead(&batch[0], &e.to_string())?;
+                        let mut dead = batch[0].clone();
+                        dead.last_error = Some(e.to_string());
+                        dead.config = Some(self.inner.fingerprint.clone());
+                        self.inner.store.set_aside(dead)?;
                         return Ok(());
                     }
                     let mut left = batch;
@@ -488,6 +565,7 @@ impl Outbox {
 
     /// The `calls/upload` entry for a record.
     pub fn to_call(&self, r: &CallRecord, tz: &jiff::tz::TimeZone) -> Call {
+        let unassigned = self.inner.config.calls.unassigned();
         let date = jiff::Timestamp::from_millisecond(r.start)
             .map(|t| {
                 t.to_zoned(tz.clone())
@@ -503,8 +581,15 @@ impl Outbox {
                 CallType::Out
             },
             phone: r.customer_number.clone(),
-            code: r.code.clone(),
-            user_id: r.user_id,
+            // Recorded before `calls.unassigned_code` was set: it applies now.
+            code: r.code.clone().or_else(|| match (r.user_id, &unassigned) {
+                (None, Some(Assignee::Code(c))) => Some(c.clone()),
+                _ => None,
+            }),
+            user_id: r.user_id.or(match (&r.code, &unassigned) {
+                (None, Some(Assignee::User(id))) => Some(*id),
+                _ => None,
+            }),
             result: r.outcome.call_result(),
             duration: Some(r.talk_seconds),
             duration_waiting: Some(r.wait_seconds),

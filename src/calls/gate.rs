@@ -7,13 +7,28 @@
 //! vanishes from the history, or the other way round. An ignored call sends no live event, and
 //! its record is marked `ignored` (kept in the recent calls, never queued for the CRM).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
-use super::model::Output;
+use super::model::{Millis, Output};
 use super::record::{CallRecord, Direction, LiveEvent};
-use crate::config::Config;
+use crate::config::{Assignee, Config, MissedOwner, OutboundLine};
 use crate::phone::{Number, PhoneBook};
 use crate::rules::{Decision, Facts, Rules};
+
+/// How many routing answers are remembered for crediting missed calls.
+const ROUTES_KEPT: usize = 4096;
+/// A routing answer belongs to a call that started at most this long after it.
+const ROUTE_LEAD: Millis = 60_000;
+
+/// Who is credited with calls their source could not attribute (the same rule for AMI,
+/// webhooks and backfill).
+struct Credit {
+    missed_owner: MissedOwner,
+    unassigned: Option<Assignee>,
+    outbound_line: OutboundLine,
+    /// (when, canonical customer number, extension routing chose), oldest first.
+    routes: VecDeque<(Millis, String, String)>,
+}
 
 struct CallState {
     decision: Decision,
@@ -24,6 +39,7 @@ pub struct Gate {
     phones: PhoneBook,
     rules: Rules,
     calls: HashMap<String, CallState>,
+    credit: Credit,
 }
 
 impl Gate {
@@ -32,6 +48,66 @@ impl Gate {
             phones: PhoneBook::new(&config.phone),
             rules: Rules::new(&config.rules),
             calls: HashMap::new(),
+            credit: Credit {
+                missed_owner: config.calls.missed_owner,
+                unassigned: config.calls.unassigned(),
+                outbound_line: config.calls.outbound_line.clone(),
+                routes: VecDeque::new(),
+            },
+        }
+    }
+
+    /// Routing chose `code` for a caller at `at`: a missed call from them is credited to that
+    /// manager if their phone rang (`calls.missed_owner = "responsible"`).
+    pub fn note_route(&mut self, phone: &str, code: &str, at: Millis) {
+        let number = self.phones.normalize(phone, None);
+        if number.is_empty() || code.is_empty() {
+            return;
+        }
+        let routes = &mut self.credit.routes;
+        if routes.len() >= ROUTES_KEPT {
+            routes.pop_front();
+        }
+        routes.push_back((at, number.canonical, code.to_string()));
+    }
+
+    /// The manager of a record its source left without one, and the line of an outbound call.
+    fn credit(&self, r: &mut CallRecord) {
+        if r.direction == Direction::Out && r.external_phone.is_none() {
+            r.external_phone = self
+                .credit
+                .outbound_line
+                .for_trunk(r.trunk.as_deref())
+                .map(str::to_string);
+        }
+        if r.code.is_some() || r.user_id.is_some() {
+            return;
+        }
+        let routed = (r.direction == Direction::In)
+            .then(|| {
+                self.credit
+                    .routes
+                    .iter()
+                    .rev()
+                    .find(|(at, phone, _)| {
+                        *phone == r.customer_number && *at >= r.start - ROUTE_LEAD && *at <= r.end
+                    })
+                    .map(|(_, _, code)| code.as_str())
+            })
+            .flatten();
+        r.code = match r.direction {
+            Direction::In => r.rung(self.credit.missed_owner, routed),
+            _ => r
+                .placed_by
+                .clone()
+                .or_else(|| r.rung(MissedOwner::FirstRung, None)),
+        };
+        if r.code.is_none() {
+            match &self.credit.unassigned {
+                Some(Assignee::Code(c)) => r.code = Some(c.clone()),
+                Some(Assignee::User(id)) => r.user_id = Some(*id),
+                None => {}
+            }
         }
     }
 
@@ -74,6 +150,7 @@ impl Gate {
                         .remove(&r.external_id)
                         .unwrap_or_else(|| self.decide_record(&r));
                     self.canonical_record(&mut r);
+                    self.credit(&mut r);
                     r.registration = Some(state.decision.describe());
                     r.ignored = !state.decision.register;
                     kept.push(Output::Finished(r));

@@ -292,6 +292,9 @@ impl CallModel {
             .unwrap_or("")
             .to_string();
         let caller = f.get(&format!("{prefix}CallerIDNum")).map(str::to_string);
+        let connected = f
+            .get(&format!("{prefix}ConnectedLineNum"))
+            .map(str::to_string);
         let ch = self.channels.get_mut(&uid)?;
         if let Some(c) = caller.filter(|c| !c.is_empty() && c != "<unknown>") {
             ch.caller_num = c;
@@ -317,12 +320,13 @@ impl CallModel {
                 && caller_num != "<unknown>"
             {
                 c.customer_number = Some(caller_num);
-            } else if !c.inbound
-                && c.customer.as_deref() == Some(uid.as_str())
-                && self.classifier.is_external_number(&caller_num)
-            {
-                // Outbound: the number presented to the carrier is our external line.
-                c.external_line = Some(caller_num);
+            } else if !c.inbound && c.customer.as_deref() == Some(uid.as_str()) {
+                // Outbound: a dialled channel's caller ID is the party it calls (the customer);
+                // its connected line is what it presents to them, our line when it is an
+                // external number (an extension's own number is not a line).
+                if let Some(line) = connected.filter(|n| self.classifier.is_external_number(n)) {
+                    c.external_line = Some(line);
+                }
             }
         }
         Some(uid)
@@ -401,6 +405,12 @@ impl CallModel {
                 if call.customer.is_none() {
                     call.customer = Some(dest.clone());
                     call.customer_number = Some(number);
+                    if let Some(line) = f
+                        .get("DestConnectedLineNum")
+                        .filter(|n| self.classifier.is_external_number(n))
+                    {
+                        call.external_line = Some(line.to_string());
+                    }
                     if let Some(Role::Extension(code)) = caller_ch.as_ref().map(|c| &c.role) {
                         call.placed_by.get_or_insert(code.clone());
                     }
@@ -871,12 +881,10 @@ impl CallModel {
         };
         let final_extension = call.talk.last().map(|t| t.extension.clone());
         let answered_by = call.talk.first().map(|t| t.extension.clone());
+        // An unanswered inbound call is credited by the pipeline (`calls.missed_owner`), the
+        // same way for every source.
         let code = match direction {
-            Direction::In => final_extension.clone().or_else(|| {
-                let mut exts: Vec<&String> = call.rings.iter().map(|r| &r.extension).collect();
-                exts.dedup();
-                (exts.len() == 1).then(|| exts[0].clone())
-            }),
+            Direction::In => final_extension.clone(),
             Direction::Out => final_extension.clone().or_else(|| call.placed_by.clone()),
             Direction::Internal => call.root_extension.clone(),
         };
@@ -892,8 +900,10 @@ impl CallModel {
                 .click_to_call
                 .as_ref()
                 .and_then(|c| c.external_phone.clone())
-                .or_else(|| call.did.clone())
-                .or_else(|| call.external_line.clone()),
+                .or_else(|| match direction {
+                    Direction::In => call.did.clone(),
+                    _ => call.external_line.clone(),
+                }),
             start: call.start,
             answer,
             end,
@@ -925,7 +935,7 @@ impl CallModel {
             external_id: record.external_id.clone(),
             phone: record.customer_number.clone(),
             direction,
-            codes: record.code.iter().cloned().collect(),
+            codes: record.hangup_codes(),
             outcome,
         }));
         out.push(Output::Finished(Box::new(record)));
@@ -1253,6 +1263,61 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Busy);
         // A live `out` event announced the dialling extension.
         assert!(out.iter().any(|o| matches!(o, Output::Live(LiveEvent::Dialing { codes, .. }) if codes == &vec!["101".to_string()])));
+    }
+
+    #[test]
+    fn an_outbound_calls_line_is_the_caller_id_its_trunk_leg_presented() {
+        let (phone, trunk) = (("PJSIP/101-01", "5.1"), ("PJSIP/trunk-02", "5.2"));
+        let run = |presented: &str| {
+            let mut m = model();
+            let mut out = Vec::new();
+            m.on_event(
+                &chan(
+                    "Newchannel",
+                    phone.0,
+                    phone.1,
+                    "5.1",
+                    "internal",
+                    "89991234567",
+                    &[],
+                ),
+                0,
+                &mut out,
+            );
+            // A dialled channel's caller ID is the party it calls.
+            m.on_event(
+                &chan("Newchannel", trunk.0, trunk.1, "5.1", "outbound", "s", &[]),
+                10,
+                &mut out,
+            );
+            m.on_event(
+                &dial(
+                    "DialBegin",
+                    phone,
+                    trunk,
+                    "5.1",
+                    &[
+                        ("DialString", "9991234567@trunk"),
+                        ("DestCallerIDNum", "9991234567"),
+                        ("DestConnectedLineNum", presented),
+                    ],
+                ),
+                20,
+                &mut out,
+            );
+            for (n, u) in [trunk, phone] {
+                m.on_event(
+                    &chan("Hangup", n, u, "5.1", "", "", &[("Cause", "17")]),
+                    900,
+                    &mut out,
+                );
+            }
+            m.flush(&mut out);
+            finished(&out)[0].external_phone.clone()
+        };
+        assert_eq!(run("+74951234567").as_deref(), Some("+74951234567"));
+        // The extension's own number is not a line; nor is the customer's number ever one.
+        assert_eq!(run("101"), None);
     }
 
     #[test]

@@ -162,6 +162,41 @@ impl LiveEvent {
 }
 
 impl CallRecord {
+    /// Who the `hangup` event is for: the manager, else every extension that rang (each had a
+    /// pop-up).
+    pub fn hangup_codes(&self) -> Vec<String> {
+        if let Some(code) = &self.code {
+            return vec![code.clone()];
+        }
+        let mut codes: Vec<String> = Vec::new();
+        for r in &self.rings {
+            if !codes.contains(&r.extension) {
+                codes.push(r.extension.clone());
+            }
+        }
+        codes
+    }
+
+    /// The extension an unanswered call rang first, last, or `preferred` if it rang.
+    pub fn rung(
+        &self,
+        owner: crate::config::MissedOwner,
+        preferred: Option<&str>,
+    ) -> Option<String> {
+        use crate::config::MissedOwner;
+        let mut rings: Vec<&Ring> = self.rings.iter().collect();
+        // Stable: rings that started together keep the order the PBX dialled them in.
+        rings.sort_by_key(|r| r.start);
+        let pick = match owner {
+            MissedOwner::Responsible => preferred
+                .and_then(|p| rings.iter().find(|r| r.extension == p))
+                .or_else(|| rings.first()),
+            MissedOwner::FirstRung => rings.first(),
+            MissedOwner::LastRung => rings.last(),
+        };
+        pick.map(|r| r.extension.clone())
+    }
+
     /// A finished inbound call from +79991234567 answered by 101 (for tests and benchmarks).
     #[doc(hidden)]
     pub fn sample(id: &str) -> CallRecord {

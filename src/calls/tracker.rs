@@ -80,6 +80,8 @@ impl CallSink for RecentCalls {
 
 enum Input {
     ExpectClickToCall(String, ClickToCall),
+    /// Routing chose this extension for this caller, at this time.
+    Routed(String, String, Millis),
     Webhook(Vec<WebhookEvent>, tokio::sync::oneshot::Sender<()>),
 }
 
@@ -146,6 +148,13 @@ impl CallTracker {
             .await;
     }
 
+    /// Routing chose `code` for `phone` (never waits: a full queue loses only the hint).
+    pub fn note_route(&self, phone: &str, code: &str) {
+        let _ = self
+            .input
+            .try_send(Input::Routed(phone.to_string(), code.to_string(), now_ms()));
+    }
+
     /// Feeds webhook events (already validated); returns once the tracker has applied them and
     /// handed any finished call to the sink.
     pub async fn webhook(&self, events: Vec<WebhookEvent>) -> bool {
@@ -182,6 +191,7 @@ async fn run(
             biased;
             msg = input.recv() => match msg {
                 Some(Input::ExpectClickToCall(id, c2c)) => model.expect_click_to_call(&id, c2c),
+                Some(Input::Routed(phone, code, at)) => gate.note_route(&phone, &code, at),
                 Some(Input::Webhook(evs, done)) => {
                     let now = now_ms();
                     for e in &evs {

@@ -4,13 +4,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::model::{Millis, Output, GRACE};
 use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
 
 /// Most events accepted in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 100;
+
+/// An `at` before 2000-01-01 is a clock that was never set.
+const EARLIEST_AT: Millis = 946_684_800_000;
+/// How far ahead of our clock an `at` may be (the PBX's clock drifting).
+const MAX_AT_AHEAD: Millis = 3_600_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,19 +139,17 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
         Some(_) => return Err(err("direction", "must be in or out")),
     };
     let extension = text("extension")?;
-    if matches!(kind, Kind::Ringing | Kind::Answer | Kind::Transfer) {
-        match &extension {
-            None => {
-                return Err(err(
-                    "extension",
-                    "is required for ringing, answer and transfer",
-                ))
-            }
-            Some(e) if !crate::config::is_extension_code(e) => {
-                return Err(err("extension", "must be 1 to 16 of 0-9, '*', '#'"));
-            }
-            _ => {}
+    match &extension {
+        None if matches!(kind, Kind::Ringing | Kind::Answer | Kind::Transfer) => {
+            return Err(err(
+                "extension",
+                "is required for ringing, answer and transfer",
+            ))
         }
+        Some(e) if !crate::config::is_extension_code(e) => {
+            return Err(err("extension", "must be 1 to 16 of 0-9, '*', '#'"));
+        }
+        _ => {}
     }
     let phone = text("phone")?.map(|p| crate::click_to_call::normalize_number(&p));
     if let Some(p) = &phone {
@@ -165,9 +168,14 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
                 .map_err(|_| err("at", "must be an RFC 3339 time"))?;
             let ms = t
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| err("at", "is before 1970"))?
-                .as_millis();
-            Some(i64::try_from(ms).map_err(|_| err("at", "is out of range"))?)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_millis()).ok())
+                .filter(|ms| *ms >= EARLIEST_AT)
+                .ok_or_else(|| err("at", "is before 2000"))?;
+            if ms > super::tracker::now_ms() + MAX_AT_AHEAD {
+                return Err(err("at", "is more than an hour in the future"));
+            }
+            Some(ms)
         }
     };
     let result = match text("result")?.as_deref() {
@@ -198,8 +206,9 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
     })
 }
 
-#[derive(Debug, Clone)]
-struct WebCall {
+/// A call in progress, as kept in memory and in the store's journal (`serde`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebCall {
     direction: Direction,
     phone: String,
     did: Option<String>,
@@ -209,6 +218,9 @@ struct WebCall {
     talk: Vec<TalkSegment>,
     record: Option<String>,
     announced: Vec<String>,
+    /// Outbound: the extension that placed the call (`extension` on `start`).
+    #[serde(default)]
+    placed_by: Option<String>,
 }
 
 /// The state of calls reported by webhooks.
@@ -246,6 +258,7 @@ impl WebhookModel {
                 talk: Vec::new(),
                 record: None,
                 announced: Vec::new(),
+                placed_by: None,
             });
         call.last = call.last.max(at);
         if let Some(d) = e.direction {
@@ -261,7 +274,17 @@ impl WebhookModel {
             call.record = e.record.clone();
         }
         let ext = e.extension.clone().unwrap_or_default();
-        match e.kind {
+        // `start` with an extension: outbound, the extension placing the call; inbound, the
+        // first one to ring.
+        let kind = match e.kind {
+            Kind::Start if ext.is_empty() => Kind::Start,
+            Kind::Start => Kind::Ringing,
+            k => k,
+        };
+        if call.direction == Direction::Out && !ext.is_empty() && kind == Kind::Ringing {
+            call.placed_by.get_or_insert_with(|| ext.clone());
+        }
+        match kind {
             Kind::Start => {}
             Kind::Ringing => {
                 if !call
@@ -382,9 +405,16 @@ fn finish(
         Outcome::NoAnswer
     });
     let final_extension = call.talk.last().map(|t| t.extension.clone());
-    let code = final_extension
-        .clone()
-        .or_else(|| call.rings.last().map(|r| r.extension.clone()));
+    let placed_by = (call.direction == Direction::Out)
+        .then(|| {
+            call.placed_by
+                .clone()
+                .or_else(|| call.rings.first().map(|r| r.extension.clone()))
+        })
+        .flatten();
+    // An unanswered inbound call is credited by the pipeline (`calls.missed_owner`), the same
+    // way as one seen over AMI.
+    let code = final_extension.clone().or_else(|| placed_by.clone());
     let external_id = format!("{system_id}-{call_id}");
     let record = CallRecord {
         external_id: external_id.clone(),
@@ -413,9 +443,7 @@ fn finish(
         outcome,
         answered_by: call.talk.first().map(|t| t.extension.clone()),
         final_extension,
-        placed_by: (call.direction == Direction::Out)
-            .then(|| call.rings.first().map(|r| r.extension.clone()))
-            .flatten(),
+        placed_by,
         click_to_call: false,
         rings: call.rings,
         talk: call.talk,
@@ -432,7 +460,7 @@ fn finish(
             external_id,
             phone: record.customer_number.clone(),
             direction: record.direction,
-            codes: code.into_iter().collect(),
+            codes: record.hangup_codes(),
             outcome,
         }),
         Output::Finished(Box::new(record)),
@@ -459,6 +487,31 @@ mod tests {
         let e = parse_events(br#"{"call_id":"1","event":"hangup","color":"red"}"#).unwrap_err();
         assert!(e.contains_key("color"), "{e:?}");
         assert!(parse_events(b"not json").unwrap_err().contains_key("body"));
+    }
+
+    #[test]
+    fn an_at_before_2000_or_far_ahead_is_refused() {
+        for at in [
+            "1999-12-31T23:59:59Z",
+            "1970-01-01T00:00:00Z",
+            "2999-01-01T00:00:00Z",
+        ] {
+            let body = format!(r#"{{"call_id":"1","event":"hangup","at":"{at}"}}"#);
+            let e = parse_events(body.as_bytes()).unwrap_err();
+            assert!(e.contains_key("at"), "{at}: {e:?}");
+        }
+        assert!(
+            parse_events(br#"{"call_id":"1","event":"hangup","at":"2026-11-21T10:00:00Z"}"#)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_bad_extension_is_refused_on_every_event() {
+        let e =
+            parse_events(br#"{"call_id":"1","event":"start","phone":"+7999","extension":"1x"}"#)
+                .unwrap_err();
+        assert!(e.contains_key("extension"), "{e:?}");
     }
 
     #[test]

@@ -357,6 +357,27 @@ pub struct Call {
     pub client_id: Option<String>,
 }
 
+impl Call {
+    /// Why retailCRM must reject this call, if it must (checked before every upload: such a
+    /// record is held by pbxgate instead of being refused by the CRM).
+    pub fn problem(&self) -> Option<String> {
+        if self.phone.trim().is_empty() {
+            return Some("phone: the customer's number is unknown".into());
+        }
+        if self.code.as_deref().is_none_or(|c| c.trim().is_empty()) && self.user_id.is_none() {
+            return Some(
+                "code: no extension handled the call and calls.unassigned_code is empty \
+                 (retailCRM requires code or userId)"
+                    .into(),
+            );
+        }
+        if self.date.len() != 19 {
+            return Some("date: the call's start time is not known".into());
+        }
+        None
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,7 +33,7 @@ use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::calls::CallRecord;
+use crate::calls::{CallRecord, Outcome};
 use crate::config::{Config, RecordsConfig};
 use crate::secret::Secret;
 use crate::store::records::LINK_ID_LEN;
@@ -188,12 +188,18 @@ impl Records {
     }
 
     /// The recording a call's link is made for: the first one that is a file inside the directory.
+    /// The recording to link: only answered calls have one, and only a file that holds sound
+    /// (a call that never connected leaves a header-only WAV).
     fn choose(&self, record: &CallRecord) -> Option<PathBuf> {
+        if record.outcome != Outcome::Answered {
+            return None;
+        }
         record
             .recordings
             .iter()
             .filter(|r| !is_url(r))
-            .find_map(|r| self.locate(r))
+            .filter_map(|r| self.locate(r))
+            .find(|p| sniff::holds_audio(p))
     }
 
     /// For the outbox, before it uploads a call whose recording has settled: with conversion on,
@@ -382,6 +388,9 @@ impl Records {
                 tracing::debug!(call = %record.external_id, error = %e, "unreadable recording link");
             }
             Err(e) => tracing::error!(error = %e, "reading a recording link failed"),
+        }
+        if record.outcome != Outcome::Answered {
+            return None;
         }
         record.recordings.iter().find(|r| is_url(r)).cloned()
     }

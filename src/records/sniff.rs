@@ -89,6 +89,49 @@ pub fn sniff_file(path: &Path) -> std::io::Result<Format> {
     Ok(sniff(&head, len))
 }
 
+/// Whether a recording holds any sound: a RIFF/WAVE file needs a non-empty `data` chunk
+/// (MixMonitor leaves a 44-byte header when nobody was bridged), other formats any bytes.
+pub fn holds_audio(path: &Path) -> bool {
+    let Ok(mut file) = super::open_regular(path) else {
+        return false;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    if (&mut file)
+        .take(SNIFF_LEN as u64)
+        .read_to_end(&mut head)
+        .is_err()
+    {
+        return false;
+    }
+    match sniff(&head, len) {
+        Format::Wav | Format::Wav49 => {
+            wave_data_offset(&head).is_some_and(|(at, size)| size > 0 && len > at as u64)
+        }
+        Format::Gsm => len > 0,
+        _ => len > 0,
+    }
+}
+
+/// Where the `data` chunk's bytes start, and its declared size.
+fn wave_data_offset(head: &[u8]) -> Option<(usize, u32)> {
+    let mut at = 12;
+    while at + 8 <= head.len() {
+        let id = &head[at..at + 4];
+        let size = u32::from_le_bytes(head[at + 4..at + 8].try_into().ok()?);
+        if id == b"data" {
+            return Some((at + 8, size));
+        }
+        let size = usize::try_from(size).ok()?;
+        at = at
+            .checked_add(8)?
+            .checked_add(size.checked_add(size & 1)?)?;
+    }
+    None
+}
+
 /// The `fmt ` chunk's format tag, walking the RIFF chunks within `head`.
 fn wave_format_tag(head: &[u8]) -> Option<u16> {
     let mut at = 12;

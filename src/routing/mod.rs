@@ -120,6 +120,8 @@ struct Inner {
     cache: Mutex<HashMap<String, Cached>>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Lookup>>>>,
     stats: RouteStats,
+    /// Told every answer: a missed call is credited to the manager routing chose.
+    tracker: std::sync::OnceLock<crate::calls::CallTracker>,
 }
 
 /// Reports invalid `[routing]` values, naming the key.
@@ -183,8 +185,14 @@ impl Router {
                 cache: Mutex::new(HashMap::new()),
                 inflight: Mutex::new(HashMap::new()),
                 stats: RouteStats::default(),
+                tracker: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Tells the call tracker every extension chosen (for crediting missed calls).
+    pub fn report_to(&self, tracker: crate::calls::CallTracker) {
+        let _ = self.inner.tracker.set(tracker);
     }
 
     pub fn stats(&self) -> &RouteStats {
@@ -206,6 +214,9 @@ impl Router {
         let route = self.decide(&number, did.as_ref()).await;
         if route.source == Source::Fallback {
             inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(tracker), Some(code)) = (inner.tracker.get(), &route.code) {
+            tracker.note_route(phone, code);
         }
         tracing::debug!(phone = %crate::click_to_call::mask_number(&number.canonical), source = route.source.as_str(),
             code = ?route.code, reason = ?route.reason, "route");

@@ -41,6 +41,13 @@ pub struct Envelope {
     /// Dead records: when and why.
     #[serde(default)]
     pub dead_at: Option<i64>,
+    /// Dead records: the configuration they were judged under (a fingerprint); a record set
+    /// aside under another configuration is tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Dead records: set aside by pbxgate itself (the CRM would reject it), not by the CRM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     pub record: CallRecord,
 }
 
@@ -315,6 +322,8 @@ impl OutboxStore {
             attempts: 0,
             last_error: None,
             dead_at: None,
+            config: None,
+            held: false,
             record,
         };
         let env_bytes = encode(&env)?;
@@ -423,9 +432,15 @@ impl OutboxStore {
 
     /// A record the CRM will never accept: set aside with the reason, kept for an operator.
     pub fn mark_dead(&self, env: &Envelope, reason: &str) -> Result<(), StoreError> {
-        let now = now_ms();
         let mut dead = env.clone();
         dead.last_error = Some(reason.to_string());
+        self.set_aside(dead)
+    }
+
+    /// Sets a record aside as dead with what `env` says (reason, configuration, held).
+    pub fn set_aside(&self, mut dead: Envelope) -> Result<(), StoreError> {
+        let now = now_ms();
+        let env = &dead.clone();
         dead.dead_at = Some(now);
         let bytes = encode(&dead)?;
         let entry = encode(&IdEntry {
@@ -481,19 +496,28 @@ impl OutboxStore {
 
     /// Moves dead records back to pending (all, or the one with this externalId). Returns how many.
     pub fn retry(&self, id: Option<&str>) -> Result<usize, StoreError> {
-        let targets: Vec<Envelope> = match id {
-            Some(id) => self
-                .dead(usize::MAX)?
-                .into_iter()
-                .filter(|e| e.id == id)
-                .collect(),
-            None => self.dead(usize::MAX)?,
-        };
+        self.retry_where(|e| id.is_none_or(|id| e.id == id))
+    }
+
+    /// Moves back to pending the dead records judged under another configuration than
+    /// `fingerprint`. Returns how many.
+    pub fn retry_changed(&self, fingerprint: &str) -> Result<usize, StoreError> {
+        self.retry_where(|e| e.config.as_deref() != Some(fingerprint))
+    }
+
+    fn retry_where(&self, which: impl Fn(&Envelope) -> bool) -> Result<usize, StoreError> {
+        let targets: Vec<Envelope> = self
+            .dead(usize::MAX)?
+            .into_iter()
+            .filter(|e| which(e))
+            .collect();
         let now = now_ms();
         for env in &targets {
             let mut back = env.clone();
             back.dead_at = None;
             back.attempts = 0;
+            back.config = None;
+            back.held = false;
             let bytes = encode(&back)?;
             let entry = encode(&IdEntry {
                 state: State::Pending,

@@ -70,17 +70,33 @@ fn env_for(
 }
 
 #[tokio::test]
-async fn check_passes_against_working_peers_and_fails_on_a_wrong_ami_secret() {
+async fn check_warns_that_calls_nobody_took_cannot_reach_the_crm() {
     let dir = tempfile::tempdir().unwrap();
     let crm = FakeCrm::start().await;
     let ami = FakeAmi::start("pbxgate", "s3cret").await;
-
     let out = pbxgate(
         dir.path(),
         &["check"],
         &env_for(dir.path(), &crm, &ami, "s3cret"),
     )
     .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // A warning, not a failure: everything else works.
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.starts_with('!')).collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(warnings[0].contains("calls.unassigned_code"), "{stdout}");
+}
+
+#[tokio::test]
+async fn check_passes_against_working_peers_and_fails_on_a_wrong_ami_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s3cret").await;
+
+    let mut env = env_for(dir.path(), &crm, &ami, "s3cret");
+    env.push(("PBXGATE__CALLS__UNASSIGNED_CODE", "100".to_string()));
+    let out = pbxgate(dir.path(), &["check"], &env).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -272,7 +288,7 @@ async fn a_kill_during_upload_loses_nothing() {
             .flat_map(|i| {
                 let id = format!("k{:04}", chunk * 10 + i);
                 [
-                    serde_json::json!({"call_id": id, "event": "start", "direction": "in", "phone": "+79991234567"}),
+                    serde_json::json!({"call_id": id, "event": "start", "direction": "in", "phone": "+79991234567", "extension": "101"}),
                     serde_json::json!({"call_id": id, "event": "hangup"}),
                 ]
             })

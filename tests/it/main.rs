@@ -8,6 +8,7 @@ mod activity;
 mod ami_client;
 mod ami_parser;
 mod backfill;
+mod call_credit;
 mod call_scenarios;
 mod call_tracking;
 mod cli;

@@ -221,7 +221,7 @@ async fn after_an_outage_every_call_arrives_in_order_with_bounded_requests() {
     }
     for i in 0..120 {
         let body = serde_json::json!([
-            {"call_id": format!("o{i:03}"), "event": "start", "direction": "in", "phone": "+79991234567"},
+            {"call_id": format!("o{i:03}"), "event": "start", "direction": "in", "phone": "+79991234567", "extension": "101"},
             {"call_id": format!("o{i:03}"), "event": "hangup"}
         ]);
         let r = app

@@ -744,6 +744,9 @@ fn calls_upload(st: &mut State, form: &BTreeMap<String, String>) -> (u16, Value)
         if c.get("userId").is_some_and(|v| !v.is_i64()) {
             bad("userId", "This value should be of type int.");
         }
+        if !has_text(c, "code") && c.get("userId").is_none_or(Value::is_null) {
+            bad("code", "Either 'code' or 'userId' should be given");
+        }
     }
     if !errors.is_empty() {
         return validation(Value::Object(errors));
