@@ -106,11 +106,13 @@ impl Application {
         // Call tracking: live events to the CRM through a bounded queue, finished calls to the
         // history sink (kept in memory for now).
         let (live_tx, live_rx) = tokio::sync::mpsc::channel(1024);
+        let tracker_stats = Arc::new(TrackerStats::default());
         tasks.push(tokio::spawn(crate::calls::live::run(
             live_rx,
             crm.clone(),
             store.clone(),
             config.clone(),
+            tracker_stats.clone(),
         )));
         let recent_calls = RecentCalls::new(200);
         let records_key = store.records_secret(&config.records.secret).await?;
@@ -128,7 +130,6 @@ impl Application {
             Arc::new(outbox.clone()),
             Arc::new(recent_calls.clone()),
         ]);
-        let tracker_stats = Arc::new(TrackerStats::default());
         let (tracker, tracker_task) = CallTracker::start(
             &config,
             ami.clone(),

@@ -3,12 +3,16 @@
 //! limit included), then it is dropped with a log line. Nothing is sent while the module is
 //! inactive or frozen, or without an API key.
 
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::model::Millis;
 use super::record::{Direction, LiveEvent};
+use super::tracker::{now_ms, TrackerStats};
 use crate::config::Config;
 use crate::crm::{CallEvent, CallEventType, CrmClient};
 use crate::store::Store;
@@ -80,15 +84,48 @@ pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
     }
 }
 
-/// Sends live events one at a time, in order.
+/// How many calls whose pop-up reached the CRM are remembered until their hangup.
+const ANNOUNCED_KEPT: usize = 16_384;
+
+/// The calls whose `in`/`out` reached the CRM: only they get a `hangup`.
+#[derive(Default)]
+struct Announced {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Announced {
+    fn insert(&mut self, id: &str) {
+        if self.ids.insert(id.to_string()) {
+            self.order.push_back(id.to_string());
+            while self.order.len() > ANNOUNCED_KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, id: &str) -> bool {
+        // The order queue keeps the id until it is evicted: harmless, bounded.
+        self.ids.remove(id)
+    }
+}
+
+/// Sends live events one at a time, in order. Each was stamped when it happened (`at`, Unix
+/// ms) and gets `calls.live_event_deadline` from then: a pop-up the CRM cannot have in time is
+/// dropped (counted) rather than shown after the call; a hangup goes only to calls whose pop-up
+/// got through, and always gets the whole deadline (it closes a card a manager sees).
 pub async fn run(
-    mut rx: mpsc::Receiver<LiveEvent>,
+    mut rx: mpsc::Receiver<(Millis, LiveEvent)>,
     crm: CrmClient,
     store: Store,
     config: Arc<Config>,
+    stats: Arc<TrackerStats>,
 ) {
     let deadline: Duration = config.calls.live_event_deadline;
-    while let Some(e) = rx.recv().await {
+    let mut announced = Announced::default();
+    while let Some((at, e)) = rx.recv().await {
         let Some(event) = to_call_event(&config, &e) else {
             continue;
         };
@@ -99,8 +136,34 @@ pub async fn run(
             tracing::debug!("module inactive or frozen: live call event not sent");
             continue;
         }
-        match tokio::time::timeout(deadline, crm.call_event(&event)).await {
+        let id = e.external_id();
+        let hangup = matches!(e, LiveEvent::Hangup { .. });
+        if hangup && !announced.take(id) {
+            stats.hangups_without_popup.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                id,
+                "hangup not sent: the call's pop-up never reached the CRM"
+            );
+            continue;
+        }
+        // A hangup closes a pop-up the manager sees: late is better than never.
+        let age = Duration::from_millis(u64::try_from(now_ms() - at).unwrap_or(0));
+        let left = if hangup {
+            Some(deadline)
+        } else {
+            deadline.checked_sub(age).filter(|d| !d.is_zero())
+        };
+        let Some(left) = left else {
+            stats.live_events_late.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(kind = ?event.kind, id, age_ms = age.as_millis() as u64,
+                "live call event dropped: older than calls.live_event_deadline");
+            continue;
+        };
+        match tokio::time::timeout(left, crm.call_event(&event)).await {
             Ok(Ok(r)) => {
+                if !hangup {
+                    announced.insert(id);
+                }
                 if !r.not_exist_codes.is_empty() {
                     tracing::warn!(codes = ?r.not_exist_codes, "retailCRM knows no users with these extension codes");
                 }

@@ -100,6 +100,10 @@ pub struct TrackerStats {
     pub resyncs: std::sync::atomic::AtomicU64,
     /// Finished calls the registration rules (or an employee's mobile) kept from the CRM.
     pub ignored: std::sync::atomic::AtomicU64,
+    /// Pop-ups dropped because their deadline had passed before the CRM could be asked.
+    pub live_events_late: std::sync::atomic::AtomicU64,
+    /// Hangups not sent because the call's pop-up never reached the CRM.
+    pub hangups_without_popup: std::sync::atomic::AtomicU64,
 }
 
 pub fn now_ms() -> Millis {
@@ -115,7 +119,7 @@ impl CallTracker {
     pub fn start(
         config: &Config,
         ami: AmiClient,
-        live: mpsc::Sender<LiveEvent>,
+        live: mpsc::Sender<(Millis, LiveEvent)>,
         sink: Arc<dyn CallSink>,
         stats: Arc<TrackerStats>,
     ) -> (CallTracker, tokio::task::JoinHandle<()>) {
@@ -173,7 +177,7 @@ async fn run(
     mut gate: Gate,
     ami: AmiClient,
     mut input: mpsc::Receiver<Input>,
-    live: mpsc::Sender<LiveEvent>,
+    live: mpsc::Sender<(Millis, LiveEvent)>,
     sink: Arc<dyn CallSink>,
     stats: Arc<TrackerStats>,
     max_silence: Millis,
@@ -234,7 +238,8 @@ async fn run(
         for o in out.drain(..) {
             match o {
                 Output::Live(e) => {
-                    if live.try_send(e).is_err() {
+                    // Stamped now: a pop-up's deadline counts from when the call did it.
+                    if live.try_send((now_ms(), e)).is_err() {
                         stats
                             .live_events_dropped
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

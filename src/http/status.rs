@@ -79,6 +79,8 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "live": state.tracker_stats.live_calls.load(std::sync::atomic::Ordering::Relaxed),
             "finished": state.tracker_stats.finished.load(std::sync::atomic::Ordering::Relaxed),
             "liveEventsDropped": state.tracker_stats.live_events_dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "liveEventsLate": state.tracker_stats.live_events_late.load(std::sync::atomic::Ordering::Relaxed),
+            "hangupsWithoutPopup": state.tracker_stats.hangups_without_popup.load(std::sync::atomic::Ordering::Relaxed),
             "resyncs": state.tracker_stats.resyncs.load(std::sync::atomic::Ordering::Relaxed),
             "ignored": state.tracker_stats.ignored.load(std::sync::atomic::Ordering::Relaxed),
         },
