@@ -136,6 +136,7 @@ impl Application {
             live_tx,
             Arc::new(sink),
             tracker_stats.clone(),
+            Some(store.live()?),
         );
         tasks.push(tracker_task);
 

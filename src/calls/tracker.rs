@@ -22,6 +22,7 @@ use super::webhook::{WebhookEvent, WebhookModel};
 use super::Classifier;
 use crate::ami::{Action, AmiClient, AmiEvent};
 use crate::config::Config;
+use crate::store::LiveStore;
 
 /// Where finished calls go. The history outbox implements it; tests use [`RecentCalls`].
 pub trait CallSink: Send + Sync + 'static {
@@ -122,10 +123,14 @@ impl CallTracker {
         live: mpsc::Sender<(Millis, LiveEvent)>,
         sink: Arc<dyn CallSink>,
         stats: Arc<TrackerStats>,
+        journal: Option<LiveStore>,
     ) -> (CallTracker, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
-        let web = WebhookModel::new(&config.pbx.system_id);
+        let mut web = WebhookModel::new(&config.pbx.system_id);
+        if let Some(j) = &journal {
+            restore_webhook_calls(j, &mut web);
+        }
         let gate = Gate::new(config);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
         let send_internal = config.calls.send_internal;
@@ -140,6 +145,7 @@ impl CallTracker {
             stats,
             max_silence,
             send_internal,
+            journal,
         ));
         (CallTracker { input: tx }, task)
     }
@@ -182,8 +188,11 @@ async fn run(
     stats: Arc<TrackerStats>,
     max_silence: Millis,
     send_internal: bool,
+    journal: Option<LiveStore>,
 ) {
     let mut events = ami.subscribe();
+    // Webhook calls touched by the last request: journaled once their outputs are handed on.
+    let mut webhook_touched: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
@@ -200,6 +209,9 @@ async fn run(
                     let now = now_ms();
                     for e in &evs {
                         web.apply(e, now, &mut out);
+                        if !webhook_touched.contains(&e.call_id) {
+                            webhook_touched.push(e.call_id.clone());
+                        }
                     }
                     webhook_done = Some(done);
                 }
@@ -225,6 +237,8 @@ async fn run(
                 model.tick(now, &mut out);
                 if ticks % 60 == 0 {
                     model.reap(now, max_silence, &mut out);
+                    // Reaped calls leave the journal; the others are rewritten (cheap, rare).
+                    webhook_touched.extend(web.call_ids());
                     web.reap(now, max_silence, &mut out);
                 }
             }
@@ -265,6 +279,22 @@ async fn run(
                 }
             }
         }
+        // After the finished calls went to the sink: a call leaves the journal only once its
+        // record is stored (the same store, written in this order).
+        if let Some(j) = &journal {
+            for id in webhook_touched.drain(..) {
+                let key = format!("w:{id}");
+                let written = match web.journal_entry(&id) {
+                    Some(entry) => j.put(&key, &entry),
+                    None => j.remove(&key),
+                };
+                if let Err(e) = written {
+                    tracing::error!(call = %id, error = %e, "journaling a webhook call failed");
+                }
+            }
+        } else {
+            webhook_touched.clear();
+        }
         if let Some(done) = finished_webhook {
             let _ = done.send(());
         }
@@ -278,6 +308,31 @@ async fn run(
                 sink.accept(*r);
             }
         }
+    }
+}
+
+/// Webhook calls that were in progress when the service stopped.
+fn restore_webhook_calls(journal: &LiveStore, web: &mut WebhookModel) {
+    match journal.all("w:") {
+        Ok(entries) => {
+            let mut resumed = 0;
+            for (id, entry) in entries {
+                match web.restore(&id, &entry) {
+                    Ok(()) => resumed += 1,
+                    Err(e) => {
+                        tracing::error!(call = %id, error = %e, "a journaled webhook call cannot be read; dropped from the journal");
+                        let _ = journal.remove(&format!("w:{id}"));
+                    }
+                }
+            }
+            if resumed > 0 {
+                tracing::info!(
+                    calls = resumed,
+                    "webhook calls in progress resumed from the journal"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "reading the journal of calls in progress failed"),
     }
 }
 

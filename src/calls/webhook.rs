@@ -241,6 +241,25 @@ impl WebhookModel {
         self.calls.len()
     }
 
+    /// The calls in progress.
+    pub fn call_ids(&self) -> Vec<String> {
+        self.calls.keys().cloned().collect()
+    }
+
+    /// The call as the journal keeps it while it is in progress; `None` once it has finished.
+    pub fn journal_entry(&self, call_id: &str) -> Option<Vec<u8>> {
+        self.calls
+            .get(call_id)
+            .and_then(|c| serde_json::to_vec(c).ok())
+    }
+
+    /// Resumes a call from its journal entry (after a restart).
+    pub fn restore(&mut self, call_id: &str, entry: &[u8]) -> Result<(), serde_json::Error> {
+        let call: WebCall = serde_json::from_slice(entry)?;
+        self.calls.insert(call_id.to_string(), call);
+        Ok(())
+    }
+
     pub fn apply(&mut self, e: &WebhookEvent, now: Millis, out: &mut Vec<Output>) {
         let at = e.at.unwrap_or(now);
         let external_id = format!("{}-{}", self.system_id, e.call_id);

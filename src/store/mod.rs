@@ -12,9 +12,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::secret::Secret;
 
+pub mod live;
 pub mod outbox;
 pub mod records;
 pub mod watchdog;
+pub use live::LiveStore;
 pub use outbox::{Envelope, OutboxStore};
 pub use records::{LinkEntry, LinkId, LinkStore};
 
@@ -189,6 +191,11 @@ impl Store {
     /// needs a tokio runtime).
     pub fn outbox(&self) -> Result<OutboxStore, StoreError> {
         OutboxStore::open(&self.db)
+    }
+
+    /// The journal of calls in progress.
+    pub fn live(&self) -> Result<LiveStore, StoreError> {
+        LiveStore::open(&self.db, self.meta.clone())
     }
 
     /// The recording links.

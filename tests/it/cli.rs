@@ -50,7 +50,7 @@ async fn invalid_config_exits_2_with_one_line_per_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("crm.no_such_key: unknown key"));
 }
 
-fn env_for(
+pub(crate) fn env_for(
     dir: &std::path::Path,
     crm: &FakeCrm,
     ami: &FakeAmi,

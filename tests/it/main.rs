@@ -20,5 +20,6 @@ mod manager_status;
 mod outbox;
 mod records;
 mod registration;
+mod restarts;
 mod routing;
 mod rules;
