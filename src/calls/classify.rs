@@ -13,7 +13,7 @@ use regex::Regex;
 
 use crate::config::Config;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// A manager's phone (or a Local channel standing for it).
     Extension(String),

@@ -13,6 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
+
 use super::classify::{dial_string_number, Classifier, Role};
 use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
 use crate::ami::Frame;
@@ -20,7 +22,7 @@ use crate::ami::Frame;
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Channel {
     call: String,
     role: Role,
@@ -31,7 +33,7 @@ struct Channel {
     bridge: Option<String>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Call {
     key: String,
     start: Millis,
@@ -72,7 +74,7 @@ struct Call {
 }
 
 /// A click-to-call we placed, announced before its first channel appears.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClickToCall {
     pub code: String,
     pub phone: String,
@@ -107,6 +109,30 @@ pub struct CallModel {
     /// Channel name without its sequence suffix (`PJSIP/101`, `Local/199@internal`) → the
     /// latest call that had such a channel: matches an OriginateResponse that names no Uniqueid.
     by_base_name: HashMap<String, String>,
+    /// Call key → its `last_event` when it was last journaled.
+    journaled: HashMap<String, Millis>,
+}
+
+/// One call as the journal keeps it: the call and its channels.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    #[serde(default = "v1")]
+    v: u32,
+    call: Call,
+    channels: Vec<(String, Channel)>,
+    /// Every channel had hung up; waiting out the grace period.
+    closing: bool,
+}
+
+fn v1() -> u32 {
+    1
+}
+
+/// What the journal must do after [`CallModel::journal`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalOp {
+    Put(String, Vec<u8>),
+    Remove(String),
 }
 
 /// How long a call whose channels are gone waits for late events before it is finished.
@@ -131,6 +157,122 @@ impl CallModel {
             closing: std::collections::VecDeque::new(),
             closing_calls: HashMap::new(),
             by_base_name: HashMap::new(),
+            journaled: HashMap::new(),
+        }
+    }
+
+    /// The changes since the last call: calls that saw events are written, finished ones
+    /// removed. The tracker applies them to the store once a second.
+    pub fn journal(&mut self) -> Vec<JournalOp> {
+        let mut ops = Vec::new();
+        let gone: Vec<String> = self
+            .journaled
+            .keys()
+            .filter(|k| !self.calls.contains_key(*k) && !self.closing_calls.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.journaled.remove(&key);
+            ops.push(JournalOp::Remove(key));
+        }
+        let all = self
+            .calls
+            .values()
+            .map(|c| (c, false))
+            .chain(self.closing_calls.values().map(|c| (c, true)));
+        for (call, closing) in all {
+            let seen = self.journaled.get(&call.key).copied();
+            if seen == Some(call.last_event) && !closing {
+                continue;
+            }
+            if closing && seen == Some(call.last_event.saturating_neg()) {
+                continue;
+            }
+            let channels: Vec<(String, Channel)> = call
+                .live
+                .iter()
+                .filter_map(|u| self.channels.get(u).map(|c| (u.clone(), c.clone())))
+                .collect();
+            let snap = Snapshot {
+                v: 1,
+                call: call.clone(),
+                channels,
+                closing,
+            };
+            if let Ok(bytes) = serde_json::to_vec(&snap) {
+                ops.push(JournalOp::Put(call.key.clone(), bytes));
+                // A closing call is marked apart so that it is written once more as closing.
+                let mark = if closing {
+                    call.last_event.saturating_neg()
+                } else {
+                    call.last_event
+                };
+                self.journaled.insert(call.key.clone(), mark);
+            }
+        }
+        ops
+    }
+
+    /// Resumes a call from its journal entry (after a restart). Its channels are checked by the
+    /// resync that follows every AMI login; a call that was closing finishes after the grace.
+    pub fn restore(&mut self, entry: &[u8], now: Millis) -> Result<(), serde_json::Error> {
+        let snap: Snapshot = serde_json::from_slice(entry)?;
+        let key = snap.call.key.clone();
+        for (uid, ch) in snap.channels {
+            if let Some(b) = &ch.bridge {
+                let members = self.bridges.entry(b.clone()).or_default();
+                if !members.contains(&uid) {
+                    members.push(uid.clone());
+                }
+            }
+            self.channels.insert(uid, ch);
+        }
+        for t in snap.call.talk.iter().filter(|t| t.end.is_none()) {
+            for party in [&t.customer_channel, &t.extension_channel] {
+                let keys = self.open_talk.entry(party.clone()).or_default();
+                if !keys.contains(&key) {
+                    keys.push(key.clone());
+                }
+            }
+        }
+        self.journaled.insert(key.clone(), snap.call.last_event);
+        if snap.closing || snap.call.live.is_empty() {
+            self.closing.push_back((now, key.clone()));
+            self.closing_calls.insert(key, snap.call);
+        } else {
+            self.calls.insert(key, snap.call);
+        }
+        Ok(())
+    }
+
+    /// A `CoreShowChannel` row (resync): introduces a channel we never saw, and puts channels
+    /// that share a bridge together, so a call answered while we were away counts as answered.
+    pub fn show_channel(&mut self, frame: &Frame, now: Millis) {
+        let known = frame
+            .get("Uniqueid")
+            .is_some_and(|u| self.channels.contains_key(u));
+        let Some(uid) = self.touch(frame, "", now) else {
+            return;
+        };
+        // A channel that appeared while we were away: its call is as old as its age says.
+        let age = frame.get("Duration").and_then(parse_hms);
+        if let (false, Some(age)) = (known, age) {
+            let key = self.channels.get(&uid).map(|c| c.call.clone());
+            if let Some(call) = key.and_then(|k| self.calls.get_mut(&k)) {
+                call.start = call.start.min(now - age);
+            }
+        }
+        let bridge = frame.get("BridgeId").filter(|b| !b.is_empty());
+        let current = self.channels.get(&uid).and_then(|c| c.bridge.clone());
+        if let Some(b) = bridge {
+            if current.as_deref() != Some(b) {
+                let enter = Frame::from_pairs(vec![
+                    ("Event", "BridgeEnter".to_string()),
+                    ("Uniqueid", uid.clone()),
+                    ("BridgeUniqueid", b.to_string()),
+                ]);
+                self.bridge_enter(&enter, now);
+            }
         }
     }
 
@@ -1008,6 +1150,17 @@ fn base_name(name: &str) -> &str {
         }
         _ => name,
     }
+}
+
+/// `Duration: 01:02:03` (CoreShowChannel) → milliseconds.
+fn parse_hms(s: &str) -> Option<Millis> {
+    let mut secs: i64 = 0;
+    for part in s.trim().split(':') {
+        secs = secs
+            .checked_mul(60)?
+            .checked_add(part.parse::<i64>().ok()?)?;
+    }
+    Some(secs.saturating_mul(1000))
 }
 
 fn ms_to_secs(ms: Millis) -> u64 {

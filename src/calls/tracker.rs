@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::gate::Gate;
-use super::model::{CallModel, ClickToCall, Millis, Output};
+use super::model::{CallModel, ClickToCall, JournalOp, Millis, Output};
 use super::record::{CallRecord, LiveEvent};
 use super::webhook::{WebhookEvent, WebhookModel};
 use super::Classifier;
@@ -105,6 +105,12 @@ pub struct TrackerStats {
     pub live_events_late: std::sync::atomic::AtomicU64,
     /// Hangups not sent because the call's pop-up never reached the CRM.
     pub hangups_without_popup: std::sync::atomic::AtomicU64,
+    /// AMI events the call model has processed.
+    pub ami_events: std::sync::atomic::AtomicU64,
+    /// Journal entries written (calls in progress, for restarts).
+    pub journal_writes: std::sync::atomic::AtomicU64,
+    /// `ami_events` when the journal was last written: everything before is durable.
+    pub events_journaled: std::sync::atomic::AtomicU64,
 }
 
 pub fn now_ms() -> Millis {
@@ -126,10 +132,11 @@ impl CallTracker {
         journal: Option<LiveStore>,
     ) -> (CallTracker, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
+        let mut model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
         let mut web = WebhookModel::new(&config.pbx.system_id);
         if let Some(j) = &journal {
             restore_webhook_calls(j, &mut web);
+            restore_ami_calls(j, &mut model);
         }
         let gate = Gate::new(config);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
@@ -191,12 +198,18 @@ async fn run(
     journal: Option<LiveStore>,
 ) {
     let mut events = ami.subscribe();
+    let mut out = Vec::new();
+    // Logged in before we subscribed: that login's resync is ours to do.
+    if ami.state().is_connected() {
+        resync(&mut model, &ami, &stats, &mut out).await;
+    }
     // Webhook calls touched by the last request: journaled once their outputs are handed on.
     let mut webhook_touched: Vec<String> = Vec::new();
+    // AMI calls are journaled once a second, after that second's finished calls are stored.
+    let mut journal_due = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
-    let mut out = Vec::new();
     let mut webhook_done: Option<tokio::sync::oneshot::Sender<()>> = None;
     loop {
         tokio::select! {
@@ -218,11 +231,14 @@ async fn run(
                 None => break,
             },
             ev = events.recv() => match ev {
-                Ok(AmiEvent::Event(frame)) => model.on_event(&frame, now_ms(), &mut out),
-                Ok(AmiEvent::Connected { session }) => {
-                    if session > 1 {
-                        resync(&mut model, &ami, &stats, &mut out).await;
-                    }
+                Ok(AmiEvent::Event(frame)) => {
+                    stats.ami_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    model.on_event(&frame, now_ms(), &mut out)
+                }
+                // Every login, the first too: calls resumed from the journal, or that ran on
+                // while the link was down, are checked against what Asterisk has now.
+                Ok(AmiEvent::Connected { .. }) => {
+                    resync(&mut model, &ami, &stats, &mut out).await;
                 }
                 Ok(AmiEvent::Disconnected { .. }) => {}
                 Err(RecvError::Lagged(n)) => {
@@ -233,6 +249,7 @@ async fn run(
             },
             _ = tick.tick() => {
                 ticks += 1;
+                journal_due = true;
                 let now = now_ms();
                 model.tick(now, &mut out);
                 if ticks % 60 == 0 {
@@ -295,6 +312,11 @@ async fn run(
         } else {
             webhook_touched.clear();
         }
+        if std::mem::take(&mut journal_due) {
+            if let Some(j) = &journal {
+                write_ami_journal(j, &mut model, &stats);
+            }
+        }
         if let Some(done) = finished_webhook {
             let _ = done.send(());
         }
@@ -308,6 +330,55 @@ async fn run(
                 sink.accept(*r);
             }
         }
+    }
+}
+
+/// AMI calls that were in progress when the service stopped (checked by the first resync).
+fn restore_ami_calls(journal: &LiveStore, model: &mut CallModel) {
+    match journal.all("a:") {
+        Ok(entries) => {
+            let now = now_ms();
+            let mut resumed = 0;
+            for (key, entry) in entries {
+                match model.restore(&entry, now) {
+                    Ok(()) => resumed += 1,
+                    Err(e) => {
+                        tracing::error!(call = %key, error = %e, "a journaled call cannot be read; dropped from the journal");
+                        let _ = journal.remove(&format!("a:{key}"));
+                    }
+                }
+            }
+            if resumed > 0 {
+                tracing::info!(
+                    calls = resumed,
+                    "AMI calls in progress resumed from the journal"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "reading the journal of calls in progress failed"),
+    }
+}
+
+/// Writes what changed in the AMI calls since the last second, and that the tracker is alive.
+fn write_ami_journal(journal: &LiveStore, model: &mut CallModel, stats: &TrackerStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for op in model.journal() {
+        let written = match &op {
+            JournalOp::Put(key, entry) => journal.put(&format!("a:{key}"), entry),
+            JournalOp::Remove(key) => journal.remove(&format!("a:{key}")),
+        };
+        match written {
+            Ok(()) => {
+                stats.journal_writes.fetch_add(1, Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "journaling calls in progress failed"),
+        }
+    }
+    stats
+        .events_journaled
+        .store(stats.ami_events.load(Relaxed), Relaxed);
+    if let Err(e) = journal.set_last_alive(now_ms()) {
+        tracing::error!(error = %e, "journaling calls in progress failed");
     }
 }
 
@@ -353,6 +424,10 @@ async fn resync(
                 .iter()
                 .filter_map(|e| e.get("Uniqueid").map(str::to_string))
                 .collect();
+            let now = now_ms();
+            for e in &reply.events {
+                model.show_channel(e, now);
+            }
             let before = model.live_channels();
             model.resync(&alive, now_ms(), out);
             tracing::info!(

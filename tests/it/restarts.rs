@@ -108,3 +108,121 @@ async fn a_webhook_call_in_progress_survives_a_kill() {
 async fn a_webhook_call_in_progress_survives_a_restart() {
     webhook_call_survives(false).await;
 }
+
+/// pbxgate's AMI calls across a kill: env for a lab-like PBX (system id `lab`, `from-trunk`).
+fn lab_env(dir: &std::path::Path, crm: &FakeCrm, ami: &FakeAmi) -> Vec<(&'static str, String)> {
+    let mut env = env_for(dir, crm, ami, "s");
+    env.extend([
+        ("PBXGATE__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+        ("PBXGATE__CRM__REGISTER_ON_START", "false".to_string()),
+        ("PBXGATE__PBX__SYSTEM_ID", "lab".to_string()),
+        (
+            "PBXGATE__CALLS__INBOUND_CONTEXTS",
+            r#"["from-trunk"]"#.to_string(),
+        ),
+        ("PBXGATE__HISTORY__BATCH_WINDOW", "20ms".to_string()),
+    ]);
+    env
+}
+
+/// Waits until the service's journal holds everything up to its `n`-th AMI event.
+async fn journaled(base: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ready: Value = reqwest::get(format!("{base}/ready"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let calls = &ready["calls"];
+        if calls["amiEvents"].as_u64() >= Some(n) && calls["eventsJournaled"].as_u64() >= Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "journal behind: {calls}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Capture 03 cut after the customer and 101 are bridged: (before, after, frames before).
+fn capture_03_cut() -> (String, String, u64) {
+    let body = String::from_utf8(crate::support::capture_body("03_inbound_from_trunk")).unwrap();
+    let second_bridge = body
+        .match_indices("Event: BridgeEnter")
+        .nth(1)
+        .expect("two BridgeEnter")
+        .0;
+    let cut = second_bridge + body[second_bridge..].find("\r\n\r\n").unwrap() + 4;
+    let (before, after) = body.split_at(cut);
+    let frames = before.matches("Event: ").count() as u64;
+    (before.to_string(), after.to_string(), frames)
+}
+
+/// What Asterisk answers to CoreShowChannels at the cut: the customer bridged with 101.
+fn channels_at_the_cut() -> String {
+    let bridge = "349a56bd-5392-41e6-abbc-8bf6315b03b2";
+    let mut out = String::from(
+        "Response: Success\r\nActionID: {id}\r\nEventList: start\r\nMessage: Channels will follow\r\n\r\n",
+    );
+    for (name, uid, b) in [
+        (
+            "Local/+4930111000@from-trunk-0000000a;1",
+            "1795264488.20",
+            "",
+        ),
+        (
+            "Local/+4930111000@from-trunk-0000000a;2",
+            "1795264488.21",
+            bridge,
+        ),
+        ("Local/101@sim-phones-0000000b;1", "1795264488.22", bridge),
+        ("Local/101@sim-phones-0000000b;2", "1795264488.23", ""),
+    ] {
+        out.push_str(&format!(
+            "Event: CoreShowChannel\r\nActionID: {{id}}\r\nChannel: {name}\r\nChannelState: 6\r\n\
+             ChannelStateDesc: Up\r\nUniqueid: {uid}\r\nLinkedid: 1795264488.20\r\n\
+             Duration: 00:00:03\r\nBridgeId: {b}\r\n\r\n"
+        ));
+    }
+    out.push_str("Event: CoreShowChannelsComplete\r\nActionID: {id}\r\nEventList: Complete\r\nListItems: 4\r\n\r\n");
+    out
+}
+
+#[tokio::test]
+async fn an_ami_call_answered_before_a_kill_is_recorded_answered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s").await;
+    let env = lab_env(dir.path(), &crm, &ami);
+    let (before, after, frames) = capture_03_cut();
+
+    let (mut first, base) = serve(dir.path(), &env).await;
+    ami.wait_for_actions("CoreShowChannels", 1).await;
+    ami.send(before.as_bytes());
+    journaled(&base, frames).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    ami.set_reply(
+        "CoreShowChannels",
+        crate::support::fake_ami::Reply::Raw(channels_at_the_cut()),
+    );
+    let (_second, _) = serve(dir.path(), &env).await;
+    ami.wait_for_actions("CoreShowChannels", 2).await;
+    ami.send(after.as_bytes());
+    let call = in_crm(&crm, "lab-1795264488.20").await;
+    assert_eq!(
+        (&call["type"], &call["code"], &call["result"]),
+        (
+            &Value::from("in"),
+            &Value::from("101"),
+            &Value::from("answered")
+        ),
+        "{call}"
+    );
+    assert_eq!(call["phone"], "+491701234567");
+    assert_eq!(crm.upload_counts()["lab-1795264488.20"], 1);
+}
