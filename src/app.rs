@@ -137,6 +137,8 @@ impl Application {
             Arc::new(sink),
             tracker_stats.clone(),
             Some(store.live()?),
+            crate::backfill::CdrRecovery::new(config.clone())
+                .map(|r| Arc::new(r) as Arc<dyn crate::calls::tracker::Recovery>),
         );
         tasks.push(tracker_task);
 

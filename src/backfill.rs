@@ -236,6 +236,34 @@ pub fn record(
         .collect();
     recordings.sort();
     recordings.dedup();
+    // Every phone a row dialled rang (in CSV order; one ring per extension).
+    let mut rings: Vec<crate::calls::record::Ring> = Vec::new();
+    for r in rows {
+        let Some(ext) = ext_of(&r.dstchannel) else {
+            continue;
+        };
+        if rings.iter().any(|x| x.extension == ext) {
+            continue;
+        }
+        let Some(ring_start) = to_ms(&r.start) else {
+            continue;
+        };
+        let status = match r.disposition.as_str() {
+            "ANSWERED" => "ANSWER",
+            "BUSY" => "BUSY",
+            "FAILED" | "CONGESTION" => "CHANUNAVAIL",
+            _ => "NOANSWER",
+        };
+        rings.push(crate::calls::record::Ring {
+            extension: ext,
+            start: ring_start,
+            end: to_ms(&r.answer).or_else(|| to_ms(&r.end)),
+            status: Some(status.to_string()),
+        });
+    }
+    let placed_by = (direction == Direction::Out)
+        .then(|| code.clone())
+        .flatten();
     let linkedid = first.uniqueid.clone();
     Some(CallRecord {
         external_id: format!("{system_id}-{linkedid}"),
@@ -255,9 +283,9 @@ pub fn record(
         outcome,
         answered_by: if answer.is_some() { code.clone() } else { None },
         final_extension: if answer.is_some() { code } else { None },
-        placed_by: None,
+        placed_by,
         click_to_call: false,
-        rings: Vec::new(),
+        rings,
         talk: Vec::new(),
         recordings,
         customer_dial_status: None,
@@ -275,6 +303,57 @@ pub fn cdr_time(s: &str, tz: &jiff::tz::TimeZone) -> Option<i64> {
     Some(dt.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond())
 }
 
+/// Every call of the CDR rows, as the live model would have recorded it (numbers as the PBX
+/// gave them; internal calls only if configured).
+pub fn calls_of(config: &Config, rows: &[CdrRow], tz: &jiff::tz::TimeZone) -> Vec<CallRecord> {
+    let classifier = Classifier::new(config);
+    let to_ms = |s: &str| cdr_time(s, tz);
+    group(rows)
+        .iter()
+        .filter_map(|g| record(g, &classifier, &config.pbx.system_id, &to_ms))
+        .filter(|r| r.direction != Direction::Internal || config.calls.send_internal)
+        .collect()
+}
+
+/// `[backfill] cdr_csv` read at startup: the calls that ended while the service was away.
+pub struct CdrRecovery {
+    config: std::sync::Arc<Config>,
+}
+
+impl CdrRecovery {
+    /// `None` without `backfill.cdr_csv`.
+    pub fn new(config: std::sync::Arc<Config>) -> Option<CdrRecovery> {
+        (!config.backfill.cdr_csv.as_os_str().is_empty()).then_some(CdrRecovery { config })
+    }
+}
+
+impl crate::calls::tracker::Recovery for CdrRecovery {
+    fn calls(&self, since: i64, ended: &std::collections::HashSet<String>) -> Vec<CallRecord> {
+        let b = &self.config.backfill;
+        let tz = jiff::tz::TimeZone::get(&b.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
+        let (rows, problems) = match read_rows(&b.cdr_csv) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read backfill.cdr_csv: calls that ended while pbxgate was away are not recovered");
+                return Vec::new();
+            }
+        };
+        if !problems.is_empty() {
+            tracing::warn!(
+                skipped = problems.len(),
+                first = %problems[0],
+                "backfill.cdr_csv: rows skipped"
+            );
+        }
+        // CDR times have whole seconds: a little before `since`, deduplicated by the outbox.
+        let from = since - 5_000;
+        calls_of(&self.config, &rows, &tz)
+            .into_iter()
+            .filter(|r| r.start >= from || ended.contains(&r.external_id))
+            .collect()
+    }
+}
+
 /// The calls of a CDR file within [from, to], not internal unless configured, with canonical
 /// numbers and without the calls the registration rules ignore (as the live tracker does).
 pub fn build(
@@ -284,12 +363,8 @@ pub fn build(
     to: jiff::civil::Date,
     tz: &jiff::tz::TimeZone,
 ) -> Vec<CallRecord> {
-    let classifier = Classifier::new(config);
-    let to_ms = |s: &str| cdr_time(s, tz);
-    let mut calls: Vec<CallRecord> = group(rows)
-        .iter()
-        .filter_map(|g| record(g, &classifier, &config.pbx.system_id, &to_ms))
-        .filter(|r| r.direction != Direction::Internal || config.calls.send_internal)
+    let mut calls: Vec<CallRecord> = calls_of(config, rows, tz)
+        .into_iter()
         .filter(|r| {
             jiff::Timestamp::from_millisecond(r.start)
                 .map(|t| {

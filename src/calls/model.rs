@@ -281,6 +281,11 @@ impl CallModel {
         self.calls.len() + self.closing_calls.len()
     }
 
+    /// Whether the call with this key is in progress (or closing).
+    pub fn knows_call(&self, key: &str) -> bool {
+        self.calls.contains_key(key) || self.closing_calls.contains_key(key)
+    }
+
     pub fn live_channels(&self) -> usize {
         self.channels.len()
     }

@@ -24,6 +24,19 @@ use crate::ami::{Action, AmiClient, AmiEvent};
 use crate::config::Config;
 use crate::store::LiveStore;
 
+/// Calls that ended while the service was not running, from a record the PBX keeps (Asterisk's
+/// CDR): those that started at `since` or later, and those in `ended` (calls resumed from the
+/// journal whose channels were gone at the first resync), by `external_id`.
+pub trait Recovery: Send + Sync + 'static {
+    fn calls(&self, since: Millis, ended: &HashSet<String>) -> Vec<CallRecord>;
+}
+
+/// The recovery still to do at the first resync.
+struct Gap {
+    since: Millis,
+    recovery: Arc<dyn Recovery>,
+}
+
 /// Where finished calls go. The history outbox implements it; tests use [`RecentCalls`].
 pub trait CallSink: Send + Sync + 'static {
     fn accept(&self, record: CallRecord);
@@ -130,6 +143,7 @@ impl CallTracker {
         sink: Arc<dyn CallSink>,
         stats: Arc<TrackerStats>,
         journal: Option<LiveStore>,
+        recovery: Option<Arc<dyn Recovery>>,
     ) -> (CallTracker, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let mut model = CallModel::new(Classifier::new(config), &config.pbx.system_id);
@@ -138,6 +152,16 @@ impl CallTracker {
             restore_webhook_calls(j, &mut web);
             restore_ami_calls(j, &mut model);
         }
+        // Only a service that ran before has a gap; a first start leaves history to `backfill`.
+        let max_gap = i64::try_from(config.backfill.max_gap.as_millis()).unwrap_or(i64::MAX);
+        let gap = journal
+            .as_ref()
+            .and_then(|j| j.last_alive().ok().flatten())
+            .zip(recovery)
+            .map(|(since, recovery)| Gap {
+                since: since.max(now_ms().saturating_sub(max_gap)),
+                recovery,
+            });
         let gate = Gate::new(config);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
         let send_internal = config.calls.send_internal;
@@ -153,6 +177,7 @@ impl CallTracker {
             max_silence,
             send_internal,
             journal,
+            gap,
         ));
         (CallTracker { input: tx }, task)
     }
@@ -196,12 +221,13 @@ async fn run(
     max_silence: Millis,
     send_internal: bool,
     journal: Option<LiveStore>,
+    mut gap: Option<Gap>,
 ) {
     let mut events = ami.subscribe();
     let mut out = Vec::new();
     // Logged in before we subscribed: that login's resync is ours to do.
     if ami.state().is_connected() {
-        resync(&mut model, &ami, &stats, &mut out).await;
+        resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
     }
     // Webhook calls touched by the last request: journaled once their outputs are handed on.
     let mut webhook_touched: Vec<String> = Vec::new();
@@ -238,12 +264,12 @@ async fn run(
                 // Every login, the first too: calls resumed from the journal, or that ran on
                 // while the link was down, are checked against what Asterisk has now.
                 Ok(AmiEvent::Connected { .. }) => {
-                    resync(&mut model, &ami, &stats, &mut out).await;
+                    resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
                 }
                 Ok(AmiEvent::Disconnected { .. }) => {}
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "call tracker fell behind the AMI events; resyncing");
-                    resync(&mut model, &ami, &stats, &mut out).await;
+                    resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
                 }
                 Err(RecvError::Closed) => break,
             },
@@ -333,6 +359,68 @@ async fn run(
     }
 }
 
+/// At the first resync after a restart: calls resumed from the journal that ended while we were
+/// away get their true times from the PBX's record; calls that started and ended while we were
+/// away are added. Each exactly once: the outbox stores a call id once.
+async fn recover_gap(gap: Gap, model: &CallModel, out: &mut Vec<Output>, first: usize) {
+    let ended: HashSet<String> = out[first..]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Finished(r) if r.reaped => Some(r.external_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let (since, recovery, asked) = (gap.since, gap.recovery, ended.clone());
+    let found = match tokio::task::spawn_blocking(move || recovery.calls(since, &asked)).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(error = %e, "recovering the calls of the gap failed");
+            return;
+        }
+    };
+    let mut by_id: std::collections::HashMap<String, CallRecord> = found
+        .into_iter()
+        .map(|r| (r.external_id.clone(), r))
+        .collect();
+    let mut corrected = 0;
+    for o in out[first..].iter_mut() {
+        let Output::Finished(r) = o else { continue };
+        let Some(mut true_record) = by_id.remove(&r.external_id) else {
+            continue;
+        };
+        // What only the live model knew: our click-to-call, recordings it saw.
+        true_record.user_id = true_record.user_id.or(r.user_id);
+        true_record.click_to_call |= r.click_to_call;
+        if true_record.external_phone.is_none() {
+            true_record.external_phone = r.external_phone.clone();
+        }
+        for rec in &r.recordings {
+            if !true_record.recordings.contains(rec) {
+                true_record.recordings.push(rec.clone());
+            }
+        }
+        **r = true_record;
+        corrected += 1;
+    }
+    let mut added = 0;
+    let mut missed: Vec<CallRecord> = by_id
+        .into_values()
+        .filter(|r| !model.knows_call(&r.linkedid))
+        .collect();
+    missed.sort_by_key(|r| r.start);
+    for r in missed {
+        out.push(Output::Finished(Box::new(r)));
+        added += 1;
+    }
+    tracing::info!(
+        since_ms = since,
+        ended_while_away = ended.len(),
+        corrected,
+        added,
+        "calls of the time pbxgate was away recovered from the CDR"
+    );
+}
+
 /// AMI calls that were in progress when the service stopped (checked by the first resync).
 fn restore_ami_calls(journal: &LiveStore, model: &mut CallModel) {
     match journal.all("a:") {
@@ -360,9 +448,11 @@ fn restore_ami_calls(journal: &LiveStore, model: &mut CallModel) {
 }
 
 /// Writes what changed in the AMI calls since the last second, and that the tracker is alive.
-fn write_ami_journal(journal: &LiveStore, model: &mut CallModel, stats: &TrackerStats) {
+fn write_ami_journal(journal: &LiveStore, model: &mut CallModel, stats: &Arc<TrackerStats>) {
     use std::sync::atomic::Ordering::Relaxed;
-    for op in model.journal() {
+    let ops = model.journal();
+    let changed = !ops.is_empty();
+    for op in ops {
         let written = match &op {
             JournalOp::Put(key, entry) => journal.put(&format!("a:{key}"), entry),
             JournalOp::Remove(key) => journal.remove(&format!("a:{key}")),
@@ -374,12 +464,25 @@ fn write_ami_journal(journal: &LiveStore, model: &mut CallModel, stats: &Tracker
             Err(e) => tracing::error!(error = %e, "journaling calls in progress failed"),
         }
     }
-    stats
-        .events_journaled
-        .store(stats.ami_events.load(Relaxed), Relaxed);
     if let Err(e) = journal.set_last_alive(now_ms()) {
         tracing::error!(error = %e, "journaling calls in progress failed");
     }
+    // Durable off the event loop; `events_journaled` says how far it is.
+    let seen = stats.ami_events.load(Relaxed);
+    if !changed && stats.events_journaled.load(Relaxed) == seen {
+        return;
+    }
+    let (journal, stats) = (journal.clone(), stats.clone());
+    tokio::spawn(async move {
+        match journal.flush().await {
+            Ok(()) => {
+                stats.events_journaled.fetch_max(seen, Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the journal of calls in progress failed")
+            }
+        }
+    });
 }
 
 /// Webhook calls that were in progress when the service stopped.
@@ -413,6 +516,7 @@ async fn resync(
     ami: &AmiClient,
     stats: &TrackerStats,
     out: &mut Vec<Output>,
+    gap: &mut Option<Gap>,
 ) {
     stats
         .resyncs
@@ -429,6 +533,7 @@ async fn resync(
                 model.show_channel(e, now);
             }
             let before = model.live_channels();
+            let first = out.len();
             model.resync(&alive, now_ms(), out);
             tracing::info!(
                 alive = alive.len(),
@@ -436,6 +541,9 @@ async fn resync(
                 tracked_after = model.live_channels(),
                 "calls resynced"
             );
+            if let Some(gap) = gap.take() {
+                recover_gap(gap, model, out, first).await;
+            }
         }
         Err(e) => tracing::warn!(error = %e, "resync failed; stale calls will be reaped"),
     }

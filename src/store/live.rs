@@ -4,9 +4,8 @@
 //! are the tracker's own JSON. `meta` keeps when the tracker was last alive, which bounds the
 //! gap a restart recovers from Asterisk's CDR.
 //!
-//! Writes are not flushed here: webhook answers flush the store before they say 200, and the AMI
-//! journal is written once a second and rides on the next flush (sled also flushes on its own
-//! every half second).
+//! Webhook answers flush the store before they say 200; the AMI journal is written and flushed
+//! once a second.
 
 use super::StoreError;
 
@@ -26,6 +25,12 @@ impl LiveStore {
             calls: db.open_tree(TREE)?,
             meta,
         })
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.calls.flush_async().await?;
+        Ok(())
     }
 
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {

@@ -256,7 +256,12 @@ pub(crate) async fn serve(
     .await
     .expect("pbxgate starts");
     // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // (Shown with a failing test's output.)
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("pbxgate: {line}");
+        }
+    });
     (child, format!("http://{addr}"))
 }
 

@@ -226,3 +226,82 @@ async fn an_ami_call_answered_before_a_kill_is_recorded_answered_once() {
     assert_eq!(call["phone"], "+491701234567");
     assert_eq!(crm.upload_counts()["lab-1795264488.20"], 1);
 }
+
+/// Rows of the lab's CDR file whose line holds any of `needles`.
+fn cdr_rows(needles: &[&str]) -> Vec<String> {
+    let all = std::fs::read_to_string(format!(
+        "{}/../shared/ami-captures/cdr/Master.csv",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    all.lines()
+        .filter(|l| needles.iter().any(|n| l.contains(n)))
+        .map(str::to_string)
+        .collect()
+}
+
+fn cdr_time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .unwrap()
+        .strftime("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+#[tokio::test]
+async fn calls_that_ended_while_the_service_was_down_come_from_the_cdr_once_with_true_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    let ami = FakeAmi::start("pbxgate", "s").await;
+    let cdr = dir.path().join("Master.csv");
+    let mut env = lab_env(dir.path(), &crm, &ami);
+    env.push(("PBXGATE__BACKFILL__CDR_CSV", cdr.display().to_string()));
+    let (before, _after, frames) = capture_03_cut();
+
+    let (mut first, base) = serve(dir.path(), &env).await;
+    ami.wait_for_actions("CoreShowChannels", 1).await;
+    ami.send(before.as_bytes());
+    journaled(&base, frames).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    // While it is down: call 03 ends (its CDR rows are written), and a whole missed call comes
+    // and goes.
+    let now = pbxgate::calls::tracker::now_ms();
+    let mut rows = cdr_rows(&["1795264488.2"]);
+    rows.extend(cdr_rows(&["1795264721.70"]).into_iter().map(|l| {
+        l.replace("2026-11-21 12:38:41", &cdr_time(now + 1_000))
+            .replace("2026-11-21 12:38:49", &cdr_time(now + 9_000))
+            .replace("1795264721.70", "1795999999.70")
+    }));
+    std::fs::write(&cdr, rows.join("\n") + "\n").unwrap();
+
+    // Asterisk has no channel left (the fake's default answer).
+    let (_second, _) = serve(dir.path(), &env).await;
+    let answered = in_crm(&crm, "lab-1795264488.20").await;
+    assert_eq!(
+        (&answered["code"], &answered["result"]),
+        (&Value::from("101"), &Value::from("answered")),
+        "{answered}"
+    );
+    // The truth: 2.0 s waiting, 15.5 s talking (the CDR has whole seconds).
+    let talk = answered["duration"].as_i64().unwrap();
+    let wait = answered["durationWaiting"].as_i64().unwrap();
+    assert!((14..=17).contains(&talk), "{answered}");
+    assert!((1..=3).contains(&wait), "{answered}");
+    let missed = in_crm(&crm, "lab-1795999999.70").await;
+    assert_eq!(
+        (&missed["type"], &missed["code"], &missed["result"]),
+        (
+            &Value::from("in"),
+            &Value::from("101"),
+            &Value::from("no answer")
+        ),
+        "{missed}"
+    );
+    assert_eq!(missed["durationWaiting"], 8);
+    let counts = crm.upload_counts();
+    assert_eq!(
+        (counts["lab-1795264488.20"], counts["lab-1795999999.70"]),
+        (1, 1)
+    );
+}
