@@ -388,3 +388,50 @@ async fn the_readmes_webhook_example_produces_a_call_in_the_crm() {
         "{call}"
     );
 }
+
+/// One capture replayed into a fresh service: every non-internal call of its truth reaches the
+/// CRM with a manager and its direction, and nothing is dead.
+async fn accepted_by_a_strict_crm(capture: &str, truth: &str) {
+    let truth: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../shared/ami-captures/truth/{truth}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let app = lab_app(|c| c.history.batch_window = Duration::from_millis(20)).await;
+    app.ami.send(&capture_body(capture));
+    for t in truth["calls"].as_array().unwrap() {
+        if t["direction"] == "internal" {
+            continue;
+        }
+        let id = format!("lab-{}", t["linkedid"].as_str().unwrap());
+        let call = uploaded(&app, &id).await;
+        assert!(
+            call.get("code").is_some() || call.get("userId").is_some(),
+            "{capture}: {call}"
+        );
+        assert_eq!(call["type"], t["direction"], "{capture}: {call}");
+    }
+    assert_eq!(app.state.outbox.status().dead, 0, "{capture}");
+}
+
+#[tokio::test]
+async fn every_captured_call_is_accepted_by_a_strict_crm() {
+    let scenarios = [
+        ("02_originate_outbound", "02"),
+        ("02b_outbound_busy_noanswer_failure", "02b"),
+        ("03_inbound_from_trunk", "03"),
+        ("04_queue_pause_and_call", "04"),
+        ("06_live_channels_status_hangup", "06"),
+        ("07_inbound_blind_transfer", "07"),
+        ("09_inbound_missed", "09"),
+        ("10_inbound_abandoned", "10"),
+        ("14_click2call_manager_noanswer", "14"),
+        ("14c_click2call_customer_busy", "14c"),
+    ];
+    for (capture, truth) in scenarios {
+        accepted_by_a_strict_crm(capture, truth).await;
+    }
+}
