@@ -264,15 +264,25 @@ impl CallModel {
         }
         let bridge = frame.get("BridgeId").filter(|b| !b.is_empty());
         let current = self.channels.get(&uid).and_then(|c| c.bridge.clone());
+        if current.as_deref() == bridge {
+            return;
+        }
+        // It left (or changed) its bridge while we were away.
+        if let Some(old) = current {
+            let leave = Frame::from_pairs(vec![
+                ("Event", "BridgeLeave".to_string()),
+                ("Uniqueid", uid.clone()),
+                ("BridgeUniqueid", old),
+            ]);
+            self.bridge_leave(&leave, now);
+        }
         if let Some(b) = bridge {
-            if current.as_deref() != Some(b) {
-                let enter = Frame::from_pairs(vec![
-                    ("Event", "BridgeEnter".to_string()),
-                    ("Uniqueid", uid.clone()),
-                    ("BridgeUniqueid", b.to_string()),
-                ]);
-                self.bridge_enter(&enter, now);
-            }
+            let enter = Frame::from_pairs(vec![
+                ("Event", "BridgeEnter".to_string()),
+                ("Uniqueid", uid.clone()),
+                ("BridgeUniqueid", b.to_string()),
+            ]);
+            self.bridge_enter(&enter, now);
         }
     }
 
@@ -1476,6 +1486,58 @@ mod tests {
         assert_eq!(run("+74951234567").as_deref(), Some("+74951234567"));
         // The extension's own number is not a line; nor is the customer's number ever one.
         assert_eq!(run("101"), None);
+    }
+
+    #[test]
+    fn channels_asterisk_shows_bridged_after_a_gap_are_talking() {
+        let (trunk, phone) = (("PJSIP/trunk-01", "6.1"), ("PJSIP/101-02", "6.2"));
+        let mut m = model();
+        let mut out = Vec::new();
+        m.on_event(
+            &chan(
+                "Newchannel",
+                trunk.0,
+                trunk.1,
+                "6.1",
+                "from-trunk",
+                "+74951234567",
+                &[],
+            ),
+            0,
+            &mut out,
+        );
+        m.on_event(
+            &chan("Newchannel", phone.0, phone.1, "6.1", "internal", "s", &[]),
+            10,
+            &mut out,
+        );
+        m.on_event(&dial("DialBegin", trunk, phone, "6.1", &[]), 20, &mut out);
+        // The answer happened while the link was down; CoreShowChannels shows the bridge.
+        for (name, uid) in [trunk, phone] {
+            let row = chan(
+                "CoreShowChannel",
+                name,
+                uid,
+                "6.1",
+                "",
+                "",
+                &[("BridgeId", "b9"), ("Duration", "00:00:09")],
+            );
+            m.show_channel(&row, 9_000);
+        }
+        for (name, uid) in [trunk, phone] {
+            m.on_event(
+                &chan("Hangup", name, uid, "6.1", "", "", &[]),
+                19_000,
+                &mut out,
+            );
+        }
+        m.flush(&mut out);
+        let r = finished(&out)[0];
+        assert_eq!(
+            (r.outcome, r.answered_by.as_deref(), r.talk_seconds),
+            (Outcome::Answered, Some("101"), 10)
+        );
     }
 
     #[test]
