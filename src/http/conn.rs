@@ -212,6 +212,9 @@ impl Guarded {
     ) -> Option<(Guarded, Option<SocketAddr>)> {
         let peer = io.peer_addr().ok();
         let permit = limits.admit(peer?.ip())?;
+        // Answers are written whole; without TCP_NODELAY the short last segment of a longer one
+        // (a recording, a range) would wait for the client's delayed ACK.
+        let _ = io.set_nodelay(true);
         let conn = Conn::new(client_timeout, keep_alive);
         let timer = Box::pin(tokio::time::sleep_until(conn.deadline.get()));
         let guarded = Guarded {
