@@ -50,7 +50,7 @@ async fn invalid_config_exits_2_with_one_line_per_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("crm.no_such_key: unknown key"));
 }
 
-fn env_for(
+pub(crate) fn env_for(
     dir: &std::path::Path,
     crm: &FakeCrm,
     ami: &FakeAmi,
@@ -211,12 +211,19 @@ pub(crate) async fn serve(
     dir: &std::path::Path,
     env: &[(&str, String)],
 ) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
-    cmd.arg("serve")
-        .current_dir(dir)
-        .env_clear()
-        .kill_on_drop(true);
+    cmd.arg("serve");
+    spawn_serving(cmd, dir, env).await
+}
+
+/// Like [`serve`] for a command that ends up running `pbxgate serve` (e.g. through a shell).
+pub(crate) async fn spawn_serving(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    cmd.current_dir(dir).env_clear().kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -306,3 +306,82 @@ async fn a_slow_chunked_body_gets_408() {
     assert_eq!(body["success"], false);
     assert_eq!(app.state.store.activity().unwrap().updated_at, 0);
 }
+
+#[tokio::test]
+async fn the_service_under_a_1024_open_files_limit_survives_eleven_hundred_slow_clients() {
+    const SLOW: usize = 1100;
+    // This process holds the clients' ends.
+    pbxgate::app::raise_open_files_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let crm = crate::support::FakeCrm::start().await;
+    let ami = crate::support::FakeAmi::start("pbxgate", "s").await;
+    let mut env = crate::cli::env_for(dir.path(), &crm, &ami, "s");
+    env.extend([
+        ("PBXGATE__HTTP__LISTEN", "127.0.0.1:0".to_string()),
+        ("PBXGATE__HTTP__CLIENT_TIMEOUT", "1s".to_string()),
+        ("PBXGATE__CRM__REGISTER_ON_START", "false".to_string()),
+        (
+            "PBXGATE__CRM__CLIENT_ID",
+            "client-id-0123456789abcdef".to_string(),
+        ),
+        ("PBXGATE__LOG__LEVEL", "info".to_string()),
+        (
+            "PBXGATE__USERS",
+            r#"[{user_id = 1, code = "101"}]"#.to_string(),
+        ),
+    ]);
+    // The usual limits of a shell: 1024 descriptors at most, 256 unless raised.
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        r#"ulimit -Sn 256 && ulimit -Hn 1024 && exec "$0" serve"#,
+        env!("CARGO_BIN_EXE_pbxgate"),
+    ]);
+    let (_child, base) = crate::cli::spawn_serving(cmd, dir.path(), &env).await;
+    let to: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
+    let http = reqwest::Client::new();
+    let ready: Value = http
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Raised to the hard limit; connections fitted to it.
+    assert_eq!(ready["http"]["openFilesLimit"], 1024, "{ready}");
+    assert_eq!(ready["http"]["maxConnections"], (1024 - 256) / 2, "{ready}");
+    tokio::time::timeout(PATIENCE, ami.wait_for_logins(1))
+        .await
+        .unwrap();
+
+    let mut clients = Vec::with_capacity(SLOW);
+    for _ in 0..SLOW {
+        let stream = connect_from("127.0.0.6", to).await;
+        clients.push(tokio::spawn(slow_body(stream, Duration::from_secs(5))));
+    }
+    let r = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("{base}/crm/make-call"))
+        .query(&[
+            ("clientId", "client-id-0123456789abcdef"),
+            ("code", "101"),
+            ("phone", "+79991234567"),
+            ("userId", "1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    ami.wait_for_actions("Originate", 1).await;
+
+    let ends = tokio::time::timeout(PATIENCE, futures_util::future::join_all(clients))
+        .await
+        .expect("the server closes every slow connection");
+    assert!(ends
+        .into_iter()
+        .all(|e| matches!(e.unwrap(), End::Closed | End::Answered(408, _))));
+    let r = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
