@@ -385,3 +385,44 @@ async fn the_service_under_a_1024_open_files_limit_survives_eleven_hundred_slow_
     let r = http.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn an_answer_slower_than_the_client_timeout_is_not_cut_off() {
+    let app = app_with(|c| c.ami.action_timeout = Duration::from_secs(3)).await;
+    // Asterisk never answers the Originate: the request waits for ami.action_timeout, three
+    // times http.client_timeout, on a connection that has nothing more to read.
+    app.ami
+        .set_reply("Originate", crate::support::fake_ami::Reply::Silent);
+    let r = app
+        .http
+        .get(app.url("/crm/make-call"))
+        .query(&[
+            ("clientId", app.client_id().as_str()),
+            ("code", "101"),
+            ("phone", "+79991234567"),
+            ("userId", "1"),
+        ])
+        .send()
+        .await
+        .expect("answered, not cut off");
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["success"], false);
+}
+
+#[tokio::test]
+async fn a_busy_kept_alive_connection_is_not_cut_off() {
+    let app = app_with(|_| {}).await;
+    let mut s = connect_from("127.0.0.7", server_addr(&app)).await;
+    // Requests back to back on one connection, well past http.client_timeout and the longest
+    // a connection may wait for a request (keep-alive plus client_timeout).
+    let started = tokio::time::Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: pbxgate\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_answer(&mut s).await.0, 200, "after {answered}");
+        answered += 1;
+    }
+    assert_eq!(app.state.connections.counts().0, 1);
+}
