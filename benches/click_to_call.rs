@@ -38,6 +38,8 @@ async fn main() {
     let app = Arc::new(app);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
+        // Below the server's keep-alive (5 s): never reuse a connection it is closing.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()
         .unwrap();
     let id = app.client_id();
@@ -216,8 +218,10 @@ async fn report(
     } else {
         "back to back".into()
     };
+    let (open, refused) = app.state.connections.counts();
     println!(
-        "\nclick-to-call, {phase}: {total} requests over {concurrency} connections, {shape}, {:.0} req/s achieved",
+        "\nclick-to-call, {phase}: {total} requests over {concurrency} connections, {shape}, {:.0} req/s achieved \
+         (server: {open} connections open, {refused} refused so far)",
         total as f64 / wall.as_secs_f64()
     );
     println!(

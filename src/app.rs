@@ -64,6 +64,11 @@ impl Application {
         config: Config,
         listener: TcpListener,
     ) -> Result<Application, StartError> {
+        let open_files = raise_open_files_limit();
+        let connections = http::conn::ConnLimits::new(
+            fit_connections(config.http.max_connections, open_files),
+            config.http.max_connections_per_ip,
+        );
         let config = Arc::new(config);
         let addr = listener.local_addr().map_err(StartError::Http)?;
         let store = Store::open(&config.storage.path)?;
@@ -187,6 +192,8 @@ impl Application {
             agi_addr,
             records,
             tracker_stats,
+            connections,
+            open_files,
             started: Instant::now(),
         });
         let server = http::server(listener, state.clone()).map_err(StartError::Http)?;
@@ -245,6 +252,64 @@ impl Application {
     }
 }
 
+/// Descriptors kept for everything but client connections: the store, the AMI and CRM links,
+/// FastAGI, logs.
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit of open files to the hard limit (the default soft limit, 1024, is soon
+/// used up by client connections). Returns the soft limit in force, if it can be read.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!(
+                from = limit.rlim_cur,
+                to = raised.rlim_cur,
+                "open-files limit raised"
+            );
+            return Some(raised.rlim_cur);
+        }
+        tracing::warn!(error = %std::io::Error::last_os_error(), soft = limit.rlim_cur,
+            hard = limit.rlim_max, "cannot raise the open-files limit");
+    }
+    Some(limit.rlim_cur)
+}
+
+/// `http.max_connections`, lowered if needed so that connections cannot use up the open-files
+/// limit: each may hold two descriptors (its socket and a recording it streams), and
+/// [`RESERVED_FILES`] stay for the rest.
+pub fn fit_connections(configured: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else {
+        return configured;
+    };
+    let fits = usize::try_from(open_files.saturating_sub(RESERVED_FILES) / 2)
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if fits < configured {
+        tracing::warn!(
+            configured,
+            used = fits,
+            open_files,
+            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE / ulimit -n)"
+        );
+        return fits;
+    }
+    configured
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -264,5 +329,43 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn soft_and_hard() -> (libc::rlim_t, libc::rlim_t) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        (limit.rlim_cur, limit.rlim_max)
+    }
+
+    #[test]
+    fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+        let (_, hard) = soft_and_hard();
+        let lowered = libc::rlimit {
+            rlim_cur: hard.min(512),
+            rlim_max: hard,
+        };
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(raise_open_files_limit(), Some(hard));
+        assert_eq!(soft_and_hard(), (hard, hard));
+    }
+
+    #[test]
+    fn connections_are_fitted_to_the_open_files_limit() {
+        assert_eq!(fit_connections(4096, Some(65536)), 4096);
+        assert_eq!(fit_connections(4096, Some(1024)), 384);
+        assert_eq!(fit_connections(4096, None), 4096);
+        assert_eq!(fit_connections(4096, Some(100)), 16);
+        assert_eq!(fit_connections(10, Some(1024)), 10);
     }
 }

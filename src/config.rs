@@ -75,6 +75,17 @@ pub struct HttpConfig {
         message = "must be between 1024 and 16777216 bytes"
     ))]
     pub max_body_bytes: usize,
+    /// Time a client has to send a request's head, and then again its body; a connection that
+    /// is slower is closed (after a 408 where the protocol allows one).
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "client_timeout"))]
+    pub client_timeout: Duration,
+    /// Most connections open at once; lowered at start to fit the open-files limit.
+    #[validate(range(min = 1, max = 1000000, message = "must be between 1 and 1000000"))]
+    pub max_connections: usize,
+    /// Most connections open at once from one client address; 0 = no limit per address.
+    #[validate(range(max = 1000000, message = "must be at most 1000000"))]
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpConfig {
@@ -83,6 +94,9 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8088".into(),
             public_url: "http://127.0.0.1:8088".into(),
             max_body_bytes: 64 * 1024,
+            client_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -1194,6 +1208,13 @@ fn client_id(value: &Secret) -> Result<(), ValidationError> {
 fn request_timeout(value: &Duration) -> Result<(), ValidationError> {
     if value.is_zero() || *value > Duration::from_secs(300) {
         return Err(problem("must be more than 0 and at most 5m"));
+    }
+    Ok(())
+}
+
+fn client_timeout(value: &Duration) -> Result<(), ValidationError> {
+    if *value < Duration::from_millis(100) || *value > Duration::from_secs(60) {
+        return Err(problem("must be between 100ms and 1m"));
     }
     Ok(())
 }

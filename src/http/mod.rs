@@ -1,19 +1,28 @@
 //! The HTTP server: retailCRM's callbacks, health/readiness, the admin page and its assets.
 
 pub mod callbacks;
+pub mod conn;
 pub mod error;
 pub mod params;
 pub mod pbx;
 pub mod status;
 
 use std::net::TcpListener;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use actix_web::dev::{Server, Service};
+use actix_http::error::DispatchError;
+use actix_http::HttpService;
+use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{
+    fn_service, AppConfig, Extensions, Server, Service, ServiceFactory, ServiceRequest,
+    ServiceResponse,
+};
 use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
-use actix_web::{web, App, HttpServer};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App, ResponseError};
 
 use crate::ami::AmiClient;
 use crate::calls::{CallTracker, RecentCalls, TrackerStats};
@@ -28,6 +37,9 @@ use crate::routing::Router;
 use crate::secret::Secret;
 use crate::store::Store;
 pub use error::ApiError;
+
+/// How long a connection may wait for its next request.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Paths we serve; the registration builds retailCRM's URLs from the same constants.
 pub mod paths {
@@ -69,52 +81,135 @@ pub struct AppState {
     /// Recording links and the files behind them.
     pub records: Records,
     pub tracker_stats: Arc<TrackerStats>,
+    /// How many client connections may be open, and are.
+    pub connections: Arc<conn::ConnLimits>,
+    /// The soft open-files limit in force (raised to the hard limit at start).
+    pub open_files: Option<u64>,
     pub started: Instant,
 }
 
 /// Builds the server on an already-bound listener (port 0 in tests). The returned future must
 /// be awaited or spawned; stop it through its handle.
+///
+/// Built from actix's parts rather than `HttpServer` so that every connection goes through
+/// [`conn::Guarded`]: the connection limits, and the time limits on heads after the first one
+/// and on bodies nobody reads (see [`conn`]).
 pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Result<Server> {
-    let max_body = state.config.http.max_body_bytes;
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .app_data(web::PayloadConfig::new(max_body))
-            .app_data(web::FormConfig::default().limit(max_body))
-            .app_data(web::JsonConfig::default().limit(max_body))
-            .wrap(
-                ErrorHandlers::new()
-                    .default_handler_client(error::json_error_body)
-                    .handler(StatusCode::INTERNAL_SERVER_ERROR, error::json_error_body),
-            )
-            .wrap_fn(|req, srv| {
-                // Log the path only: query strings carry the clientId and customers' numbers.
-                let method = req.method().clone();
-                let path = loggable_path(req.path());
-                let started = Instant::now();
-                let fut = srv.call(req);
-                async move {
-                    let res = fut.await?;
-                    let status = res.status().as_u16();
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    if path == paths::HEALTH || path == paths::READY {
-                        tracing::debug!(%method, path, status, ms, "http request");
-                    } else {
-                        tracing::info!(%method, path, status, ms, "http request");
-                    }
-                    Ok(res)
-                }
+    let addr = listener.local_addr()?;
+    let client_timeout = state.config.http.client_timeout;
+    let limits = state.connections.clone();
+    let builder = Server::build();
+    let shutdown = builder.graceful_shutdown_signal();
+    let server = builder
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen("pbxgate-http", listener, move || {
+            let limits = limits.clone();
+            let shutdown = shutdown.clone();
+            let app = app(state.clone())
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response());
+            let h1 = HttpService::build()
+                .keep_alive(KEEP_ALIVE)
+                .client_request_timeout(client_timeout)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(addr)
+                // One recording chunk per write: the write buffer then holds one chunk, not two
+                // (a third less memory per streaming connection, same throughput; other answers
+                // are small).
+                .h1_write_buffer_size(crate::records::serve::CHUNK)
+                .graceful_shutdown_signal(move || {
+                    let shutdown = shutdown.clone();
+                    async move { shutdown.notified().await }
+                })
+                .on_connect_ext(|io: &conn::Guarded, ext: &mut Extensions| {
+                    ext.insert(io.conn());
+                })
+                .h1(map_config(app, |_| AppConfig::default()));
+            fn_service(move |io: TcpStream| {
+                let admitted = conn::Guarded::admit(io, &limits, client_timeout, KEEP_ALIVE);
+                std::future::ready(admitted.ok_or_else(|| {
+                    DispatchError::Io(std::io::Error::other("connection limit reached"))
+                }))
             })
-            .configure(routes)
-    })
-    .listen(listener)?
-    .disable_signals()
-    .shutdown_timeout(5)
-    // One recording chunk per write: the write buffer then holds one chunk, not two (a third
-    // less memory per streaming connection, same throughput; other answers are small).
-    .h1_write_buffer_size(crate::records::serve::CHUNK)
-    .run();
+            .and_then(h1)
+        })?
+        .run();
     Ok(server)
+}
+
+/// The application: routes, limits, error bodies, request logs, connection bookkeeping.
+fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<conn::Tracked>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let max_body = state.config.http.max_body_bytes;
+    let body_timeout = state.config.http.client_timeout;
+    App::new()
+        .app_data(state.clone())
+        .app_data(web::PayloadConfig::new(max_body))
+        .app_data(web::FormConfig::default().limit(max_body))
+        .app_data(web::JsonConfig::default().limit(max_body))
+        .wrap(
+            ErrorHandlers::new()
+                .default_handler_client(error::json_error_body)
+                .handler(StatusCode::INTERNAL_SERVER_ERROR, error::json_error_body),
+        )
+        .wrap_fn(move |mut req, srv| {
+            // The body must follow its head within http.client_timeout.
+            let late = conn::limit_body(&mut req, body_timeout);
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await?.map_into_boxed_body();
+                if !late.get() {
+                    return Ok(res);
+                }
+                let (req, _) = res.into_parts();
+                let late = ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body not received within {}",
+                        humantime::format_duration(body_timeout)
+                    ),
+                );
+                Ok(ServiceResponse::new(req, late.error_response()))
+            }
+        })
+        .wrap_fn(|req, srv| {
+            // Log the path only: query strings carry the clientId and customers' numbers.
+            let method = req.method().clone();
+            let path = loggable_path(req.path());
+            let started = Instant::now();
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await?;
+                let status = res.status().as_u16();
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                if path == paths::HEALTH || path == paths::READY {
+                    tracing::debug!(%method, path, status, ms, "http request");
+                } else {
+                    tracing::info!(%method, path, status, ms, "http request");
+                }
+                Ok(res)
+            }
+        })
+        .wrap_fn(|req, srv| {
+            // The connection has a request in flight until its answer is sent.
+            let in_flight = req.conn_data::<Rc<conn::Conn>>().map(conn::Conn::start);
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await?;
+                Ok(res.map_body(|_, body| conn::Tracked::new(body, in_flight)))
+            }
+        })
+        .configure(routes)
 }
 
 /// A recording link's token is a credential: only its first characters are logged.

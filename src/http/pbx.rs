@@ -73,14 +73,8 @@ const MAX_ROUTE_PARAM: usize = 64;
 /// `GET /pbx/route?phone=<caller>&did=<dialled>`: the extension that should take the call, as
 /// `text/plain` (the code alone, or an empty body), or JSON with `Accept: application/json`.
 pub async fn route(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let params: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed query string"))?;
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let params = super::params::unique_query(req.query_string())?;
+    let get = |name: &str| params.get(name).map(String::as_str);
     check_token(&state, &req, get("token"))?;
     let mut errors = std::collections::BTreeMap::new();
     for name in ["phone", "did"] {

@@ -57,6 +57,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .into_iter()
         .map(|(user, why)| (user.to_string(), json!(why)))
         .collect();
+    let (open_connections, refused_connections) = state.connections.counts();
     let body = json!({
         "ready": store_ok,
         "version": env!("CARGO_PKG_VERSION"),
@@ -70,6 +71,13 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "active": activity.active,
             "freeze": activity.freeze,
             "pushing": activity.may_push(),
+        },
+        "http": {
+            "connections": open_connections,
+            "maxConnections": state.connections.max(),
+            "maxConnectionsPerIp": state.connections.per_ip(),
+            "refusedConnections": refused_connections,
+            "openFilesLimit": state.open_files,
         },
         "ami": ami,
         "managerStatus": { "pbxFailures": status_failures },

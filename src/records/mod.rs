@@ -1,11 +1,12 @@
 //! Recordings: the signed links uploaded as `recordUrl` and the files behind them.
 //!
 //! A link is `{public_url}/records/{token}.{ext}`. Nothing in it is a path: the token is
-//! `base64url(id ‖ expiry ‖ HMAC-SHA256(key, id ‖ call id ‖ file ‖ expiry))`, where `id` is 16
-//! random bytes naming a [`LinkEntry`] in the store and `key` is `records.secret` (generated and
-//! kept in the store when empty). Checking a token: decode it, load the entry by id, recompute the
-//! MAC and compare in constant time (any mismatch → 404), then the expiry and `records.keep_days`
-//! (→ 410). A call has one link, made once, durably, before the upload that carries it, so every
+//! `base64url(id ‖ expiry ‖ HMAC-SHA256(key, id ‖ call id ‖ file ‖ ext ‖ expiry))`, where `id` is
+//! 16 random bytes naming a [`LinkEntry`] in the store and `key` is `records.secret` (generated and
+//! kept in the store when empty). Checking a link: decode the token, load the entry by id,
+//! recompute the MAC over the extension the request names and compare in constant time (any
+//! mismatch → 404), then the expiry and `records.keep_days` (→ 410). Links made before the
+//! extension was signed (entry version 1) stay valid with their own extension only. A call has one link, made once, durably, before the upload that carries it, so every
 //! re-upload sends the same URL.
 //!
 //! Only regular files inside `records.dir` are linked or served: paths are canonicalised (symlinks
@@ -48,7 +49,11 @@ const MAC_LEN: usize = 32;
 const TOKEN_BYTES: usize = LINK_ID_LEN + 8 + MAC_LEN;
 /// Characters in a token: 56 bytes in unpadded base64url.
 pub const TOKEN_LEN: usize = (TOKEN_BYTES * 4).div_ceil(3);
-const MAC_CONTEXT: &[u8] = b"pbxgate recording link v1\0";
+/// Entries made now: the MAC covers the URL's extension.
+const LINK_VERSION: u32 = 2;
+const MAC_CONTEXT: &[u8] = b"pbxgate recording link v2\0";
+/// Entries of version 1 (the MAC does not cover the extension; it must equal the entry's).
+const MAC_CONTEXT_V1: &[u8] = b"pbxgate recording link v1\0";
 const DAY_MS: i64 = 86_400_000;
 
 /// Why a token does not lead to a file.
@@ -329,7 +334,7 @@ impl Records {
             return Ok(None);
         };
         let entry = LinkEntry {
-            v: 1,
+            v: LINK_VERSION,
             call_id: record.external_id.clone(),
             path: path_text.to_owned(),
             served: served.as_deref().and_then(Path::to_str).map(str::to_owned),
@@ -397,28 +402,42 @@ impl Records {
 
     pub fn url(&self, id: &LinkId, entry: &LinkEntry) -> String {
         format!(
-            "{}{PATH_PREFIX}{}.{}",
+            "{}{PATH_PREFIX}{}",
             self.inner.public_base,
-            self.token(id, entry),
-            entry.ext
+            self.name(id, entry)
         )
     }
 
-    pub fn token(&self, id: &LinkId, entry: &LinkEntry) -> String {
+    /// The link's last path segment: `{token}.{ext}`.
+    pub fn name(&self, id: &LinkId, entry: &LinkEntry) -> String {
+        format!("{}.{}", self.token(id, entry), entry.ext)
+    }
+
+    fn token(&self, id: &LinkId, entry: &LinkEntry) -> String {
         let mut bytes = Vec::with_capacity(TOKEN_BYTES);
         bytes.extend_from_slice(id);
         bytes.extend_from_slice(&entry.expires_at.to_be_bytes());
-        bytes.extend_from_slice(&self.mac(id, entry, entry.expires_at));
+        bytes.extend_from_slice(&self.mac(id, entry, &entry.ext, entry.expires_at));
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    fn mac(&self, id: &LinkId, entry: &LinkEntry, expires_at: u64) -> [u8; MAC_LEN] {
+    /// The MAC of a link to `entry` with extension `ext` (not covered by version 1 entries).
+    fn mac(&self, id: &LinkId, entry: &LinkEntry, ext: &str, expires_at: u64) -> [u8; MAC_LEN] {
         // HMAC accepts keys of any length.
         let mut mac = Hmac::<Sha256>::new_from_slice(self.inner.key.expose().as_bytes())
             .expect("HMAC takes any key length");
-        mac.update(MAC_CONTEXT);
+        let v1 = entry.v < LINK_VERSION;
+        mac.update(if v1 { MAC_CONTEXT_V1 } else { MAC_CONTEXT });
         mac.update(id);
-        for field in [entry.call_id.as_bytes(), entry.path.as_bytes()] {
+        let ext = if v1 { None } else { Some(ext.as_bytes()) };
+        for field in [
+            Some(entry.call_id.as_bytes()),
+            Some(entry.path.as_bytes()),
+            ext,
+        ]
+        .into_iter()
+        .flatten()
+        {
             mac.update(&(field.len() as u64).to_be_bytes());
             mac.update(field);
         }
@@ -426,10 +445,14 @@ impl Records {
         mac.finalize().into_bytes().into()
     }
 
-    /// Checks a token (the URL's last segment without its extension) at unix second `now` and
-    /// finds the file to serve. Blocking (store and file system): run it off the async threads.
-    pub fn resolve(&self, token: &str, now: u64) -> Result<Resolved, LinkError> {
+    /// Checks a link's last path segment (`{token}.{ext}`) at unix second `now` and finds the
+    /// file to serve. The extension is signed: any other (or none) is not found. Blocking (store
+    /// and file system): run it off the async threads.
+    pub fn resolve(&self, name: &str, now: u64) -> Result<Resolved, LinkError> {
         const NO_SUCH: LinkError = LinkError::NotFound("no such recording");
+        let Some((token, ext)) = name.split_once('.') else {
+            return Err(NO_SUCH);
+        };
         if token.len() != TOKEN_LEN {
             return Err(NO_SUCH);
         }
@@ -445,8 +468,10 @@ impl Records {
         let Some(entry) = self.inner.links.get(&id)? else {
             return Err(NO_SUCH);
         };
-        let expected = self.mac(&id, &entry, expires_at);
-        if !bool::from(expected.as_slice().ct_eq(given)) {
+        let expected = self.mac(&id, &entry, ext, expires_at);
+        // Version 1 MACs do not cover the extension: it must be the entry's own.
+        let ext_ok = entry.v >= LINK_VERSION || ext == entry.ext;
+        if !bool::from(expected.as_slice().ct_eq(given)) || !ext_ok {
             return Err(NO_SUCH);
         }
         if expires_at != 0 && now >= expires_at {
@@ -658,9 +683,12 @@ mod tests {
         }
     }
 
+    fn name_of(url: &str) -> &str {
+        url.rsplit('/').next().unwrap()
+    }
+
     fn token_of(url: &str) -> &str {
-        let name = url.rsplit('/').next().unwrap();
-        name.split('.').next().unwrap()
+        name_of(url).split('.').next().unwrap()
     }
 
     #[test]
@@ -680,7 +708,7 @@ mod tests {
         assert!(token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        let resolved = f.records.resolve(token, NOW + 1).unwrap();
+        let resolved = f.records.resolve(name_of(&url), NOW + 1).unwrap();
         assert_eq!(resolved.file, PathBuf::from(&path));
         // Linking again (a re-upload) gives the same link.
         let (again, _) = f.link(&r, NOW + 1000);
@@ -701,7 +729,7 @@ mod tests {
             let tampered = String::from_utf8(bytes).unwrap();
             assert!(
                 matches!(
-                    f.records.resolve(&tampered, NOW),
+                    f.records.resolve(&format!("{tampered}.wav"), NOW),
                     Err(LinkError::NotFound(_))
                 ),
                 "position {i}"
@@ -709,7 +737,7 @@ mod tests {
         }
         for bad in ["", "short", &token[1..], &format!("{token}A")] {
             assert!(matches!(
-                f.records.resolve(bad, NOW),
+                f.records.resolve(&format!("{bad}.wav"), NOW),
                 Err(LinkError::NotFound(_))
             ));
         }
@@ -720,9 +748,63 @@ mod tests {
             Secret::new("another-key-another-key-another"),
         );
         assert!(matches!(
-            other.resolve(&token, NOW),
+            other.resolve(name_of(&url), NOW),
             Err(LinkError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn the_extension_is_part_of_the_link() {
+        let f = fixture(|_| {});
+        let r = record("pbx-16", vec![f.wav("in-16.wav")]);
+        f.link(&r, NOW);
+        let url = f.records.url_for(&r).unwrap();
+        let token = token_of(&url);
+        assert!(f.records.resolve(&format!("{token}.wav"), NOW).is_ok());
+        for other in ["", ".", ".mp3", ".WAV", ".wav.mp3", ".wav.", ".anything"] {
+            assert!(
+                matches!(
+                    f.records.resolve(&format!("{token}{other}"), NOW),
+                    Err(LinkError::NotFound(_))
+                ),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn links_made_before_the_extension_was_signed_work_with_their_own_extension_only() {
+        let f = fixture(|_| {});
+        let r = record("pbx-17", vec![f.wav("in-17.wav")]);
+        let (id, mut entry) = f.link(&r, NOW);
+        // A version 1 entry, as stored by earlier releases, and its link (MAC without the
+        // extension).
+        entry.v = 1;
+        let stored = serde_json::to_vec(&entry).unwrap();
+        f.records
+            .inner
+            .links
+            .insert_raw(id, &entry.call_id, &stored);
+        let name = f.records.name(&id, &entry);
+        assert_ne!(
+            name,
+            f.records.name(
+                &id,
+                &LinkEntry {
+                    v: 2,
+                    ..entry.clone()
+                }
+            ),
+            "the two versions sign differently"
+        );
+        assert!(f.records.resolve(&name, NOW).is_ok());
+        let token = name.split('.').next().unwrap();
+        for other in ["", ".mp3", ".wav.x", ".anything"] {
+            assert!(matches!(
+                f.records.resolve(&format!("{token}{other}"), NOW),
+                Err(LinkError::NotFound(_))
+            ));
+        }
     }
 
     #[test]
@@ -730,7 +812,7 @@ mod tests {
         let f = fixture(|c| c.records.link_ttl = Duration::from_secs(60));
         let r = record("pbx-3", vec![f.wav("in-3.wav")]);
         let (id, entry) = f.link(&r, NOW);
-        let token = f.records.token(&id, &entry);
+        let token = f.records.name(&id, &entry);
         assert!(f.records.resolve(&token, NOW + 59).is_ok());
         assert!(matches!(
             f.records.resolve(&token, NOW + 60),
@@ -744,7 +826,7 @@ mod tests {
         let r = record("pbx-4", vec![f.wav("in-4.wav")]);
         let (id, entry) = f.link(&r, NOW);
         assert_eq!(entry.expires_at, 0);
-        let token = f.records.token(&id, &entry);
+        let token = f.records.name(&id, &entry);
         assert!(f.records.resolve(&token, NOW + 86400).is_ok());
         let past_retention = (T0_MS / 1000) as u64 + 2 * 86400;
         assert!(matches!(
@@ -802,7 +884,7 @@ mod tests {
         );
         let (id, entry) = f.link(&r, NOW);
         assert_eq!(entry.path, inner);
-        let token = f.records.token(&id, &entry);
+        let token = f.records.name(&id, &entry);
         // Replaced by a symlink pointing outside after the link was made: refused.
         std::fs::remove_file(&inner).unwrap();
         std::os::unix::fs::symlink(&outside, &inner).unwrap();
@@ -847,7 +929,7 @@ mod tests {
         assert!(entry.filename.ends_with(".mp3"));
         let resolved = f
             .records
-            .resolve(&f.records.token(&id, &entry), NOW)
+            .resolve(&f.records.name(&id, &entry), NOW)
             .unwrap();
         assert!(resolved.file.to_string_lossy().ends_with("in-8.wav.mp3"));
     }
@@ -926,7 +1008,7 @@ mod tests {
         std::fs::write(format!("{path}.mp3"), MP3_FRAME).unwrap();
         let r = record("pbx-14", vec![path.clone()]);
         let (id, entry) = f.link(&r, NOW);
-        let token = f.records.token(&id, &entry);
+        let token = f.records.name(&id, &entry);
         let resolved = f.records.resolve(&token, NOW).unwrap();
         assert_eq!(resolved.file, PathBuf::from(format!("{path}.mp3")));
         assert_eq!(resolved.original, Some(PathBuf::from(&path)));

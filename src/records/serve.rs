@@ -58,10 +58,10 @@ pub async fn recording(
     name: web::Path<String>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    // The extension is for players and people; the token alone names the file.
-    let token = name.split('.').next().unwrap_or_default().to_string();
+    // `{token}.{ext}`: the extension is signed along with the token.
+    let name = name.into_inner();
     let records = state.records.clone();
-    let opened = match web::block(move || open(&records, &token, unix_now())).await {
+    let opened = match web::block(move || open(&records, &name, unix_now())).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => return error(e),
         Err(e) => return error(ApiError::internal(format!("opening the recording: {e}"))),
@@ -81,8 +81,8 @@ fn error(e: ApiError) -> HttpResponse {
 /// Blocking: checks the token, opens the file (refusing a symlink or a FIFO swapped in since the
 /// check) and sniffs its format. A converted copy that turns out empty or not mp3 is passed over
 /// for the original.
-fn open(records: &Records, token: &str, now: u64) -> Result<Opened, ApiError> {
-    let resolved = records.resolve(token, now).map_err(|e| match e {
+fn open(records: &Records, name: &str, now: u64) -> Result<Opened, ApiError> {
+    let resolved = records.resolve(name, now).map_err(|e| match e {
         LinkError::NotFound(why) => ApiError::new(StatusCode::NOT_FOUND, why),
         LinkError::Expired => ApiError::new(StatusCode::GONE, e.to_string()),
         LinkError::Store(e) => ApiError::internal(e.to_string()),

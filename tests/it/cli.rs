@@ -227,12 +227,19 @@ pub(crate) async fn serve(
     dir: &std::path::Path,
     env: &[(&str, String)],
 ) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
-    cmd.arg("serve")
-        .current_dir(dir)
-        .env_clear()
-        .kill_on_drop(true);
+    cmd.arg("serve");
+    spawn_serving(cmd, dir, env).await
+}
+
+/// Like [`serve`] for a command that ends up running `pbxgate serve` (e.g. through a shell).
+pub(crate) async fn spawn_serving(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    cmd.current_dir(dir).env_clear().kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }

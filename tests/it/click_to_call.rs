@@ -307,3 +307,110 @@ async fn ami_down_is_503_and_nothing_is_queued_for_later() {
     assert_eq!(body["success"], false);
     assert!(app.ami.actions("Originate").is_empty());
 }
+
+/// A request body: its content type and the bytes.
+type Body<'a> = Option<(&'a str, String)>;
+
+/// A raw `GET /crm/make-call?{query}`, or with a body, a POST to that URL.
+async fn raw_call(app: &TestApp, query: &str, body: Body<'_>) -> (u16, Value) {
+    let url = app.url(&format!("/crm/make-call?{query}"));
+    let r = match body {
+        None => app.http.get(url).send().await.unwrap(),
+        Some((content_type, body)) => app
+            .http
+            .post(url)
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    };
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn ambiguous_parameters_are_400_naming_them_and_nothing_is_sent() {
+    let app = app_with(|_| {}).await;
+    let id = app.client_id();
+    let rest = "phone=%2B79991234567&userId=7";
+    const FORM: &str = "application/x-www-form-urlencoded";
+    let cases: Vec<(&str, String, Body)> = vec![
+        // The same parameter twice: no value is picked.
+        (
+            "code",
+            format!("clientId={id}&code=101&code=103&{rest}"),
+            None,
+        ),
+        (
+            "clientId",
+            format!("clientId=wrong&clientId={id}&code=101&{rest}"),
+            None,
+        ),
+        (
+            "code",
+            String::new(),
+            Some((FORM, format!("clientId={id}&code=101&{rest}&code=103"))),
+        ),
+        // In the query string and in the body.
+        (
+            "code",
+            "code=103".to_string(),
+            Some((FORM, format!("clientId={id}&code=101&{rest}"))),
+        ),
+        (
+            "clientId",
+            format!("clientId={id}"),
+            Some((FORM, format!("clientId=wrong&code=101&{rest}"))),
+        ),
+        // Repeated in a JSON object.
+        (
+            "code",
+            String::new(),
+            Some((
+                "application/json",
+                format!(
+                    r#"{{"clientId":"{id}","code":"101","code":"103","phone":"+79991234567","userId":"7"}}"#
+                ),
+            )),
+        ),
+        // A clientId with white space around it is not ours.
+        (
+            "clientId",
+            format!("clientId=%20{id}&code=101&{rest}"),
+            None,
+        ),
+        (
+            "clientId",
+            String::new(),
+            Some((FORM, format!("clientId={id}%0A&code=101&{rest}"))),
+        ),
+    ];
+    for (field, query, body) in cases {
+        let what = format!("{query} / {body:?}");
+        let (status, answer) = raw_call(&app, &query, body).await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert_eq!(answer["success"], false);
+        let problem = answer["errors"][field].as_str().unwrap_or_default();
+        assert!(
+            problem.contains("more than once")
+                || problem.contains("both in the query string and in the body")
+                || problem.contains("white space"),
+            "{what}: {answer}"
+        );
+        assert!(
+            !answer.to_string().contains(&id),
+            "no secret in the answer: {answer}"
+        );
+    }
+    assert!(app.ami.actions("Originate").is_empty());
+
+    // Different parameters in the two places are not ambiguous.
+    let (status, answer) = raw_call(
+        &app,
+        &format!("clientId={id}"),
+        Some((FORM, format!("code=101&{rest}"))),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(app.ami.wait_for_actions("Originate", 1).await.len(), 1);
+}

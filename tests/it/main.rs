@@ -15,6 +15,7 @@ mod cli;
 mod click_to_call;
 mod crm_client;
 mod http_api;
+mod http_limits;
 mod live_events;
 mod manager_status;
 mod outbox;

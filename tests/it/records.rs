@@ -247,6 +247,24 @@ async fn tampered_unknown_and_expired_links_are_refused() {
 }
 
 #[tokio::test]
+async fn a_link_with_another_extension_is_not_found() {
+    let rec = rec_app(|_| {}).await;
+    let url = rec
+        .link("pbx-1", &rec.write("in-1.wav", &wav_bytes(1000)))
+        .await;
+    assert!(url.ends_with(".wav"), "{url}");
+    assert_eq!(rec.get(&url, &[]).await.status(), StatusCode::OK);
+    let stem = url.strip_suffix(".wav").unwrap();
+    for other in [".anything", ".mp3", ".WAV", ".wav.mp3", ".wav.", ""] {
+        let res = rec.get(&format!("{stem}{other}"), &[]).await;
+        let body = json_error(res, StatusCode::NOT_FOUND).await;
+        assert_eq!(body["errorMsg"], "no such recording", "{other:?}");
+        let head = rec.app.http.head(format!("{stem}{other}")).send().await;
+        assert_eq!(head.unwrap().status(), StatusCode::NOT_FOUND, "{other:?}");
+    }
+}
+
+#[tokio::test]
 async fn recordings_past_keep_days_are_gone() {
     let rec = rec_app(|c| c.records.keep_days = 1).await;
     let path = rec.write("in-1.wav", &wav_bytes(1000));

@@ -267,6 +267,25 @@ async fn the_endpoint_needs_the_token_and_valid_parameters() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert!(body["errors"]["did"].is_string(), "{body}");
+
+    // A repeated parameter is ambiguous: 400 naming it, not one of the values.
+    for (query, field) in [
+        ("phone=89161234567&phone=89991234567", "phone"),
+        ("phone=89161234567&did=1&did=2", "did"),
+        (&format!("phone=89161234567&token={TOKEN}") as &str, "token"),
+    ] {
+        let r = get(app.url(&format!("/pbx/route?token={TOKEN}&{query}")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["errors"][field]
+                .as_str()
+                .is_some_and(|e| e.contains("more than once")),
+            "{body}"
+        );
+    }
     assert!(app.crm.requests_to(MANAGER).is_empty());
 }
 

@@ -95,6 +95,9 @@ impl FakeAmi {
         let (st, sn) = (state.clone(), seen.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Like Asterisk's manager, which writes each answer as it goes: with Nagle on,
+                // the second answer to a batch of actions waits for our delayed ACK (40 ms).
+                let _ = stream.set_nodelay(true);
                 let (tx, rx) = mpsc::unbounded_channel();
                 let conn = {
                     let mut s = st.lock().unwrap();
