@@ -50,7 +50,7 @@ async fn invalid_config_exits_2_with_one_line_per_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("crm.no_such_key: unknown key"));
 }
 
-fn env_for(
+pub(crate) fn env_for(
     dir: &std::path::Path,
     crm: &FakeCrm,
     ami: &FakeAmi,
@@ -211,6 +211,19 @@ pub(crate) async fn serve(
     dir: &std::path::Path,
     env: &[(&str, String)],
 ) -> (tokio::process::Child, String) {
+    let (child, base, _log) = serve_logged(dir, env).await;
+    (child, base)
+}
+
+/// Like [`serve`], with every line it logs.
+pub(crate) async fn serve_logged(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
     cmd.arg("serve")
@@ -222,8 +235,10 @@ pub(crate) async fn serve(
     }
     let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let addr = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line.clone());
             if line.contains("pbxgate started") {
                 let listen = line
                     .split("listen=")
@@ -240,8 +255,12 @@ pub(crate) async fn serve(
     .await
     .expect("pbxgate starts");
     // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{addr}"))
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, format!("http://{addr}"), rx)
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod cli;
 mod click_to_call;
 mod crm_client;
 mod http_api;
+mod logs;
 mod manager_status;
 mod outbox;
 mod records;
