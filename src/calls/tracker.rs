@@ -96,6 +96,9 @@ pub struct TrackerStats {
     pub finished: std::sync::atomic::AtomicU64,
     pub live_events_dropped: std::sync::atomic::AtomicU64,
     pub resyncs: std::sync::atomic::AtomicU64,
+    /// AMI events handled (the reader's count is `ami.events`; the difference waits or was
+    /// dropped past `ami.max_backlog`).
+    pub ami_events: std::sync::atomic::AtomicU64,
     /// Finished calls the registration rules (or an employee's mobile) kept from the CRM.
     pub ignored: std::sync::atomic::AtomicU64,
 }
@@ -170,7 +173,10 @@ async fn run(
     max_silence: Millis,
     send_internal: bool,
 ) {
-    let mut events = ami.subscribe();
+    // Every AMI event, however far behind we are (up to ami.max_backlog).
+    let mut events = ami.event_stream();
+    // A resync's answer, applied once the events Asterisk sent before it are handled.
+    let mut resync_at: Option<(u64, HashSet<String>)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
@@ -192,16 +198,18 @@ async fn run(
                 None => break,
             },
             ev = events.recv() => match ev {
-                Ok(AmiEvent::Event(frame)) => model.on_event(&frame, now_ms(), &mut out),
-                Ok(AmiEvent::Connected { session }) => {
-                    if session > 1 {
-                        resync(&mut model, &ami, &stats, &mut out).await;
-                    }
+                Ok(AmiEvent::Event(frame)) => {
+                    model.on_event(&frame, now_ms(), &mut out);
+                    stats.ami_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                // Every login, the first included: calls may be up that we never saw end.
+                Ok(AmiEvent::Connected { .. }) => resync_at = resync(&ami, &stats).await,
                 Ok(AmiEvent::Disconnected { .. }) => {}
                 Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "call tracker fell behind the AMI events; resyncing");
-                    resync(&mut model, &ami, &stats, &mut out).await;
+                    if let Some(suppressed) = LAG_LOG.check() {
+                        tracing::warn!(missed = n, suppressed, "call tracker fell behind the AMI events past ami.max_backlog; resyncing");
+                    }
+                    resync_at = resync(&ami, &stats).await;
                 }
                 Err(RecvError::Closed) => break,
             },
@@ -213,6 +221,21 @@ async fn run(
                     model.reap(now, max_silence, &mut out);
                     web.reap(now, max_silence, &mut out);
                 }
+            }
+        }
+        if resync_at
+            .as_ref()
+            .is_some_and(|(at, _)| events.position() >= *at)
+        {
+            if let Some((_, alive)) = resync_at.take() {
+                let before = model.live_channels();
+                model.resync(&alive, now_ms(), &mut out);
+                tracing::info!(
+                    alive = alive.len(),
+                    tracked_before = before,
+                    tracked_after = model.live_channels(),
+                    "calls resynced"
+                );
             }
         }
         stats.live_calls.store(
@@ -228,7 +251,12 @@ async fn run(
                         stats
                             .live_events_dropped
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!("live call event dropped: the CRM event queue is full");
+                        if let Some(suppressed) = QUEUE_FULL_LOG.check() {
+                            tracing::warn!(
+                                suppressed,
+                                "live call event dropped: the CRM event queue is full"
+                            );
+                        }
                     }
                 }
                 Output::Finished(record) => {
@@ -266,32 +294,31 @@ async fn run(
     }
 }
 
-/// Asks Asterisk which channels exist; those we track that are gone ended while we were away.
-async fn resync(
-    model: &mut CallModel,
-    ami: &AmiClient,
-    stats: &TrackerStats,
-    out: &mut Vec<Output>,
-) {
+/// Repeated warnings, at most one line per period.
+static LAG_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+static QUEUE_FULL_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+
+/// Asks Asterisk which channels exist: those we track that are gone ended while we were away.
+/// Returns the live channels with the stream position they hold at: applied there, no call is
+/// closed whose hangup is still queued.
+async fn resync(ami: &AmiClient, stats: &TrackerStats) -> Option<(u64, HashSet<String>)> {
     stats
         .resyncs
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match ami.send(Action::new("CoreShowChannels")).await {
         Ok(reply) => {
-            let alive: HashSet<String> = reply
+            let alive = reply
                 .events
                 .iter()
                 .filter_map(|e| e.get("Uniqueid").map(str::to_string))
                 .collect();
-            let before = model.live_channels();
-            model.resync(&alive, now_ms(), out);
-            tracing::info!(
-                alive = alive.len(),
-                tracked_before = before,
-                tracked_after = model.live_channels(),
-                "calls resynced"
-            );
+            Some((reply.events_before, alive))
         }
-        Err(e) => tracing::warn!(error = %e, "resync failed; stale calls will be reaped"),
+        Err(e) => {
+            tracing::warn!(error = %e, "resync failed; stale calls will be reaped");
+            None
+        }
     }
 }

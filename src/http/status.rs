@@ -51,6 +51,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     ami["skippedFrames"] = json!(counters
         .skipped_frames
         .load(std::sync::atomic::Ordering::Relaxed));
+    let backlog = state.ami.backlog();
     let status_failures: serde_json::Map<String, serde_json::Value> = state
         .manager_status
         .failures()
@@ -80,6 +81,13 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "finished": state.tracker_stats.finished.load(std::sync::atomic::Ordering::Relaxed),
             "liveEventsDropped": state.tracker_stats.live_events_dropped.load(std::sync::atomic::Ordering::Relaxed),
             "resyncs": state.tracker_stats.resyncs.load(std::sync::atomic::Ordering::Relaxed),
+            // What the tracker handled of ami.events, and what waits for it (its lag).
+            "amiEvents": state.tracker_stats.ami_events.load(std::sync::atomic::Ordering::Relaxed),
+            "amiBacklog": backlog.waiting,
+            "amiBacklogPeak": backlog.peak,
+            "amiBacklogMax": backlog.max,
+            "amiEventsDropped": backlog.dropped,
+            "amiBacklogOverflows": backlog.overflows,
             "ignored": state.tracker_stats.ignored.load(std::sync::atomic::Ordering::Relaxed),
         },
         "routing": {
