@@ -451,36 +451,12 @@ impl AmiClient {
     /// is, up to `ami.max_backlog` events waiting (see [`EventStream`]). While a session is up,
     /// the stream starts with its `Connected`.
     pub fn event_stream(&self) -> EventStream {
-        let tap = Arc::new(Tap::default());
-        let mut taps = self.shared.taps.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(session) = taps.session {
-            tap.push_link(&AmiEvent::Connected { session });
-        }
-        // Events are counted under this lock: the stream starts exactly here.
-        let position = self.counters.events.load(Ordering::Relaxed);
-        taps.list.push(tap.clone());
-        EventStream {
-            tap,
-            taken: VecDeque::new(),
-            position,
-        }
+        self.shared.event_stream()
     }
 
     /// The event streams' backlog.
     pub fn backlog(&self) -> Backlog {
-        let taps = self.shared.taps.lock().unwrap_or_else(|p| p.into_inner());
-        let mut b = Backlog {
-            max: self.shared.max_backlog as u64,
-            ..Backlog::default()
-        };
-        for tap in &taps.list {
-            let q = tap.queue.lock().unwrap_or_else(|p| p.into_inner());
-            b.waiting += (q.items.len() + tap.taken.load(Ordering::Relaxed)) as u64;
-            b.peak = b.peak.max(q.peak);
-            b.dropped += q.dropped;
-            b.overflows += q.overflows;
-        }
-        b
+        self.shared.backlog()
     }
 
     pub fn state(&self) -> LinkState {
@@ -556,6 +532,38 @@ impl Shared {
             prefix: format!("pbxgate-{:08x}", rand::random::<u32>()),
             counters,
         })
+    }
+
+    fn event_stream(&self) -> EventStream {
+        let tap = Arc::new(Tap::default());
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(session) = taps.session {
+            tap.push_link(&AmiEvent::Connected { session });
+        }
+        // Events are counted under this lock: the stream starts exactly here.
+        let position = self.counters.events.load(Ordering::Relaxed);
+        taps.list.push(tap.clone());
+        EventStream {
+            tap,
+            taken: VecDeque::new(),
+            position,
+        }
+    }
+
+    fn backlog(&self) -> Backlog {
+        let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = Backlog {
+            max: self.max_backlog as u64,
+            ..Backlog::default()
+        };
+        for tap in &taps.list {
+            let q = tap.queue.lock().unwrap_or_else(|p| p.into_inner());
+            b.waiting += (q.items.len() + tap.taken.load(Ordering::Relaxed)) as u64;
+            b.peak = b.peak.max(q.peak);
+            b.dropped += q.dropped;
+            b.overflows += q.overflows;
+        }
+        b
     }
 
     fn mark_read(&self) {
@@ -1126,4 +1134,83 @@ async fn run_session(
     };
     session.close().await;
     reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(from: usize, n: usize) -> Vec<Arc<Frame>> {
+        (from..from + n)
+            .map(|i| {
+                Arc::new(Frame::from_pairs([
+                    ("Event", "Test"),
+                    ("N", &i.to_string()),
+                ]))
+            })
+            .collect()
+    }
+
+    async fn next(stream: &mut EventStream) -> Result<String, RecvError> {
+        match stream.recv().await? {
+            AmiEvent::Event(f) => Ok(f.get("N").unwrap().to_string()),
+            AmiEvent::Connected { session } => Ok(format!("connected {session}")),
+            AmiEvent::Disconnected { .. } => Ok("disconnected".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_stream_drops_until_half_is_handled_and_says_where() {
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default(), 10);
+        shared.publish(&mut events(0, 3));
+        let mut stream = shared.event_stream();
+        assert_eq!(stream.position(), 3, "starts after what came before");
+        shared.publish_link(AmiEvent::Connected { session: 1 });
+        // 1 link event + 9 events fit; the other 6 are dropped.
+        shared.publish(&mut events(3, 15));
+        assert_eq!(next(&mut stream).await.unwrap(), "connected 1");
+        for i in 3..6 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        // 6 wait: more than half, still dropping.
+        shared.publish(&mut events(18, 1));
+        for i in 6..8 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        // 4 wait: half is handled, events are taken again, after the gap.
+        shared.publish(&mut events(19, 2));
+        for i in 8..12 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        assert_eq!(stream.position(), 12);
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Lagged(7))));
+        assert_eq!(stream.position(), 19);
+        assert_eq!(next(&mut stream).await.unwrap(), "19");
+        assert_eq!(next(&mut stream).await.unwrap(), "20");
+        let b = shared.backlog();
+        assert_eq!((b.waiting, b.peak, b.dropped, b.overflows), (0, 10, 7, 1));
+
+        // Dropped at the end of a burst: told once the rest is handled.
+        shared.publish(&mut events(21, 12));
+        for i in 21..31 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Lagged(2))));
+        assert_eq!(stream.position(), 33);
+        shared.close_streams();
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_during_a_session_starts_with_it_and_a_dropped_one_is_forgotten() {
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default(), 100);
+        shared.publish_link(AmiEvent::Connected { session: 4 });
+        let mut stream = shared.event_stream();
+        let gone = shared.event_stream();
+        drop(gone);
+        shared.publish(&mut events(0, 1));
+        assert_eq!(next(&mut stream).await.unwrap(), "connected 4");
+        assert_eq!(next(&mut stream).await.unwrap(), "0");
+        assert_eq!(shared.taps.lock().unwrap().list.len(), 1);
+    }
 }
