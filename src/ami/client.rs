@@ -230,6 +230,10 @@ impl EventStream {
             if let Some(item) = self.next_taken() {
                 return item;
             }
+            // After a burst the buffers do not keep their peak size.
+            if self.taken.capacity() > 64 * 1024 {
+                self.taken.shrink_to(4096);
+            }
             let ready = self.tap.ready.notified();
             {
                 let mut q = self.tap.queue.lock().unwrap_or_else(|p| p.into_inner());
