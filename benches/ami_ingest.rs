@@ -88,8 +88,9 @@ fn answer(frame: &pbxgate::ami::frame::Frame) -> String {
     }
 }
 
-/// One AMI session: the banner, answers to actions, and after the login the whole stream
-/// (paced at `bytes_per_s` if given). Returns when the stream was written, and when it began.
+/// One AMI session: the banner, answers to actions, and once the tracker's login resync is
+/// answered (an empty list, true before the stream) the whole stream, paced at `bytes_per_s`
+/// if given. Tells when the stream began.
 async fn serve(
     listener: TcpListener,
     pieces: Arc<Vec<Vec<u8>>>,
@@ -100,11 +101,11 @@ async fn serve(
     let _ = sock.set_nodelay(true);
     let (mut rd, mut wr) = sock.into_split();
     let (answers_tx, mut answers) = mpsc::unbounded_channel::<String>();
-    let (login_tx, login) = tokio::sync::oneshot::channel::<()>();
+    let (synced_tx, synced) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut parser = Parser::without_banner(Limits::default());
         let mut buf = vec![0u8; 16 * 1024];
-        let mut login_tx = Some(login_tx);
+        let mut synced_tx = Some(synced_tx);
         loop {
             let n = match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -115,9 +116,9 @@ async fn serve(
                 if let Item::Frame(f) = item {
                     let _ = answers_tx.send(answer(&f));
                     if f.get("Action")
-                        .is_some_and(|a| a.eq_ignore_ascii_case("login"))
+                        .is_some_and(|a| a.eq_ignore_ascii_case("coreshowchannels"))
                     {
-                        if let Some(tx) = login_tx.take() {
+                        if let Some(tx) = synced_tx.take() {
                             let _ = tx.send(());
                         }
                     }
@@ -128,12 +129,12 @@ async fn serve(
     wr.write_all(b"Asterisk Call Manager/11.0.0\r\n")
         .await
         .unwrap();
-    let mut login = Some(login);
-    // Answers until the login, then the stream with answers in between.
-    while let Some(rx) = login.as_mut() {
+    let mut synced = Some(synced);
+    // Answers until the first resync, then the stream with answers in between.
+    while let Some(rx) = synced.as_mut() {
         tokio::select! {
             Some(a) = answers.recv() => wr.write_all(a.as_bytes()).await.unwrap(),
-            _ = rx => login = None,
+            _ = rx => synced = None,
         }
     }
     while let Ok(a) = answers.try_recv() {
