@@ -13,10 +13,11 @@
 //! `writetimeout`) and never waits for a subscriber. An [`EventStream`] queues every event for
 //! its subscriber however far behind it is, up to `ami.max_backlog` events; only past that are
 //! events dropped (until half of the backlog is handled), and the subscriber is told where, as
-//! `Lagged(n)`, to resync. Broadcast subscribers keep `ami.event_buffer` events. Actions in flight when the link drops fail with [`AmiError::Disconnected`] and
-//! are never re-sent: a re-sent Originate rings a phone twice. Reconnects use capped exponential
-//! backoff with jitter, one at a time, and every new session is announced as
-//! [`AmiEvent::Connected`] so state owners can resync.
+//! `Lagged(n)`, to resync. Broadcast subscribers keep `ami.event_buffer` events. Actions in
+//! flight when the link drops fail with [`AmiError::Disconnected`] and are never re-sent: a
+//! re-sent Originate rings a phone twice. Reconnects use capped exponential backoff with jitter,
+//! one at a time, and every new session is announced as [`AmiEvent::Connected`] so state owners
+//! can resync. A link that delivers bytes is alive, even while a `Pong` is late behind a burst.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
