@@ -340,7 +340,15 @@ impl ClickToCall {
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "click-to-call outcome logger lagged");
+                    static LAG_LOG: crate::telemetry::RateLimit =
+                        crate::telemetry::RateLimit::new(std::time::Duration::from_secs(10));
+                    if let Some(suppressed) = LAG_LOG.check() {
+                        tracing::warn!(
+                            missed = n,
+                            suppressed,
+                            "click-to-call outcome logger lagged"
+                        );
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }

@@ -212,6 +212,15 @@ pub struct AmiConfig {
     /// Events buffered per subscriber before it is told it lagged.
     #[validate(range(min = 16, max = 1048576, message = "must be between 16 and 1048576"))]
     pub event_buffer: usize,
+    /// Events that may wait for the call tracker (about 1 KB each). Below this nothing is
+    /// dropped, however fast Asterisk sends; past it events are dropped until half of it is
+    /// handled, then the calls are resynced.
+    #[validate(range(
+        min = 1000,
+        max = 50000000,
+        message = "must be between 1000 and 50000000"
+    ))]
+    pub max_backlog: usize,
     /// Context where managers' extensions are dialled (`{context}` in `originate_channel`).
     #[validate(custom(function = "dialplan_name"))]
     pub internal_context: String,
@@ -244,6 +253,7 @@ impl Default for AmiConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             event_buffer: 8192,
+            max_backlog: 1_000_000,
             internal_context: "from-internal".into(),
             outbound_context: "from-internal".into(),
             originate_channel: "Local/{code}@{context}".into(),

@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use actix_web::http::StatusCode;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use crate::ami::{Action, AmiClient, AmiEvent};
+use crate::ami::{Action, AmiClient, LinkState};
 use crate::config::Config;
 use crate::crm::UserStatus;
 use crate::http::params::Params;
@@ -124,10 +123,11 @@ impl ManagerStatus {
     }
 
     async fn run(self, mut rx: mpsc::UnboundedReceiver<i64>) {
-        let mut events = self.ami.subscribe();
-        if self.ami.state().is_connected() {
-            self.apply_all().await;
-        }
+        // The link state, not the event bus: a burst of events cannot make us miss a new
+        // session, nor re-apply every status for nothing.
+        let mut link = self.ami.watch_state();
+        link.mark_changed();
+        let mut applied: Option<u64> = None;
         loop {
             tokio::select! {
                 user = rx.recv() => match user {
@@ -138,16 +138,20 @@ impl ManagerStatus {
                     },
                     None => return,
                 },
-                ev = events.recv() => match ev {
-                    Ok(AmiEvent::Connected { session }) => {
-                        tracing::info!(session, "re-applying managers' statuses on the PBX");
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let session = match &*link.borrow_and_update() {
+                        LinkState::Connected { session, .. } => Some(*session),
+                        _ => None,
+                    };
+                    if let Some(session) = session.filter(|s| applied != Some(*s)) {
+                        applied = Some(session);
+                        tracing::info!(session, "applying managers' statuses on the PBX");
                         self.apply_all().await;
                     }
-                    Ok(_) => {}
-                    // We may have missed a reconnect: re-apply, it is idempotent.
-                    Err(RecvError::Lagged(_)) => self.apply_all().await,
-                    Err(RecvError::Closed) => return,
-                },
+                }
             }
         }
     }

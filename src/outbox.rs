@@ -247,6 +247,10 @@ impl Outbox {
         let mut recheck: Option<tokio::time::Instant> = None;
         // Whatever is pending from before a restart goes out at once.
         let mut due = true;
+        // Any other CRM request succeeding ends a backoff: the CRM is back. Once per backoff:
+        // if that early try fails too, the failure is this endpoint's and the schedule holds.
+        let mut crm_ok = self.inner.crm.successes();
+        let (mut may_end_early, mut ended_early) = (true, false);
         loop {
             if !due {
                 // While backing off only the retry (or the scheduler) wakes the loop: a call
@@ -264,6 +268,11 @@ impl Outbox {
                     }
                     _ = self.inner.kick.notified() => { retry_at = None; }
                     _ = self.inner.ready.notified() => {}
+                    Ok(()) = crm_ok.changed(), if retry_at.is_some() && may_end_early => {
+                        tracing::info!("the CRM answers again: uploading the call history now");
+                        retry_at = None;
+                        ended_early = true;
+                    }
                     _ = tokio::time::sleep_until(wake_at) => {}
                 }
             }
@@ -289,6 +298,10 @@ impl Outbox {
             }
             let result = self.drain().await;
             recheck = self.take_recheck();
+            // Only successes after this drain may end the next backoff.
+            crm_ok.mark_unchanged();
+            may_end_early = !std::mem::take(&mut ended_early)
+                || matches!(result, Drain::Done | Drain::Paused(_));
             match result {
                 Drain::Done | Drain::Paused(_) => {
                     retry_at = None;

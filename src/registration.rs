@@ -89,6 +89,10 @@ pub async fn register_until_done(
     status: RegistrationStatus,
 ) {
     let mut attempt: u32 = 0;
+    // Another CRM request getting through ends the wait; when that early try fails too, the
+    // next wait is served in full (as in the outbox).
+    let mut crm_ok = crm.successes();
+    let mut may_end_early = true;
     loop {
         match register(&crm, &cfg, &client_id).await {
             Ok(_) => {
@@ -104,7 +108,12 @@ pub async fn register_until_done(
                 .max(Duration::from_secs(1));
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "registration failed, will retry");
                 status.set(RegistrationState::Failed(e.to_string()));
-                tokio::time::sleep(delay).await;
+                crm_ok.mark_unchanged();
+                let ended_early = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    Ok(()) = crm_ok.changed(), if may_end_early => true,
+                };
+                may_end_early = !ended_early;
                 attempt = attempt.saturating_add(1);
             }
             Err(e) => {

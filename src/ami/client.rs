@@ -5,17 +5,22 @@
 //!                                    │ registers pending[ActionID]
 //!  oneshot ◄── reader task ◄──read── socket ◄── Asterisk
 //!              │ responses/list items → pending[ActionID]
+//!              ├ events → EventStream (the call tracker: every event, up to ami.max_backlog waiting)
 //!              └ events → broadcast (bounded; a slow subscriber gets Lagged, the reader never waits)
 //! ```
 //!
 //! The reader drains the socket continuously (Asterisk drops a client that stalls its writes past
-//! `writetimeout`). Actions in flight when the link drops fail with [`AmiError::Disconnected`] and
-//! are never re-sent: a re-sent Originate rings a phone twice. Reconnects use capped exponential
-//! backoff with jitter, one at a time, and every new session is announced as
-//! [`AmiEvent::Connected`] so state owners can resync.
+//! `writetimeout`) and never waits for a subscriber. An [`EventStream`] queues every event for
+//! its subscriber however far behind it is, up to `ami.max_backlog` events; only past that are
+//! events dropped (until half of the backlog is handled), and the subscriber is told where, as
+//! `Lagged(n)`, to resync. Broadcast subscribers keep `ami.event_buffer` events. Actions in
+//! flight when the link drops fail with [`AmiError::Disconnected`] and are never re-sent: a
+//! re-sent Originate rings a phone twice. Reconnects use capped exponential backoff with jitter,
+//! one at a time, and every new session is announced as [`AmiEvent::Connected`] so state owners
+//! can resync. A link that delivers bytes is alive, even while a `Pong` is late behind a burst.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,8 @@ use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 
 use super::frame::{Frame, Item, Limits, Parser};
 use crate::config::{AmiAuth, AmiConfig};
@@ -87,6 +93,9 @@ pub struct Reply {
     pub response: Frame,
     pub events: Vec<Frame>,
     pub complete: Option<Frame>,
+    /// Events published before the answer was complete: an [`EventStream`] whose
+    /// [`EventStream::position`] has reached it has seen everything Asterisk sent before it.
+    pub events_before: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -170,14 +179,200 @@ pub struct AmiClient {
     action_timeout: Duration,
     stop: Arc<watch::Sender<bool>>,
     counters: Arc<Counters>,
+    shared: Arc<Shared>,
 }
 
 /// Counters for `/ready` and logs.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub sessions: AtomicU64,
+    /// Events read and published to subscribers.
     pub events: AtomicU64,
     pub skipped_frames: AtomicU64,
+}
+
+/// The event streams' backlog, summed over them (there is one: the call tracker's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backlog {
+    /// Events read and not handled yet.
+    pub waiting: u64,
+    /// The most that ever waited.
+    pub peak: u64,
+    /// The bound (`ami.max_backlog`).
+    pub max: u64,
+    /// Events dropped because the backlog was full.
+    pub dropped: u64,
+    /// How often it filled up.
+    pub overflows: u64,
+}
+
+/// Overflows of an event stream are logged at most this often.
+static OVERFLOW_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+/// Unreadable data is logged at most this often.
+static SKIPPED_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+
+/// Every event and link change, in order, for one subscriber that must not miss any (the call
+/// tracker). See [`AmiClient::event_stream`].
+pub struct EventStream {
+    tap: Arc<Tap>,
+    /// Taken from the tap in one go, handed out one by one.
+    taken: VecDeque<TapItem>,
+    position: u64,
+}
+
+impl EventStream {
+    /// The next event or link change. `Err(Lagged(n))`: `n` events were dropped here because
+    /// the backlog was full (resync); `Err(Closed)`: the client stopped.
+    pub async fn recv(&mut self) -> Result<AmiEvent, RecvError> {
+        loop {
+            if let Some(item) = self.next_taken() {
+                return item;
+            }
+            // After a burst the buffers do not keep their peak size.
+            if self.taken.capacity() > 64 * 1024 {
+                self.taken.shrink_to(4096);
+            }
+            let ready = self.tap.ready.notified();
+            {
+                let mut q = self.tap.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if !q.items.is_empty() {
+                    std::mem::swap(&mut q.items, &mut self.taken);
+                    self.tap.taken.store(self.taken.len(), Ordering::Relaxed);
+                    continue;
+                }
+                if q.lost > 0 {
+                    let n = std::mem::take(&mut q.lost);
+                    self.position += n;
+                    return Err(RecvError::Lagged(n));
+                }
+                if q.closed {
+                    return Err(RecvError::Closed);
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// An event already taken from the tap, without waiting.
+    fn next_taken(&mut self) -> Option<Result<AmiEvent, RecvError>> {
+        let item = self.taken.pop_front()?;
+        self.tap.taken.store(self.taken.len(), Ordering::Relaxed);
+        Some(match item {
+            TapItem::Event(e) => {
+                if matches!(e, AmiEvent::Event(_)) {
+                    self.position += 1;
+                }
+                Ok(e)
+            }
+            TapItem::Gap(n) => {
+                self.position += n;
+                Err(RecvError::Lagged(n))
+            }
+        })
+    }
+
+    /// How many of the client's events this stream has handed out (dropped ones included): the
+    /// point in the event stream its subscriber has reached.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+}
+
+enum TapItem {
+    Event(AmiEvent),
+    /// Events dropped here.
+    Gap(u64),
+}
+
+/// The client's side of an [`EventStream`].
+#[derive(Default)]
+struct Tap {
+    queue: Mutex<TapQueue>,
+    ready: Notify,
+    /// Taken by the subscriber and not handed out yet (part of the backlog).
+    taken: AtomicUsize,
+}
+
+#[derive(Default)]
+struct TapQueue {
+    items: VecDeque<TapItem>,
+    /// Dropped since the subscriber was last told.
+    lost: u64,
+    /// Full: dropping until half of the backlog is handled.
+    dropping: bool,
+    closed: bool,
+    peak: u64,
+    dropped: u64,
+    overflows: u64,
+}
+
+impl Tap {
+    fn push_events(&self, frames: &[Arc<Frame>], max: usize) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = self.taken.load(Ordering::Relaxed);
+        let mut overflowed = false;
+        for f in frames {
+            let waiting = q.items.len() + taken;
+            if q.dropping {
+                if waiting > max / 2 {
+                    q.lost += 1;
+                    q.dropped += 1;
+                    continue;
+                }
+                q.dropping = false;
+                if q.lost > 0 {
+                    let n = std::mem::take(&mut q.lost);
+                    q.items.push_back(TapItem::Gap(n));
+                }
+            } else if waiting >= max {
+                q.dropping = true;
+                q.overflows += 1;
+                q.lost += 1;
+                q.dropped += 1;
+                overflowed = true;
+                continue;
+            }
+            q.items
+                .push_back(TapItem::Event(AmiEvent::Event(f.clone())));
+            q.peak = q.peak.max(waiting as u64 + 1);
+        }
+        let (dropped, overflows) = (q.dropped, q.overflows);
+        drop(q);
+        self.ready.notify_one();
+        if overflowed {
+            if let Some(suppressed) = OVERFLOW_LOG.check() {
+                tracing::warn!(max_backlog = max, dropped, overflows, suppressed,
+                    "AMI events arrive faster than the call tracker handles them: ami.max_backlog reached, events dropped until half of it is handled, then calls are resynced");
+            }
+        }
+    }
+
+    fn push_link(&self, event: &AmiEvent) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.lost > 0 {
+            let n = std::mem::take(&mut q.lost);
+            q.items.push_back(TapItem::Gap(n));
+        }
+        q.items.push_back(TapItem::Event(event.clone()));
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// The event streams and what a new one starts with.
+#[derive(Default)]
+struct Taps {
+    list: Vec<Arc<Tap>>,
+    /// The session logged in now: a new stream starts with its `Connected`.
+    session: Option<u64>,
 }
 
 impl std::fmt::Debug for AmiClient {
@@ -199,15 +394,17 @@ impl AmiClient {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
+        let shared = Shared::new(events.clone(), counters.clone(), cfg.max_backlog);
         let client = AmiClient {
             commands,
-            events: events.clone(),
+            events,
             state,
             action_timeout: cfg.action_timeout,
             stop: Arc::new(stop_tx),
-            counters: counters.clone(),
+            counters,
+            shared: shared.clone(),
         };
-        tokio::spawn(supervise(cfg, rx, events, state_tx, stop_rx, counters));
+        tokio::spawn(supervise(cfg, rx, shared, state_tx, stop_rx));
         client
     }
 
@@ -255,6 +452,18 @@ impl AmiClient {
         self.events.subscribe()
     }
 
+    /// Every event and link change from now on, in order, however far behind the subscriber
+    /// is, up to `ami.max_backlog` events waiting (see [`EventStream`]). While a session is up,
+    /// the stream starts with its `Connected`.
+    pub fn event_stream(&self) -> EventStream {
+        self.shared.event_stream()
+    }
+
+    /// The event streams' backlog.
+    pub fn backlog(&self) -> Backlog {
+        self.shared.backlog()
+    }
+
     pub fn state(&self) -> LinkState {
         self.state.borrow().clone()
     }
@@ -287,7 +496,7 @@ impl AmiClient {
 
     /// Connects once, logs in, logs off: for `pbxgate check`. Returns the banner.
     pub async fn probe(cfg: &AmiConfig) -> Result<String, AmiError> {
-        let shared = Shared::new(broadcast::channel(16).0, Arc::default());
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default(), 16);
         let (mut session, banner) = Session::open(cfg, &shared, 0).await?;
         let _ = session
             .request(&shared, Action::new("Logoff"), cfg.action_timeout)
@@ -301,20 +510,119 @@ impl AmiClient {
 struct Shared {
     pending: PendingMap,
     events: broadcast::Sender<AmiEvent>,
+    taps: Mutex<Taps>,
+    max_backlog: usize,
+    /// When the reader last got bytes, in ms since `started`.
+    read_at: AtomicU64,
+    started: Instant,
     next_id: AtomicU64,
     prefix: String,
     counters: Arc<Counters>,
 }
 
 impl Shared {
-    fn new(events: broadcast::Sender<AmiEvent>, counters: Arc<Counters>) -> Arc<Shared> {
+    fn new(
+        events: broadcast::Sender<AmiEvent>,
+        counters: Arc<Counters>,
+        max_backlog: usize,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             pending: Arc::default(),
             events,
+            taps: Mutex::default(),
+            max_backlog: max_backlog.max(2),
+            read_at: AtomicU64::new(0),
+            started: Instant::now(),
             next_id: AtomicU64::new(1),
             prefix: format!("pbxgate-{:08x}", rand::random::<u32>()),
             counters,
         })
+    }
+
+    fn event_stream(&self) -> EventStream {
+        let tap = Arc::new(Tap::default());
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(session) = taps.session {
+            tap.push_link(&AmiEvent::Connected { session });
+        }
+        // Events are counted under this lock: the stream starts exactly here.
+        let position = self.counters.events.load(Ordering::Relaxed);
+        taps.list.push(tap.clone());
+        EventStream {
+            tap,
+            taken: VecDeque::new(),
+            position,
+        }
+    }
+
+    fn backlog(&self) -> Backlog {
+        let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = Backlog {
+            max: self.max_backlog as u64,
+            ..Backlog::default()
+        };
+        for tap in &taps.list {
+            let q = tap.queue.lock().unwrap_or_else(|p| p.into_inner());
+            b.waiting += (q.items.len() + tap.taken.load(Ordering::Relaxed)) as u64;
+            b.peak = b.peak.max(q.peak);
+            b.dropped += q.dropped;
+            b.overflows += q.overflows;
+        }
+        b
+    }
+
+    fn mark_read(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.read_at.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the reader got bytes within `within`.
+    fn read_within(&self, within: Duration) -> bool {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let within = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(self.read_at.load(Ordering::Relaxed)) <= within
+    }
+
+    /// Hands events read off the socket to every subscriber, in order; never waits.
+    fn publish(&self, batch: &mut Vec<Arc<Frame>>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        self.counters
+            .events
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // A stream nobody holds any more is forgotten.
+        taps.list.retain(|tap| Arc::strong_count(tap) > 1);
+        for tap in &taps.list {
+            tap.push_events(batch, self.max_backlog);
+        }
+        drop(taps);
+        for frame in batch.drain(..) {
+            let _ = self.events.send(AmiEvent::Event(frame));
+        }
+    }
+
+    /// A session began or ended.
+    fn publish_link(&self, event: AmiEvent) {
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        taps.session = match event {
+            AmiEvent::Connected { session } => Some(session),
+            _ => None,
+        };
+        for tap in &taps.list {
+            tap.push_link(&event);
+        }
+        drop(taps);
+        let _ = self.events.send(event);
+    }
+
+    fn close_streams(&self) {
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        taps.session = None;
+        for tap in taps.list.drain(..) {
+            tap.close();
+        }
     }
 
     fn action_id(&self) -> String {
@@ -377,8 +685,9 @@ impl Shared {
         }
     }
 
-    /// Routes one frame: answers and list items to their pending action, events to subscribers.
-    fn dispatch(&self, frame: Frame) {
+    /// Routes one frame: answers and list items to their pending action, events to `batch`
+    /// (published before any answer, so that subscribers get them in the order they came).
+    fn dispatch(&self, frame: Frame, batch: &mut Vec<Arc<Frame>>) {
         let id = frame.action_id().map(str::to_string);
         if frame.event().is_some() {
             if let Some(id) = &id {
@@ -393,6 +702,7 @@ impl Shared {
                     if done {
                         if let Some(p) = map.remove(id) {
                             drop(map);
+                            self.publish(batch);
                             let response = p
                                 .response
                                 .unwrap_or_else(|| Frame::from_pairs::<&str, &str>([]));
@@ -401,6 +711,7 @@ impl Shared {
                                 response,
                                 events: p.events,
                                 complete: Some(frame),
+                                events_before: self.counters.events.load(Ordering::Relaxed),
                             };
                             let _ = p.reply.send(Ok(reply));
                         }
@@ -412,9 +723,8 @@ impl Shared {
                     return;
                 }
             }
-            self.counters.events.fetch_add(1, Ordering::Relaxed);
             // OriginateResponse carries our ActionID but is an event: it goes to subscribers.
-            let _ = self.events.send(AmiEvent::Event(Arc::new(frame)));
+            batch.push(Arc::new(frame));
             return;
         }
         let Some(id) = id else {
@@ -435,6 +745,7 @@ impl Shared {
         }
         let Some(p) = map.remove(&id) else { return };
         drop(map);
+        self.publish(batch);
         let result = match frame.response() {
             Some(r) if r.eq_ignore_ascii_case("Error") => Err(AmiError::Refused(
                 frame.get("Message").unwrap_or("no message").to_string(),
@@ -444,6 +755,7 @@ impl Shared {
                 response: frame,
                 events: Vec::new(),
                 complete: None,
+                events_before: self.counters.events.load(Ordering::Relaxed),
             }),
         };
         let _ = p.reply.send(result);
@@ -629,12 +941,14 @@ async fn read_loop(
     let mut parser = Parser::new(Limits::default());
     let mut banner = Some(banner);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut batch = Vec::new();
     let reason = loop {
         let n = match read.read(&mut buf).await {
             Ok(0) => break "closed by Asterisk".to_string(),
             Ok(n) => n,
             Err(e) => break format!("read: {e}"),
         };
+        shared.mark_read();
         parser.push(&buf[..n]);
         while let Some(item) = parser.next_item() {
             match item {
@@ -655,17 +969,21 @@ async fn read_loop(
                             .to_string()));
                         break;
                     }
-                    shared.dispatch(frame);
+                    shared.dispatch(frame, &mut batch);
                 }
                 Item::Skipped { reason, bytes } => {
-                    shared
+                    let skipped = shared
                         .counters
                         .skipped_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(session = session_no, bytes, reason = %reason, "AMI: skipped unreadable data");
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    if let Some(suppressed) = SKIPPED_LOG.check() {
+                        tracing::warn!(session = session_no, bytes, reason = %reason, skipped, suppressed, "AMI: skipped unreadable data");
+                    }
                 }
             }
         }
+        shared.publish(&mut batch);
     };
     let _ = closed.send(reason);
 }
@@ -673,12 +991,11 @@ async fn read_loop(
 async fn supervise(
     cfg: AmiConfig,
     mut commands: mpsc::Receiver<Command>,
-    events: broadcast::Sender<AmiEvent>,
+    shared: Arc<Shared>,
     state: watch::Sender<LinkState>,
     mut stop: watch::Receiver<bool>,
-    counters: Arc<Counters>,
 ) {
-    let shared = Shared::new(events.clone(), counters.clone());
+    let counters = shared.counters.clone();
     let mut attempt: u32 = 0;
     let mut session_no: u64 = 0;
     loop {
@@ -700,12 +1017,12 @@ async fn supervise(
                     banner,
                     since,
                 });
-                let _ = events.send(AmiEvent::Connected {
+                shared.publish_link(AmiEvent::Connected {
                     session: session_no,
                 });
                 let reason = run_session(&cfg, session, &shared, &mut commands, &mut stop).await;
                 shared.fail_all(AmiError::Disconnected);
-                let _ = events.send(AmiEvent::Disconnected {
+                shared.publish_link(AmiEvent::Disconnected {
                     reason: reason.clone(),
                 });
                 if *stop.borrow() {
@@ -747,6 +1064,7 @@ async fn supervise(
         }
     }
     shared.fail_all(AmiError::Stopped);
+    shared.close_streams();
     state.send_replace(LinkState::Stopped);
     while let Ok(c) = commands.try_recv() {
         let _ = c.reply.send(Err(AmiError::Stopped));
@@ -802,16 +1120,18 @@ async fn run_session(
             _ = sweep.tick() => {
                 shared.expire(Instant::now());
                 if let Some(rx) = &mut pong {
-                    match rx.try_recv() {
-                        Ok(Ok(_)) => pong = None,
-                        Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                    let late = match rx.try_recv() {
+                        Ok(Ok(_)) => { pong = None; false }
+                        Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => true,
+                        Err(oneshot::error::TryRecvError::Empty) => tokio::time::Instant::now() >= pong_deadline,
+                    };
+                    if late {
+                        // A Pong queued behind a burst of events is late, not lost: the link is
+                        // dead when nothing arrives at all.
+                        if !shared.read_within(cfg.ping_timeout) {
                             break format!("no answer to Ping within {:?}", cfg.ping_timeout);
                         }
-                        Err(oneshot::error::TryRecvError::Empty) => {
-                            if tokio::time::Instant::now() >= pong_deadline {
-                                break format!("no answer to Ping within {:?}", cfg.ping_timeout);
-                            }
-                        }
+                        pong = None;
                     }
                 }
             }
@@ -819,4 +1139,83 @@ async fn run_session(
     };
     session.close().await;
     reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(from: usize, n: usize) -> Vec<Arc<Frame>> {
+        (from..from + n)
+            .map(|i| {
+                Arc::new(Frame::from_pairs([
+                    ("Event", "Test"),
+                    ("N", &i.to_string()),
+                ]))
+            })
+            .collect()
+    }
+
+    async fn next(stream: &mut EventStream) -> Result<String, RecvError> {
+        match stream.recv().await? {
+            AmiEvent::Event(f) => Ok(f.get("N").unwrap().to_string()),
+            AmiEvent::Connected { session } => Ok(format!("connected {session}")),
+            AmiEvent::Disconnected { .. } => Ok("disconnected".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_stream_drops_until_half_is_handled_and_says_where() {
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default(), 10);
+        shared.publish(&mut events(0, 3));
+        let mut stream = shared.event_stream();
+        assert_eq!(stream.position(), 3, "starts after what came before");
+        shared.publish_link(AmiEvent::Connected { session: 1 });
+        // 1 link event + 9 events fit; the other 6 are dropped.
+        shared.publish(&mut events(3, 15));
+        assert_eq!(next(&mut stream).await.unwrap(), "connected 1");
+        for i in 3..6 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        // 6 wait: more than half, still dropping.
+        shared.publish(&mut events(18, 1));
+        for i in 6..8 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        // 4 wait: half is handled, events are taken again, after the gap.
+        shared.publish(&mut events(19, 2));
+        for i in 8..12 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        assert_eq!(stream.position(), 12);
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Lagged(7))));
+        assert_eq!(stream.position(), 19);
+        assert_eq!(next(&mut stream).await.unwrap(), "19");
+        assert_eq!(next(&mut stream).await.unwrap(), "20");
+        let b = shared.backlog();
+        assert_eq!((b.waiting, b.peak, b.dropped, b.overflows), (0, 10, 7, 1));
+
+        // Dropped at the end of a burst: told once the rest is handled.
+        shared.publish(&mut events(21, 12));
+        for i in 21..31 {
+            assert_eq!(next(&mut stream).await.unwrap(), i.to_string());
+        }
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Lagged(2))));
+        assert_eq!(stream.position(), 33);
+        shared.close_streams();
+        assert!(matches!(next(&mut stream).await, Err(RecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_during_a_session_starts_with_it_and_a_dropped_one_is_forgotten() {
+        let shared = Shared::new(broadcast::channel(16).0, Arc::default(), 100);
+        shared.publish_link(AmiEvent::Connected { session: 4 });
+        let mut stream = shared.event_stream();
+        let gone = shared.event_stream();
+        drop(gone);
+        shared.publish(&mut events(0, 1));
+        assert_eq!(next(&mut stream).await.unwrap(), "connected 4");
+        assert_eq!(next(&mut stream).await.unwrap(), "0");
+        assert_eq!(shared.taps.lock().unwrap().list.len(), 1);
+    }
 }

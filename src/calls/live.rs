@@ -161,6 +161,7 @@ pub async fn run(
         };
         match tokio::time::timeout(left, crm.call_event(&event)).await {
             Ok(Ok(r)) => {
+                stats.live_events_sent.fetch_add(1, Ordering::Relaxed);
                 if !hangup {
                     announced.insert(id);
                 }
@@ -169,9 +170,11 @@ pub async fn run(
                 }
             }
             Ok(Err(err)) => {
+                stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, error = %err, "live call event dropped");
             }
             Err(_) => {
+                stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, deadline_ms = deadline.as_millis() as u64,
                     "live call event dropped: the CRM did not take it in time");
             }

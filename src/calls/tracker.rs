@@ -20,7 +20,7 @@ use super::model::{CallModel, ClickToCall, JournalOp, Millis, Output};
 use super::record::{CallRecord, LiveEvent};
 use super::webhook::{WebhookEvent, WebhookModel};
 use super::Classifier;
-use crate::ami::{Action, AmiClient, AmiEvent};
+use crate::ami::{Action, AmiClient, AmiEvent, Frame};
 use crate::config::Config;
 use crate::store::LiveStore;
 
@@ -112,14 +112,18 @@ pub struct TrackerStats {
     pub finished: std::sync::atomic::AtomicU64,
     pub live_events_dropped: std::sync::atomic::AtomicU64,
     pub resyncs: std::sync::atomic::AtomicU64,
+    /// AMI events handled (the reader's count is `ami.events`; the difference waits or was
+    /// dropped past `ami.max_backlog`).
+    pub ami_events: std::sync::atomic::AtomicU64,
     /// Finished calls the registration rules (or an employee's mobile) kept from the CRM.
     pub ignored: std::sync::atomic::AtomicU64,
     /// Pop-ups dropped because their deadline had passed before the CRM could be asked.
     pub live_events_late: std::sync::atomic::AtomicU64,
     /// Hangups not sent because the call's pop-up never reached the CRM.
     pub hangups_without_popup: std::sync::atomic::AtomicU64,
-    /// AMI events the call model has processed.
-    pub ami_events: std::sync::atomic::AtomicU64,
+    /// Live events the CRM took, and those it failed or did not answer in time.
+    pub live_events_sent: std::sync::atomic::AtomicU64,
+    pub live_events_failed: std::sync::atomic::AtomicU64,
     /// Journal entries written (calls in progress, for restarts).
     pub journal_writes: std::sync::atomic::AtomicU64,
     /// `ami_events` when the journal was last written: everything before is durable.
@@ -223,12 +227,12 @@ async fn run(
     journal: Option<LiveStore>,
     mut gap: Option<Gap>,
 ) {
-    let mut events = ami.subscribe();
+    // Every AMI event, however far behind we are (up to ami.max_backlog); while a session is
+    // up, the stream starts with its `Connected`.
+    let mut events = ami.event_stream();
+    // A resync's answer, applied once the events Asterisk sent before it are handled.
+    let mut resync_at: Option<Resync> = None;
     let mut out = Vec::new();
-    // Logged in before we subscribed: that login's resync is ours to do.
-    if ami.state().is_connected() {
-        resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
-    }
     // Webhook calls touched by the last request: journaled once their outputs are handed on.
     let mut webhook_touched: Vec<String> = Vec::new();
     // AMI calls are journaled once a second, after that second's finished calls are stored.
@@ -258,18 +262,18 @@ async fn run(
             },
             ev = events.recv() => match ev {
                 Ok(AmiEvent::Event(frame)) => {
+                    model.on_event(&frame, now_ms(), &mut out);
                     stats.ami_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    model.on_event(&frame, now_ms(), &mut out)
                 }
-                // Every login, the first too: calls resumed from the journal, or that ran on
-                // while the link was down, are checked against what Asterisk has now.
-                Ok(AmiEvent::Connected { .. }) => {
-                    resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
-                }
+                // Every login, the first included: calls resumed from the journal, or that ran
+                // on while the link was down, are checked against what Asterisk has now.
+                Ok(AmiEvent::Connected { .. }) => resync_at = resync(&ami, &stats).await,
                 Ok(AmiEvent::Disconnected { .. }) => {}
                 Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "call tracker fell behind the AMI events; resyncing");
-                    resync(&mut model, &ami, &stats, &mut out, &mut gap).await;
+                    if let Some(suppressed) = LAG_LOG.check() {
+                        tracing::warn!(missed = n, suppressed, "call tracker fell behind the AMI events past ami.max_backlog; resyncing");
+                    }
+                    resync_at = resync(&ami, &stats).await;
                 }
                 Err(RecvError::Closed) => break,
             },
@@ -286,6 +290,14 @@ async fn run(
                 }
             }
         }
+        if resync_at
+            .as_ref()
+            .is_some_and(|r| events.position() >= r.at)
+        {
+            if let Some(r) = resync_at.take() {
+                apply_resync(r, &mut model, &mut out, &mut gap).await;
+            }
+        }
         stats.live_calls.store(
             (model.live_calls() + web.live_calls()) as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -300,7 +312,12 @@ async fn run(
                         stats
                             .live_events_dropped
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!("live call event dropped: the CRM event queue is full");
+                        if let Some(suppressed) = QUEUE_FULL_LOG.check() {
+                            tracing::warn!(
+                                suppressed,
+                                "live call event dropped: the CRM event queue is full"
+                            );
+                        }
                     }
                 }
                 Output::Finished(record) => {
@@ -510,41 +527,63 @@ fn restore_webhook_calls(journal: &LiveStore, web: &mut WebhookModel) {
     }
 }
 
-/// Asks Asterisk which channels exist; those we track that are gone ended while we were away.
-async fn resync(
-    model: &mut CallModel,
-    ami: &AmiClient,
-    stats: &TrackerStats,
-    out: &mut Vec<Output>,
-    gap: &mut Option<Gap>,
-) {
+/// Repeated warnings, at most one line per period.
+static LAG_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+static QUEUE_FULL_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+
+/// A `CoreShowChannels` answer, to apply once the stream reaches `at` (the events Asterisk sent
+/// before it): no call is closed whose hangup is still queued.
+struct Resync {
+    at: u64,
+    rows: Vec<Frame>,
+}
+
+/// Asks Asterisk which channels exist.
+async fn resync(ami: &AmiClient, stats: &TrackerStats) -> Option<Resync> {
     stats
         .resyncs
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match ami.send(Action::new("CoreShowChannels")).await {
-        Ok(reply) => {
-            let alive: HashSet<String> = reply
-                .events
-                .iter()
-                .filter_map(|e| e.get("Uniqueid").map(str::to_string))
-                .collect();
-            let now = now_ms();
-            for e in &reply.events {
-                model.show_channel(e, now);
-            }
-            let before = model.live_channels();
-            let first = out.len();
-            model.resync(&alive, now_ms(), out);
-            tracing::info!(
-                alive = alive.len(),
-                tracked_before = before,
-                tracked_after = model.live_channels(),
-                "calls resynced"
-            );
-            if let Some(gap) = gap.take() {
-                recover_gap(gap, model, out, first).await;
-            }
+        Ok(reply) => Some(Resync {
+            at: reply.events_before,
+            rows: reply.events,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "resync failed; stale calls will be reaped");
+            None
         }
-        Err(e) => tracing::warn!(error = %e, "resync failed; stale calls will be reaped"),
+    }
+}
+
+/// Channels we never saw are added and bridged as Asterisk has them; those we track that are
+/// gone ended while we were away. After a restart, the first one also recovers the gap.
+async fn apply_resync(
+    r: Resync,
+    model: &mut CallModel,
+    out: &mut Vec<Output>,
+    gap: &mut Option<Gap>,
+) {
+    let alive: HashSet<String> = r
+        .rows
+        .iter()
+        .filter_map(|e| e.get("Uniqueid").map(str::to_string))
+        .collect();
+    let now = now_ms();
+    for row in &r.rows {
+        model.show_channel(row, now);
+    }
+    let before = model.live_channels();
+    let first = out.len();
+    model.resync(&alive, now, out);
+    tracing::info!(
+        alive = alive.len(),
+        tracked_before = before,
+        tracked_after = model.live_channels(),
+        "calls resynced"
+    );
+    if let Some(gap) = gap.take() {
+        recover_gap(gap, model, out, first).await;
     }
 }

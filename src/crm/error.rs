@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::lenient;
+use crate::telemetry::one_line;
 
 /// How many bytes of an unparseable body an error carries.
 pub const BODY_PREFIX: usize = 200;
@@ -106,10 +107,21 @@ impl CrmError {
     }
 }
 
-/// The first [`BODY_PREFIX`] bytes of a body, cut on a character boundary.
+/// How many bytes of the CRM's `errorMsg` an error carries.
+pub const MESSAGE_MAX: usize = 500;
+
+/// The first [`BODY_PREFIX`] bytes of a body, cut on a character boundary, on one line: CR,
+/// LF and other control characters are escaped (an HTML error page must not spread over log
+/// lines or forge one).
 pub fn body_prefix(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(BODY_PREFIX)]).into_owned();
-    text.trim_end_matches('\u{FFFD}').to_string()
+    let cut = body.len().min(BODY_PREFIX);
+    let text = String::from_utf8_lossy(&body[..cut]);
+    let text = if cut < body.len() {
+        text.trim_end_matches('\u{FFFD}')
+    } else {
+        &text
+    };
+    one_line(text, usize::MAX)
 }
 
 /// Turns an error answer (any status ≥ 400, or `success: false`) into a typed error.
@@ -146,12 +158,14 @@ pub fn classify(
             body: body_prefix(body),
         };
     };
-    let message = obj
-        .get("errorMsg")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let errors = lenient::errors_map(obj.get("errors"));
+    let message = one_line(
+        obj.get("errorMsg").and_then(Value::as_str).unwrap_or(""),
+        MESSAGE_MAX,
+    );
+    let errors = lenient::errors_map(obj.get("errors"))
+        .into_iter()
+        .map(|(k, v)| (one_line(&k, BODY_PREFIX), one_line(&v, BODY_PREFIX)))
+        .collect::<BTreeMap<_, _>>();
     let lower = message.to_ascii_lowercase();
 
     if lower.contains("apikey") || lower.starts_with("access denied") || status == 401 {
@@ -265,6 +279,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn bodies_and_messages_from_the_crm_stay_on_one_line() {
+        let page = format!(
+            "<html>\r\n<body>\r\nINFO pbxgate: forged\r\n{}</body></html>",
+            "é".repeat(300)
+        );
+        let CrmError::AccountNotFound { body, .. } = classify(404, page.as_bytes(), None, None)
+        else {
+            panic!("not classified as a missing account")
+        };
+        assert!(!body.contains(['\r', '\n']), "{body}");
+        assert!(body.starts_with("<html>\\r\\n<body>\\r\\nINFO pbxgate: forged\\r\\n"));
+        assert!(body.ends_with('é') && !body.contains("</body>"), "{body}");
+        let v = serde_json::json!({"errorMsg": format!("bad\n{}", "x".repeat(2000)), "errors": {"a\nb": "c\rd"}});
+        let CrmError::Api {
+            message, errors, ..
+        } = c(418, v)
+        else {
+            panic!()
+        };
+        assert!(message.starts_with("bad\\nxxx") && message.len() < MESSAGE_MAX + 10);
+        assert_eq!(errors.get("a\\nb").map(String::as_str), Some("c\\rd"));
     }
 
     #[test]

@@ -41,7 +41,14 @@ struct Inner {
     max_retries: u32,
     retry_base: Duration,
     retry_max: Duration,
+    /// Bumped by every successful request: whoever backs off after a failure can stop waiting
+    /// once the CRM answers again.
+    successes: tokio::sync::watch::Sender<u64>,
 }
+
+/// Retries of failed requests are logged at most this often (with the number held back).
+static RETRY_LOG: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
 
 impl std::fmt::Debug for CrmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,6 +79,7 @@ impl CrmClient {
                 max_retries: cfg.max_retries,
                 retry_base: cfg.retry_base,
                 retry_max: cfg.retry_max,
+                successes: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -82,6 +90,13 @@ impl CrmClient {
 
     pub fn is_configured(&self) -> bool {
         !self.inner.api_key.is_empty()
+    }
+
+    /// Changes whenever a request succeeds. After an outage, the first request to get through
+    /// (a live event, a routing lookup) tells the others that the CRM is back, so that backlogs
+    /// do not wait out their backoff.
+    pub fn successes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.successes.subscribe()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -208,11 +223,14 @@ impl CrmClient {
             &inner.general
         };
         let mut attempt = 0;
+        let mut others_ok = inner.successes.subscribe();
         loop {
             limiter.acquire().await;
+            others_ok.mark_unchanged();
             match self.send_once(method.clone(), path, query, form).await {
                 Err(e) if e.is_retriable() && attempt < inner.max_retries => {
                     let mut delay = backoff(attempt, inner.retry_base, inner.retry_max);
+                    let rate_limited = matches!(e, CrmError::RateLimited { .. });
                     if let CrmError::RateLimited {
                         retry_after: Some(after),
                         ..
@@ -220,16 +238,27 @@ impl CrmClient {
                     {
                         delay = delay.max((*after).min(inner.retry_max));
                     }
-                    tracing::warn!(%method, path, attempt = attempt + 1, delay_ms = delay.as_millis() as u64,
-                        error = %e, "CRM request failed, retrying");
-                    tokio::time::sleep(delay).await;
+                    if let Some(suppressed) = RETRY_LOG.check() {
+                        tracing::warn!(%method, path, attempt = attempt + 1, delay_ms = delay.as_millis() as u64,
+                            error = %e, suppressed, "CRM request failed, retrying");
+                    } else {
+                        tracing::debug!(%method, path, attempt = attempt + 1, error = %e, "CRM request failed, retrying");
+                    }
+                    // Another request getting through ends the wait (not a rate limit's).
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        Ok(()) = others_ok.changed(), if !rate_limited => {}
+                    }
                     attempt += 1;
                 }
                 Err(e) => {
                     tracing::debug!(%method, path, error = %e, "CRM request failed");
                     return Err(e);
                 }
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    inner.successes.send_modify(|n| *n = n.wrapping_add(1));
+                    return Ok(v);
+                }
             }
         }
     }

@@ -86,12 +86,8 @@ impl ResponseError for ApiError {
         self.status
     }
 
+    /// Not logged here: the request's one log line (in [`super::server`]) carries the reason.
     fn error_response(&self) -> HttpResponse {
-        if self.status.is_client_error() {
-            tracing::info!(status = self.status.as_u16(), reason = %self.message, "request refused");
-        } else {
-            tracing::error!(status = self.status.as_u16(), reason = %self.message, "request failed");
-        }
         HttpResponse::build(self.status).json(self.body())
     }
 }

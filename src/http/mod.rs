@@ -192,10 +192,20 @@ fn app(
                 let res = fut.await?;
                 let status = res.status().as_u16();
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
-                if path == paths::HEALTH || path == paths::READY {
-                    tracing::debug!(%method, path, status, ms, "http request");
+                // One line per request; a refused or failed one says why.
+                let reason =
+                    res.response()
+                        .error()
+                        .map(|e| match e.as_error::<error::ApiError>() {
+                            Some(api) => crate::telemetry::one_line(&api.message, 500),
+                            None => crate::telemetry::one_line(&e.to_string(), 500),
+                        });
+                if res.status().is_server_error() {
+                    tracing::error!(%method, path, status, ms, reason, "http request");
+                } else if path == paths::HEALTH || path == paths::READY {
+                    tracing::debug!(%method, path, status, ms, reason, "http request");
                 } else {
-                    tracing::info!(%method, path, status, ms, "http request");
+                    tracing::info!(%method, path, status, ms, reason, "http request");
                 }
                 Ok(res)
             }

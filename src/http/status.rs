@@ -51,6 +51,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     ami["skippedFrames"] = json!(counters
         .skipped_frames
         .load(std::sync::atomic::Ordering::Relaxed));
+    let backlog = state.ami.backlog();
     let status_failures: serde_json::Map<String, serde_json::Value> = state
         .manager_status
         .failures()
@@ -89,10 +90,18 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "liveEventsDropped": state.tracker_stats.live_events_dropped.load(std::sync::atomic::Ordering::Relaxed),
             "liveEventsLate": state.tracker_stats.live_events_late.load(std::sync::atomic::Ordering::Relaxed),
             "hangupsWithoutPopup": state.tracker_stats.hangups_without_popup.load(std::sync::atomic::Ordering::Relaxed),
-            "amiEvents": state.tracker_stats.ami_events.load(std::sync::atomic::Ordering::Relaxed),
+            "liveEventsSent": state.tracker_stats.live_events_sent.load(std::sync::atomic::Ordering::Relaxed),
+            "liveEventsFailed": state.tracker_stats.live_events_failed.load(std::sync::atomic::Ordering::Relaxed),
             "journalWrites": state.tracker_stats.journal_writes.load(std::sync::atomic::Ordering::Relaxed),
             "eventsJournaled": state.tracker_stats.events_journaled.load(std::sync::atomic::Ordering::Relaxed),
             "resyncs": state.tracker_stats.resyncs.load(std::sync::atomic::Ordering::Relaxed),
+            // What the tracker handled of ami.events, and what waits for it (its lag).
+            "amiEvents": state.tracker_stats.ami_events.load(std::sync::atomic::Ordering::Relaxed),
+            "amiBacklog": backlog.waiting,
+            "amiBacklogPeak": backlog.peak,
+            "amiBacklogMax": backlog.max,
+            "amiEventsDropped": backlog.dropped,
+            "amiBacklogOverflows": backlog.overflows,
             "ignored": state.tracker_stats.ignored.load(std::sync::atomic::Ordering::Relaxed),
         },
         "routing": {

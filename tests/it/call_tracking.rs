@@ -249,7 +249,8 @@ async fn a_call_cut_off_by_an_ami_outage_is_closed_after_the_resync() {
     // Make sure the tracker has seen the call before the link drops.
     app.crm.wait_for_requests(EVENT, 2).await;
     app.ami.drop_all();
-    app.ami.wait_for_actions("CoreShowChannels", 1).await;
+    // One at each login.
+    app.ami.wait_for_actions("CoreShowChannels", 2).await;
     let calls = finished(&app, 1).await;
     let c = &calls[0];
     assert!(c.reaped, "closed by the resync, not by its own hangups");
@@ -262,4 +263,92 @@ async fn a_call_cut_off_by_an_ami_outage_is_closed_after_the_resync() {
     // reconnect.
     assert_eq!(ready["calls"]["resyncs"], 2);
     assert_eq!(ready["calls"]["live"], 0);
+}
+
+#[tokio::test]
+async fn past_max_backlog_events_are_dropped_counted_and_the_calls_resynced() {
+    use crate::support::captures::{capture_frames, count_events, multiplied_from};
+    use crate::support::fake_ami::Reply;
+    let app = lab_app(|c| {
+        c.ami.max_backlog = 1000;
+        c.ami.action_timeout = std::time::Duration::from_secs(120);
+    })
+    .await;
+    // After a reconnect the tracker waits for its CoreShowChannels, which goes unanswered.
+    app.ami.set_reply("CoreShowChannels", Reply::Silent);
+    app.ami.drop_all();
+    let asked = app.ami.wait_for_actions("CoreShowChannels", 2).await;
+    let id = asked[1].get("ActionID").unwrap().to_string();
+    app.ami.clear_reply("CoreShowChannels");
+
+    // Meanwhile a burst arrives: the reader takes all of it, the tracker's backlog stops at
+    // ami.max_backlog.
+    let mut bus = app.state.ami.subscribe();
+    let mut burst = multiplied_from(&capture_frames(), 0..5);
+    let sent = count_events(&burst) as u64 + 1;
+    burst.extend_from_slice(b"Event: EndOfBurst\r\n\r\n");
+    let before: Value = app.ready().await;
+    app.ami.send(&burst);
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            if let Ok(pbxgate::ami::AmiEvent::Event(f)) = bus.recv().await {
+                if f.event() == Some("EndOfBurst") {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the reader got the whole burst");
+    let full: Value = app.ready().await;
+    let calls = &full["calls"];
+    let dropped = calls["amiEventsDropped"].as_u64().unwrap();
+    assert!(dropped >= sent - 1000, "{sent} sent: {calls}");
+    assert_eq!(calls["amiBacklogOverflows"], 1, "{calls}");
+    assert!(calls["amiBacklogPeak"].as_u64().unwrap() <= 1000, "{calls}");
+
+    // Asterisk answers: the tracker handles what it kept, learns of the gap, resyncs, and
+    // tracks the next call as usual.
+    app.ami.send(
+        format!(
+            "Response: Success\r\nActionID: {id}\r\nEventList: start\r\nMessage: Channels will follow\r\n\r\n\
+             Event: CoreShowChannelsComplete\r\nActionID: {id}\r\nEventList: Complete\r\nListItems: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    app.ami.wait_for_actions("CoreShowChannels", 3).await;
+    app.ami.send(&capture_body("09_inbound_missed"));
+    // Calls closed by the resync finish too; wait for this one.
+    let recent = &app.state.recent_calls;
+    let mut seen = recent.count();
+    let next = loop {
+        let all = recent.all();
+        if let Some(c) = all.iter().find(|c| c.external_id == "lab-1795264721.70") {
+            break c.clone();
+        }
+        seen += 1;
+        tokio::time::timeout(std::time::Duration::from_secs(15), recent.wait_for(seen))
+            .await
+            .expect("the next call finished");
+    };
+    assert!(!next.reaped, "tracked from its own events");
+
+    let ready: Value = app.ready().await;
+    let grew = |path: [&str; 2]| {
+        ready[path[0]][path[1]].as_u64().unwrap() - before[path[0]][path[1]].as_u64().unwrap()
+    };
+    assert_eq!(
+        grew(["calls", "amiEvents"]) + grew(["calls", "amiEventsDropped"]),
+        grew(["ami", "events"]),
+        "every event read was either tracked or counted as dropped: {ready}"
+    );
+    assert_eq!(
+        ready["calls"]["amiEventsDropped"], dropped,
+        "no more dropped"
+    );
+    assert_eq!(
+        ready["calls"]["resyncs"], 3,
+        "logins and the gap: {}",
+        ready["calls"]
+    );
 }

@@ -227,17 +227,43 @@ pub(crate) async fn serve(
     dir: &std::path::Path,
     env: &[(&str, String)],
 ) -> (tokio::process::Child, String) {
+    let (child, base, _log) = serve_logged(dir, env).await;
+    (child, base)
+}
+
+/// Like [`serve`], with every line it logs.
+pub(crate) async fn serve_logged(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pbxgate"));
     cmd.arg("serve");
-    spawn_serving(cmd, dir, env).await
+    spawn_serving_logged(cmd, dir, env).await
 }
 
 /// Like [`serve`] for a command that ends up running `pbxgate serve` (e.g. through a shell).
 pub(crate) async fn spawn_serving(
-    mut cmd: Command,
+    cmd: Command,
     dir: &std::path::Path,
     env: &[(&str, String)],
 ) -> (tokio::process::Child, String) {
+    let (child, base, _log) = spawn_serving_logged(cmd, dir, env).await;
+    (child, base)
+}
+
+async fn spawn_serving_logged(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     use tokio::io::AsyncBufReadExt;
     cmd.current_dir(dir).env_clear().kill_on_drop(true);
     for (k, v) in env {
@@ -245,8 +271,10 @@ pub(crate) async fn spawn_serving(
     }
     let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let addr = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line.clone());
             if line.contains("pbxgate started") {
                 let listen = line
                     .split("listen=")
@@ -262,14 +290,15 @@ pub(crate) async fn spawn_serving(
     })
     .await
     .expect("pbxgate starts");
-    // Keep draining its log so it never blocks on a full pipe.
-    // (Shown with a failing test's output.)
+    // Keep draining its log so it never blocks on a full pipe (shown with a failing test's
+    // output, and to whoever holds the receiver).
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             eprintln!("pbxgate: {line}");
+            let _ = tx.send(line);
         }
     });
-    (child, format!("http://{addr}"))
+    (child, format!("http://{addr}"), rx)
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ mod crm_client;
 mod http_api;
 mod http_limits;
 mod live_events;
+mod logs;
 mod manager_status;
 mod outbox;
 mod records;

@@ -315,3 +315,101 @@ async fn a_call_waiting_for_its_recording_does_not_spin_the_scheduler_during_a_b
     );
     assert_eq!(outbox.status().pending, 2, "nothing dropped");
 }
+
+/// An app whose uploader, after a failure, would wait at least `backoff / 2` on its own.
+async fn long_backoff_app(backoff: Duration) -> TestApp {
+    let app = TestApp::spawn(|c| {
+        c.crm.register_on_start = false;
+        c.crm.max_retries = 0;
+        c.crm.timezone = "Europe/Moscow".into();
+        c.history.batch_window = Duration::from_millis(10);
+        c.history.retry_base = backoff;
+        c.history.retry_max = backoff;
+        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), app.state.outbox.wait_changes(1))
+        .await
+        .expect("startup drain");
+    app
+}
+
+/// A call starts ringing: one live event to the CRM, no history.
+async fn ring(app: &TestApp, id: &str) {
+    let body = serde_json::json!([
+        {"call_id": id, "event": "start", "direction": "in", "phone": "+79991234567"},
+        {"call_id": id, "event": "ringing", "extension": "101"}
+    ]);
+    let r = app
+        .http
+        .post(app.url("/pbx/events"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+const EVENT: &str = "/api/v5/telephony/call/event";
+
+/// The CRM fails with `fault` while a call is queued; once it is back, a live event gets
+/// through, and the history follows at once instead of waiting out its backoff (or, for a
+/// missing account, `history.retry_max`).
+async fn backlog_follows_the_first_success(fault: Fault) {
+    let app = long_backoff_app(Duration::from_secs(600)).await;
+    let outbox = &app.state.outbox;
+    app.crm.start_outage(fault);
+    outbox.enqueue(record("pbx-late", T0)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        outbox.wait_until(|s| s.failed_attempts >= 1),
+    )
+    .await
+    .expect("the upload failed");
+    assert_eq!(outbox.status().pending, 1);
+
+    app.crm.end_outage();
+    ring(&app, "w-back").await;
+    let ok = app.crm.wait_for_requests(EVENT, 1).await;
+    assert_eq!(ok.last().unwrap().status, 200);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        outbox.wait_until(|s| s.pending == 0),
+    )
+    .await
+    .expect("the history went out once the CRM answered again");
+    let accepted: Vec<String> = app.crm.calls().into_keys().collect();
+    assert_eq!(accepted, vec!["pbx-late".to_string()]);
+    assert!(outbox.status().blocked.is_none());
+}
+
+#[tokio::test]
+async fn after_a_crm_outage_the_history_backlog_goes_out_with_the_first_success() {
+    backlog_follows_the_first_success(Fault::Status(500)).await;
+}
+
+#[tokio::test]
+async fn after_the_account_was_missing_the_history_goes_out_with_the_first_success() {
+    backlog_follows_the_first_success(Fault::Html(404)).await;
+}
+
+#[tokio::test]
+async fn when_only_uploads_fail_other_successes_end_one_backoff_not_every() {
+    let app = long_backoff_app(Duration::from_secs(600)).await;
+    let outbox = &app.state.outbox;
+    app.crm.start_outage_on(UPLOAD, Fault::Status(500));
+    outbox.enqueue(record("pbx-stuck", T0)).await.unwrap();
+    app.crm.wait_for_requests(UPLOAD, 1).await;
+    // The first live event that gets through brings one early retry, which fails too.
+    ring(&app, "w1").await;
+    app.crm.wait_for_requests(UPLOAD, 2).await;
+    // From then on the schedule holds, however many other requests succeed.
+    for i in 0..20 {
+        ring(&app, &format!("w-more-{i}")).await;
+    }
+    let events = app.crm.wait_for_requests(EVENT, 21).await;
+    assert!(events.iter().all(|r| r.status == 200));
+    assert_eq!(app.crm.requests_to(UPLOAD).len(), 2);
+    assert_eq!(outbox.status().pending, 1, "nothing dropped");
+}

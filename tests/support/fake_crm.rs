@@ -67,6 +67,8 @@ struct State {
     api_key: String,
     requests: Vec<Recorded>,
     faults: VecDeque<(Option<String>, Fault)>,
+    /// Until lifted, every request (to this path, if one is given) gets the fault.
+    outage: Option<(Option<String>, Fault)>,
     /// (general rps, telephony rps) enforced with a sliding one-second window.
     rate_limit: Option<(usize, usize)>,
     window_general: VecDeque<Instant>,
@@ -200,6 +202,20 @@ impl FakeCrm {
         self.lock()
             .faults
             .push_back((Some(path.to_string()), fault));
+    }
+
+    /// Every request gets `fault` until [`FakeCrm::end_outage`].
+    pub fn start_outage(&self, fault: Fault) {
+        self.lock().outage = Some((None, fault));
+    }
+
+    /// Every request to `path` gets `fault` until [`FakeCrm::end_outage`]; others are answered.
+    pub fn start_outage_on(&self, path: &str, fault: Fault) {
+        self.lock().outage = Some((Some(path.to_string()), fault));
+    }
+
+    pub fn end_outage(&self) {
+        self.lock().outage = None;
     }
 
     /// Enforce retailCRM's limits: more than `general` (or `telephony` for `/telephony/*`)
@@ -353,7 +369,12 @@ async fn dispatch(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>)
             .faults
             .iter()
             .position(|(p, _)| p.as_deref().is_none_or(|p| p == path));
-        pos.and_then(|i| st.faults.remove(i)).map(|(_, f)| f)
+        pos.and_then(|i| st.faults.remove(i))
+            .map(|(_, f)| f)
+            .or_else(|| match &st.outage {
+                Some((p, f)) if p.as_deref().is_none_or(|p| p == path) => Some(f.clone()),
+                _ => None,
+            })
     };
     let mut response = None;
     match fault {

@@ -1,6 +1,7 @@
 //! Test support: the fake retailCRM, the scripted AMI peer, and a running pbxgate per test.
 #![allow(dead_code, unused_imports)]
 
+pub mod captures;
 pub mod fake_ami;
 pub mod fake_crm;
 
@@ -159,6 +160,10 @@ pub async fn lab_app(tweak: impl FnOnce(&mut Config)) -> TestApp {
     })
     .await;
     app.ami_connected().await;
+    // The tracker resyncs at every login: once its CoreShowChannels is answered (the scripted
+    // server answers before it sends what a test gives it next), the calls a test sends are
+    // not taken for calls that the answer says are gone.
+    app.ami.wait_for_actions("CoreShowChannels", 1).await;
     app
 }
 
