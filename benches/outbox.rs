@@ -170,9 +170,9 @@ async fn main() {
         );
         let (full_rss, full_batch, up) = restart_rss(&path, &ami).await;
         println!(
-            "pbxgate serve onto {pending} pending: answering after {:.1} s, RSS {full_rss:.1} MB, {full_batch:.1} MB after reading the first batch; \
+            "pbxgate serve onto {pending} pending: answering after {:.0} ms, RSS {full_rss:.1} MB, {full_batch:.1} MB after reading the first batch; \
              on an empty store {empty_rss:.1} MB / {empty_batch:.1} MB: +{:.1} MB for the backlog",
-            up.as_secs_f64(),
+            up.as_secs_f64() * 1000.0,
             full_batch - empty_batch
         );
     }
