@@ -9,9 +9,7 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ -z "${PBXGATE_BIN:-}" ]; then
-  # The binary a user runs (the benchmark's own build adds dev-only features to tokio).
-  cargo build --release --locked --bin pbxgate
-  cp target/release/pbxgate "$work/pbxgate"
+  scripts/release-bin.sh "$work"
   export PBXGATE_BIN="$work/pbxgate"
 fi
 cargo bench --bench outbox --locked

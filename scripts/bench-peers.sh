@@ -28,9 +28,7 @@ echo "panoramisk $("$venv/bin/python" -c 'import importlib.metadata as m; print(
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ -z "${PBXGATE_BIN:-}" ]; then
-  # The binary a user runs (the benchmark's own build adds dev-only features to tokio).
-  cargo build --release --locked --bin pbxgate
-  cp target/release/pbxgate "$work/pbxgate"
+  scripts/release-bin.sh "$work"
   export PBXGATE_BIN="$work/pbxgate"
 fi
 log="$work/log"

@@ -26,9 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [ -z "${PBXGATE_BIN:-}" ]; then
-  # The binary a user runs (the benchmark's own build adds dev-only features to tokio).
-  cargo build --release --locked --bin pbxgate
-  cp target/release/pbxgate "$work/pbxgate"
+  scripts/release-bin.sh "$work"
   export PBXGATE_BIN="$work/pbxgate"
 fi
 
