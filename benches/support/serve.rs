@@ -1,7 +1,9 @@
 //! `pbxgate serve` as its own process for the benchmarks: the release binary (`PBXGATE_BIN`, as
 //! the scripts set it to the one `cargo build --release` made; else the one cargo built beside
 //! the benchmark), configured through `PBXGATE__*` variables only, in an empty working directory
-//! (no `config.toml`), its log in a file. Its memory is read from `/proc/<pid>/status`.
+//! (no `config.toml`), its log in a file. `PBXGATE__*` variables in the benchmark's environment
+//! are passed on and win over the benchmark's own (`PBXGATE__LOG__LEVEL=warn`). Its memory is
+//! read from `/proc/<pid>/status`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -149,6 +151,11 @@ impl Served {
         }
         for (k, v) in settings {
             cmd.env(format!("PBXGATE__{k}"), v);
+        }
+        for (k, v) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PBXGATE__") {
+                cmd.env(k, v);
+            }
         }
         let started = Instant::now();
         let child = cmd
