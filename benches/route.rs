@@ -1,17 +1,24 @@
 //! Routing latency: RATE (default 500) requests per second for SECONDS (default 10), open loop,
 //! of numbers whose manager is cached, through `GET /pbx/route` (keep-alive HTTP, as the
 //! dialplan's CURL() with a shared connection) and through FastAGI (a new TCP connection per
-//! call, as Asterisk's AGI() does). Latency runs from sending a request to its full answer; how far
-//! the generator fell behind its schedule is printed too, so a stall cannot hide. Prints
-//! p50/p90/p99/max. Run with `scripts/bench-route.sh`.
+//! call, as Asterisk's AGI() does), to `pbxgate serve` running as its own process (the release
+//! binary, default log level) with the fake CRM and a scripted AMI server in this process.
+//! Latency is the round trip the caller sees: from sending a request (for FastAGI: from
+//! connecting) to its full answer; how far the generator fell behind its schedule is printed
+//! too, so a stall cannot hide. Prints p50/p90/p99/max and pbxgate's own RSS. Run with
+//! `scripts/bench-route.sh`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{FakeCrm, TestApp};
+use serve::{mb, PeakRss, Served};
+use support::{fake_crm, FakeAmi, FakeCrm};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -100,17 +107,33 @@ async fn main() {
             &format!("{}", 101 + i % 50),
         );
     }
-    let app = TestApp::spawn_with(crm, |c| {
-        c.crm.register_on_start = false;
-        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
-        c.phone.country_code = "7".into();
-        c.phone.national_prefix = "8".into();
-        c.phone.national_length = 10;
-        c.routing.agi_listen = "127.0.0.1:0".into();
-        c.log.level = "warn".into();
-    })
-    .await;
-    let app = Arc::new(app);
+    let ami = FakeAmi::start("pbxgate", "ami-secret").await;
+    let store = tempfile::tempdir().unwrap();
+    let agi_port = serve::free_port();
+    let mut app = Served::start(
+        &store.path().join("store"),
+        &[
+            ("CRM__URL", crm.url.clone()),
+            ("CRM__API_KEY", fake_crm::API_KEY.into()),
+            ("CRM__REGISTER_ON_START", "false".into()),
+            ("PBX__TOKEN", TOKEN.into()),
+            ("PHONE__COUNTRY_CODE", "7".into()),
+            ("PHONE__NATIONAL_PREFIX", "8".into()),
+            ("PHONE__NATIONAL_LENGTH", "10".into()),
+            ("ROUTING__AGI_LISTEN", format!("127.0.0.1:{agi_port}")),
+            ("AMI__PORT", ami.addr.port().to_string()),
+            ("AMI__SECRET", "ami-secret".into()),
+        ],
+    );
+    let startup = app.healthy().await;
+    let pid = app.pid;
+    println!(
+        "pbxgate serve ({}), pid {pid}: answering after {:.0} ms, RSS {:.1} MB; {} cores",
+        serve::binary().display(),
+        startup.as_secs_f64() * 1000.0,
+        mb(app.rss_kb()),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -128,9 +151,11 @@ async fn main() {
             .unwrap();
         assert_eq!(body, format!("{}", 101 + i % 50));
     }
-    let lookups = app.crm.requests_to("/api/v5/telephony/manager").len();
+    let lookups = crm.requests_to("/api/v5/telephony/manager").len();
+    println!("  {NUMBERS} numbers cached: RSS {:.1} MB", mb(app.rss_kb()));
 
     let url = app.url("/pbx/route");
+    let peak = PeakRss::start(move || serve::rss_kb(pid));
     let (lat, errors, wall) = open_loop(rate, seconds, move |i| {
         let (client, url) = (client.clone(), url.clone());
         async move {
@@ -154,8 +179,14 @@ async fn main() {
         errors,
         wall,
     );
+    println!(
+        "  pbxgate RSS peak {:.1} MB, after {:.1} MB",
+        mb(peak.finish()),
+        mb(app.rss_kb())
+    );
 
-    let agi = app.state.agi_addr.unwrap();
+    let agi = std::net::SocketAddr::from(([127, 0, 0, 1], agi_port));
+    let peak = PeakRss::start(move || serve::rss_kb(pid));
     let (lat, errors, wall) = open_loop(rate, seconds, move |i| async move {
         let Ok(stream) = TcpStream::connect(agi).await else {
             return false;
@@ -192,6 +223,13 @@ async fn main() {
         errors,
         wall,
     );
-    let extra = app.crm.requests_to("/api/v5/telephony/manager").len() - lookups;
+    println!(
+        "  pbxgate RSS peak {:.1} MB, after {:.1} MB",
+        mb(peak.finish()),
+        mb(app.rss_kb())
+    );
+    let extra = crm.requests_to("/api/v5/telephony/manager").len() - lookups;
     println!("CRM lookups during the runs: {extra} (every answer came from the cache)");
+    app.ready().await;
+    app.stop();
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Recordings: nginx (Debian's, sendfile on, started here on loopback) and pbxgate (release build,
-# in-process in benches/records.rs) serve the same 50 MiB file to CONNECTIONS (default 50)
-# concurrent wrk clients for DURATION (default 10) seconds each, in the same run. Prints both
-# throughputs, the ratio and both servers' RSS before, at the peak and after.
+# Recordings: nginx (Debian's, sendfile on, started here on loopback) and `pbxgate serve` (the
+# release binary, its own process, started by benches/records.rs) serve the same 50 MiB file to
+# CONNECTIONS (default 50) concurrent wrk clients for DURATION (default 10) seconds each, taking
+# RUNS (default 2) turns each, pbxgate first. Prints every run, the throughput and RSS ratios and
+# both servers' own RSS before, at the peak and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+if [ -z "${PBXGATE_BIN:-}" ]; then
+  scripts/release-bin.sh "$work"
+  export PBXGATE_BIN="$work/pbxgate"
+fi
 
 # nginx's workers run as nobody: the file must be readable by anyone.
 mkdir -p "$work/monitor" "$work/nginx"
