@@ -202,7 +202,10 @@ fn app(
                         });
                 if res.status().is_server_error() {
                     tracing::error!(%method, path, status, ms, reason, "http request");
-                } else if path == paths::HEALTH || path == paths::READY {
+                } else if path == paths::HEALTH || path == paths::READY || path == paths::PBX_ROUTE
+                {
+                    // Polled, or asked on every inbound call within its deadline (counted in
+                    // /ready): not a line each at the default level.
                     tracing::debug!(%method, path, status, ms, reason, "http request");
                 } else {
                     tracing::info!(%method, path, status, ms, reason, "http request");
