@@ -17,23 +17,13 @@ const UPLOAD: &str = "/api/v5/telephony/calls/upload";
 
 /// Waits until the CRM holds the call `id` (at most 15 s) and returns it as uploaded.
 async fn uploaded(app: &TestApp, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(c) = app.crm.calls().get(id) {
-            return c.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
+    match app.crm.wait_for_call(id, Duration::from_secs(15)).await {
+        Some(call) => call,
+        None => panic!(
             "{id} never reached the CRM; outbox {:?}, dead {:?}",
             app.state.outbox.status(),
             app.state.outbox.store().dead(10).unwrap()
-        );
-        let seen = app.crm.requests_to(UPLOAD).len();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            app.crm.wait_for_requests(UPLOAD, seen + 1),
-        )
-        .await;
+        ),
     }
 }
 

@@ -21,22 +21,9 @@ async fn post(base: &str, body: Value) {
 
 /// Waits until the CRM holds `id` (at most 20 s).
 async fn in_crm(crm: &FakeCrm, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        if let Some(c) = crm.calls().get(id) {
-            return c.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{id} never reached the CRM"
-        );
-        let seen = crm.requests_to("/api/v5/telephony/calls/upload").len();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            crm.wait_for_requests("/api/v5/telephony/calls/upload", seen + 1),
-        )
-        .await;
-    }
+    crm.wait_for_call(id, std::time::Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("{id} never reached the CRM"))
 }
 
 async fn webhook_call_survives(kill: bool) {

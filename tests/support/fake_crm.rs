@@ -166,6 +166,19 @@ impl FakeCrm {
             .collect()
     }
 
+    /// Waits (at most `within`) until an uploaded call with this `externalId` is stored: it,
+    /// or `None`.
+    pub async fn wait_for_call(&self, id: &str, within: Duration) -> Option<Value> {
+        let mut rx = self.seen.subscribe();
+        let state = self.state.clone();
+        let _ = tokio::time::timeout(
+            within,
+            rx.wait_for(|_| state.lock().unwrap().calls.contains_key(id)),
+        )
+        .await;
+        self.calls().get(id).cloned()
+    }
+
     /// Waits (at most 10 s, then panics) until `n` requests to `path` have been answered.
     pub async fn wait_for_requests(&self, path: &str, n: usize) -> Vec<Recorded> {
         let mut rx = self.seen.subscribe();
