@@ -18,9 +18,9 @@ mod serve;
 
 use std::time::{Duration, Instant};
 
-use pbxgate::ami::frame::{Item, Limits, Parser};
 use pbxgate::calls::{CallModel, Classifier, Output};
 use pbxgate::config::Config;
+use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
 use serve::{mb, PeakRss, Served};
 use support::{captures, FakeAmi};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -52,7 +52,7 @@ fn finished_calls(stream: &[u8]) -> u64 {
         parser.push(chunk);
         while let Some(item) = parser.next_item() {
             if let Item::Frame(f) = item {
-                model.on_event(&f, pbxgate::calls::tracker::now_ms(), &mut out);
+                model.on_event(&f, pbxgate::base::clock::now_ms(), &mut out);
             }
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pbxgate::ami::frame::{Item, Limits, Parser};
+use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
 
 fn corpus() -> (Vec<u8>, usize) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/ami-captures");

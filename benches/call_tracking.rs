@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use pbxgate::ami::frame::{Item, Limits, Parser};
 use pbxgate::calls::{CallModel, Classifier, Output};
 use pbxgate::config::Config;
+use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);

@@ -10,9 +10,9 @@ mod fake_crm;
 use std::time::{Duration, Instant};
 
 use fake_crm::FakeCrm;
+use pbxgate::base::secret::Secret;
 use pbxgate::config::CrmConfig;
 use pbxgate::crm::{CallEvent, CallEventType, CrmClient, CrmError, UserStatus};
-use pbxgate::secret::Secret;
 
 const CONCURRENCY: usize = 16;
 

@@ -18,11 +18,11 @@ use support::{fake_crm, FakeAmi};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pbxgate::base::secret::Secret;
 use pbxgate::calls::CallRecord;
 use pbxgate::config::Config;
 use pbxgate::crm::CrmClient;
 use pbxgate::outbox::Outbox;
-use pbxgate::secret::Secret;
 use pbxgate::store::Store;
 
 fn record(i: usize) -> CallRecord {
@@ -45,7 +45,7 @@ fn env(name: &str, default: usize) -> usize {
 /// Fills a fresh store at `path` with `n` pending calls and closes it.
 async fn fill(path: &std::path::Path, n: usize) -> std::time::Duration {
     let store = Store::open(path).unwrap();
-    let queue = store.outbox().unwrap();
+    let queue = pbxgate::outbox::store::OutboxStore::of(&store).unwrap();
     let started = Instant::now();
     for i in 0..n {
         queue.insert(record(i)).unwrap();
@@ -127,7 +127,7 @@ async fn main() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let outbox = Outbox::new(
-            store.outbox().unwrap(),
+            pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
             store.clone(),
             CrmClient::new(&config.crm).unwrap(),
             config.clone(),

@@ -105,7 +105,7 @@ fn load(url: &str, rss: impl Fn() -> u64 + Send + 'static + Copy) -> Run {
 }
 
 fn record(path: &str) -> CallRecord {
-    let now = pbxgate::calls::tracker::now_ms();
+    let now = pbxgate::base::clock::now_ms();
     CallRecord {
         recordings: vec![path.to_string()],
         ..support::call_record("pbx-bench", now)

@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pbxgate::ami::frame::{Item, Limits, Parser};
-use pbxgate::ami::AmiClient;
-use pbxgate::calls::{
-    CallModel, CallSink, CallTracker, Classifier, Output, RecentCalls, TrackerStats,
-};
+use pbxgate::base::secret::Secret;
+use pbxgate::calls::{CallModel, Classifier, Output};
 use pbxgate::config::Config;
-use pbxgate::secret::Secret;
+use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
+use pbxgate::pbx::ami::AmiClient;
+use pbxgate::pipeline::{CallSink, CallTracker, RecentCalls, TrackerStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -75,7 +74,7 @@ fn pieces(stream: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-fn answer(frame: &pbxgate::ami::frame::Frame) -> String {
+fn answer(frame: &pbxgate::pbx::ami::frame::Frame) -> String {
     let id = frame.action_id().unwrap_or("");
     match frame.get("Action").unwrap_or("").to_ascii_lowercase().as_str() {
         "login" => format!("Response: Success\r\nActionID: {id}\r\nMessage: Authentication accepted\r\n\r\n"),

@@ -9,17 +9,17 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::web;
 use tokio::task::JoinHandle;
 
-use crate::ami::AmiClient;
-use crate::calls::{CallTracker, RecentCalls, TrackerStats};
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
+use crate::crm::retailcrm::registration::{self, RegistrationState, RegistrationStatus};
 use crate::crm::{CrmClient, CrmError};
 use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
+use crate::pbx::ami::AmiClient;
 use crate::phone::PhoneBook;
+use crate::pipeline::{CallTracker, RecentCalls, TrackerStats};
 use crate::records::Records;
-use crate::registration::{self, RegistrationState, RegistrationStatus};
 use crate::routing::Router;
 use crate::store::{Store, StoreError};
 
@@ -112,7 +112,7 @@ impl Application {
         // history sink (kept in memory for now).
         let (live_tx, live_rx) = tokio::sync::mpsc::channel(1024);
         let tracker_stats = Arc::new(TrackerStats::default());
-        tasks.push(tokio::spawn(crate::calls::live::run(
+        tasks.push(tokio::spawn(crate::pipeline::live::run(
             live_rx,
             crm.clone(),
             store.clone(),
@@ -124,7 +124,7 @@ impl Application {
         let records = Records::new(&config, store.records()?, records_key);
         tasks.push(tokio::spawn(records.clone().run_maintenance()));
         let outbox = Outbox::with_records(
-            store.outbox()?,
+            crate::outbox::store::OutboxStore::of(&store)?,
             store.clone(),
             crm.clone(),
             config.clone(),
@@ -142,8 +142,8 @@ impl Application {
             Arc::new(sink),
             tracker_stats.clone(),
             Some(store.live()?),
-            crate::backfill::CdrRecovery::new(config.clone())
-                .map(|r| Arc::new(r) as Arc<dyn crate::calls::tracker::Recovery>),
+            crate::pbx::cdr::CdrRecovery::new(config.clone())
+                .map(|r| Arc::new(r) as Arc<dyn crate::pipeline::tracker::Recovery>),
         );
         tasks.push(tracker_task);
 
@@ -167,7 +167,7 @@ impl Application {
                 .await
                 .map_err(bind)?;
             let agi_addr = agi.local_addr().map_err(bind)?;
-            tasks.push(tokio::spawn(crate::routing::agi::serve(
+            tasks.push(tokio::spawn(crate::pbx::agi::serve(
                 agi,
                 router.clone(),
                 config.routing.agi_timeout,

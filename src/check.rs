@@ -124,7 +124,7 @@ async fn check_crm(config: &Config) -> CheckLine {
 
 async fn check_ami(config: &Config) -> CheckLine {
     let addr = format!("{}:{}", config.ami.host, config.ami.port);
-    match crate::ami::AmiClient::probe(&config.ami).await {
+    match crate::pbx::ami::AmiClient::probe(&config.ami).await {
         Ok(banner) => line(
             true,
             format!(

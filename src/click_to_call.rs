@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use validator::{Validate, ValidationError};
 
-use crate::ami::{Action, AmiClient, AmiError, AmiEvent};
-use crate::calls::CallTracker;
+use crate::base::ident::{mask_number, normalize_number};
 use crate::config::Config;
 use crate::http::params::Params;
 use crate::http::ApiError;
+use crate::pbx::ami::{Action, AmiClient, AmiError, AmiEvent};
+use crate::pipeline::CallTracker;
 
 /// Prefix of the ChannelId (Uniqueid) we give every click-to-call, so it is known before it rings.
 pub const CHANNEL_ID_PREFIX: &str = "pbxgate-c2c-";
@@ -52,28 +53,6 @@ fn dial_number(value: &str) -> Result<(), ValidationError> {
         Err(ValidationError::new("phone")
             .with_message("must be 3 to 20 digits with an optional leading '+'".into()))
     }
-}
-
-/// Removes the formatting people and CRMs put in numbers: spaces, dashes, dots, brackets.
-/// Anything else is kept, so that validation rejects it.
-pub fn normalize_number(raw: &str) -> String {
-    raw.trim()
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}' | '\t'))
-        .collect()
-}
-
-/// `+79991234567` → `+799*****67`: enough to recognise a call in the logs, not to dial it.
-pub fn mask_number(number: &str) -> String {
-    let n = number.chars().count();
-    if n <= 5 {
-        return "*".repeat(n);
-    }
-    number
-        .chars()
-        .enumerate()
-        .map(|(i, c)| if i < 4 || i >= n - 2 { c } else { '*' })
-        .collect()
 }
 
 impl MakeCall {
@@ -377,17 +356,5 @@ pub async fn handle(c2c: &ClickToCall, params: &Params) -> Result<serde_json::Va
             Ok(serde_json::json!({"success": true, "callId": call_id}))
         }
         Outcome::Duplicate => Ok(serde_json::json!({"success": true, "duplicate": true})),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_are_normalised_and_masked() {
-        assert_eq!(normalize_number(" +7 (999) 123-45.67 "), "+79991234567");
-        assert_eq!(mask_number("+79991234567"), "+799******67");
-        assert_eq!(mask_number("101"), "***");
     }
 }

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use actix_web::http::StatusCode;
 use tokio::sync::mpsc;
 
-use crate::ami::{Action, AmiClient, LinkState};
 use crate::config::Config;
 use crate::crm::UserStatus;
 use crate::http::params::Params;
 use crate::http::ApiError;
+use crate::pbx::ami::{Action, AmiClient, LinkState};
 use crate::store::{unix_now, Store, StoredUserStatus};
 
 #[derive(Clone)]

@@ -12,8 +12,8 @@ use support::{lab_app, TestApp};
 /// Calls one copy of `stream` makes, fed straight into a call model like the app's: finished
 /// by their events (and the grace after them), and how many stay open at the end.
 fn calls_of(app: &TestApp, stream: &[u8]) -> (u64, u64) {
-    use pbxgate::ami::frame::{Item, Limits, Parser};
     use pbxgate::calls::{CallModel, Classifier, Output};
+    use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
     let mut model = CallModel::new(Classifier::new(&app.state.config), "lab");
     let mut parser = Parser::without_banner(Limits::default());
     parser.push(stream);

@@ -2,14 +2,10 @@
 //! the CRM's pop-ups and finished call records for the history.
 
 pub mod classify;
-pub mod gate;
-pub mod live;
 pub mod model;
 pub mod record;
-pub mod tracker;
 pub mod webhook;
 
 pub use classify::Classifier;
 pub use model::{CallModel, ClickToCall, Millis, Output};
 pub use record::{CallRecord, Direction, LiveEvent, Outcome};
-pub use tracker::{CallSink, CallTracker, RecentCalls, TrackerStats};

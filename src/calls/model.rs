@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::classify::{dial_string_number, Classifier, Role};
 use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
-use crate::ami::Frame;
+use crate::pbx::ami::Frame;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;

@@ -151,7 +151,7 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
         }
         _ => {}
     }
-    let phone = text("phone")?.map(|p| crate::click_to_call::normalize_number(&p));
+    let phone = text("phone")?.map(|p| crate::base::ident::normalize_number(&p));
     if let Some(p) = &phone {
         let digits = p.strip_prefix('+').unwrap_or(p);
         if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -172,7 +172,7 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
                 .and_then(|d| i64::try_from(d.as_millis()).ok())
                 .filter(|ms| *ms >= EARLIEST_AT)
                 .ok_or_else(|| err("at", "is before 2000"))?;
-            if ms > super::tracker::now_ms() + MAX_AT_AHEAD {
+            if ms > crate::base::clock::now_ms() + MAX_AT_AHEAD {
                 return Err(err("at", "is more than an hour in the future"));
             }
             Some(ms)

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::params::Params;
 use super::AppState;
-use crate::crm::lenient::value_to_bool;
+use crate::crm::retailcrm::lenient::value_to_bool;
 use crate::store::Activity;
 
 /// `POST {baseUrl}/crm/activity` — form `clientId`, `activity` = `{"active":bool,"freeze":bool}`,

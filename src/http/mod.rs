@@ -5,6 +5,7 @@ pub mod conn;
 pub mod error;
 pub mod params;
 pub mod pbx;
+pub mod records;
 pub mod status;
 
 use std::net::TcpListener;
@@ -24,17 +25,17 @@ use actix_web::middleware::ErrorHandlers;
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App, ResponseError};
 
-use crate::ami::AmiClient;
-use crate::calls::{CallTracker, RecentCalls, TrackerStats};
+use crate::base::secret::Secret;
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
+use crate::crm::retailcrm::registration::RegistrationStatus;
 use crate::crm::CrmClient;
 use crate::manager_status::ManagerStatus;
 use crate::outbox::Outbox;
+use crate::pbx::ami::AmiClient;
+use crate::pipeline::{CallTracker, RecentCalls, TrackerStats};
 use crate::records::Records;
-use crate::registration::RegistrationStatus;
 use crate::routing::Router;
-use crate::secret::Secret;
 use crate::store::Store;
 pub use error::ApiError;
 
@@ -117,7 +118,7 @@ pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Res
                 // One recording chunk per write: the write buffer then holds one chunk, not two
                 // (a third less memory per streaming connection, same throughput; other answers
                 // are small).
-                .h1_write_buffer_size(crate::records::serve::CHUNK)
+                .h1_write_buffer_size(crate::http::records::CHUNK)
                 .graceful_shutdown_signal(move || {
                     let shutdown = shutdown.clone();
                     async move { shutdown.notified().await }
@@ -256,8 +257,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource(paths::PBX_ROUTE).route(web::get().to(pbx::route)))
         .service(
             web::resource(paths::RECORDING)
-                .route(web::get().to(crate::records::serve::recording))
-                .route(web::head().to(crate::records::serve::recording)),
+                .route(web::get().to(crate::http::records::recording))
+                .route(web::head().to(crate::http::records::recording)),
         );
 }
 

@@ -13,7 +13,7 @@ use actix_web::HttpRequest;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use super::error::ApiError;
-use crate::secret::Secret;
+use crate::base::secret::Secret;
 
 /// Most parameters one callback may carry.
 const MAX_PARAMS: usize = 64;

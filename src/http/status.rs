@@ -5,8 +5,8 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::AppState;
-use crate::ami::LinkState;
-use crate::registration::RegistrationState;
+use crate::crm::retailcrm::registration::RegistrationState;
+use crate::pbx::ami::LinkState;
 
 const ADMIN_PAGE: &str = include_str!("../../static/index.html");
 const LOGO_SVG: &str = include_str!("../../static/logo.svg");

@@ -267,7 +267,7 @@ pub fn mask_digit_runs(text: &str) -> String {
     let mut run = String::new();
     let flush = |run: &mut String, out: &mut String| {
         if run.len() >= 6 {
-            out.push_str(&crate::click_to_call::mask_number(run));
+            out.push_str(&crate::base::ident::mask_number(run));
         } else {
             out.push_str(run);
         }

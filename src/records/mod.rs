@@ -16,7 +16,6 @@
 //! failed or timed out.
 
 pub mod convert;
-pub mod serve;
 pub mod sniff;
 
 use std::collections::HashMap;
@@ -34,9 +33,9 @@ use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use crate::base::secret::Secret;
 use crate::calls::{CallRecord, Outcome};
 use crate::config::{Config, RecordsConfig};
-use crate::secret::Secret;
 use crate::store::records::LINK_ID_LEN;
 use crate::store::{unix_now, LinkEntry, LinkId, LinkStore, StoreError};
 

@@ -13,8 +13,6 @@
 //! Anything else (CRM down, slow, no API key, a manager without an extension) answers
 //! `routing.fallback_code`.
 
-pub mod agi;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,7 +119,7 @@ struct Inner {
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Lookup>>>>,
     stats: RouteStats,
     /// Told every answer: a missed call is credited to the manager routing chose.
-    tracker: std::sync::OnceLock<crate::calls::CallTracker>,
+    tracker: std::sync::OnceLock<crate::pipeline::CallTracker>,
 }
 
 /// Reports invalid `[routing]` values, naming the key.
@@ -191,7 +189,7 @@ impl Router {
     }
 
     /// Tells the call tracker every extension chosen (for crediting missed calls).
-    pub fn report_to(&self, tracker: crate::calls::CallTracker) {
+    pub fn report_to(&self, tracker: crate::pipeline::CallTracker) {
         let _ = self.inner.tracker.set(tracker);
     }
 
@@ -218,7 +216,7 @@ impl Router {
         if let (Some(tracker), Some(code)) = (inner.tracker.get(), &route.code) {
             tracker.note_route(phone, code);
         }
-        tracing::debug!(phone = %crate::click_to_call::mask_number(&number.canonical), source = route.source.as_str(),
+        tracing::debug!(phone = %crate::base::ident::mask_number(&number.canonical), source = route.source.as_str(),
             code = ?route.code, reason = ?route.reason, "route");
         route
     }

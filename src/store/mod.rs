@@ -5,19 +5,16 @@
 //! Values are JSON with a version field, so a field added later does not break old data.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::secret::Secret;
+use crate::base::secret::Secret;
 
 pub mod live;
-pub mod outbox;
 pub mod records;
 pub mod watchdog;
 pub use live::LiveStore;
-pub use outbox::{Envelope, OutboxStore};
 pub use records::{LinkEntry, LinkId, LinkStore};
 
 const META_TREE: &str = "meta";
@@ -131,12 +128,7 @@ pub struct StoredUserStatus {
     pub since: u64,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::base::clock::unix_now;
 
 impl Store {
     /// Opens (creating if needed) the database at `path`. Only one process may hold it.
@@ -187,10 +179,9 @@ impl Store {
         &self.path
     }
 
-    /// The call-history outbox. Open it once per process (it starts a group-commit flusher;
-    /// needs a tokio runtime).
-    pub fn outbox(&self) -> Result<OutboxStore, StoreError> {
-        OutboxStore::open(&self.db)
+    /// The database, for the stores of other modules (the call-history queue).
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// The journal of calls in progress.

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use pbxgate::ami::{Action, AmiClient, AmiError, AmiEvent, LinkState};
+use pbxgate::base::secret::Secret;
 use pbxgate::config::{AmiAuth, AmiConfig};
-use pbxgate::secret::Secret;
+use pbxgate::pbx::ami::{Action, AmiClient, AmiError, AmiEvent, LinkState};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::support::fake_ami::Reply;
@@ -37,7 +37,7 @@ async fn connected(ami: &FakeAmi, tweak: impl FnOnce(&mut AmiConfig)) -> AmiClie
 async fn next_event(
     rx: &mut tokio::sync::broadcast::Receiver<AmiEvent>,
     name: &str,
-) -> pbxgate::ami::Frame {
+) -> pbxgate::pbx::ami::Frame {
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Ok(AmiEvent::Event(f)) = rx.recv().await {

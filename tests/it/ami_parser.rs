@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use pbxgate::ami::frame::{Frame, Item, Limits, Parser};
+use pbxgate::pbx::ami::frame::{Frame, Item, Limits, Parser};
 
 fn captures() -> Vec<(String, Vec<u8>, String)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/ami-captures");

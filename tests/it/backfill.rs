@@ -1,7 +1,7 @@
 //! Backfill from the real lab's CDR CSV (../shared/ami-captures/cdr/Master.csv).
 
-use pbxgate::backfill::{build, read_rows};
 use pbxgate::calls::Direction;
+use pbxgate::pbx::cdr::{build, read_rows};
 use serde_json::Value;
 
 #[test]

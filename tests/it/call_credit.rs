@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pbxgate::base::secret::Secret;
 use pbxgate::config::{Config, MissedOwner};
 use pbxgate::outbox::{Drain, Outbox};
-use pbxgate::secret::Secret;
 use serde_json::Value;
 
 use crate::support::{call_record, capture_body, lab_app, FakeCrm, TestApp, T0};
@@ -243,7 +243,7 @@ async fn a_call_the_crm_must_refuse_is_held_and_sent_once_the_configuration_allo
     let store = app.state.store.clone();
     let reopen = |config: Config| {
         Outbox::new(
-            store.outbox().unwrap(),
+            pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
             store.clone(),
             app.state.crm.clone(),
             Arc::new(config),

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use pbxgate::ami::frame::{Item, Limits, Parser};
-use pbxgate::ami::Frame;
 use pbxgate::calls::{CallModel, CallRecord, Classifier, Direction, LiveEvent, Outcome, Output};
 use pbxgate::config::Config;
+use pbxgate::pbx::ami::frame::{Item, Limits, Parser};
+use pbxgate::pbx::ami::Frame;
 use serde_json::Value;
 
 fn dir() -> PathBuf {

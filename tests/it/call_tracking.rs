@@ -166,7 +166,7 @@ async fn our_click_to_call_is_attributed_even_when_the_manager_does_not_answer()
 #[tokio::test]
 async fn pbx_webhooks_feed_the_same_model() {
     let token = "webhook-token-0123456789";
-    let app = lab_app(|c| c.pbx.token = pbxgate::secret::Secret::new(token)).await;
+    let app = lab_app(|c| c.pbx.token = pbxgate::base::secret::Secret::new(token)).await;
     let post = |body: Value, auth: &str| {
         app.http
             .post(app.url("/pbx/events"))
@@ -291,7 +291,7 @@ async fn past_max_backlog_events_are_dropped_counted_and_the_calls_resynced() {
     app.ami.send(&burst);
     tokio::time::timeout(std::time::Duration::from_secs(60), async {
         loop {
-            if let Ok(pbxgate::ami::AmiEvent::Event(f)) = bus.recv().await {
+            if let Ok(pbxgate::pbx::ami::AmiEvent::Event(f)) = bus.recv().await {
                 if f.event() == Some("EndOfBurst") {
                     return;
                 }

@@ -1,11 +1,11 @@
 use std::time::{Duration, Instant};
 
+use pbxgate::base::secret::Secret;
 use pbxgate::config::CrmConfig;
 use pbxgate::crm::{
     Call, CallEvent, CallEventType, CallResult, CallType, CrmClient, CrmError, HangupStatus,
     UserStatus,
 };
-use pbxgate::secret::Secret;
 use serde_json::json;
 
 use crate::support::{fake_crm, FakeCrm, Fault};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pbxgate::secret::Secret;
+use pbxgate::base::secret::Secret;
 use serde_json::Value;
 
 use crate::support::lab_app;

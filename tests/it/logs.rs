@@ -28,7 +28,7 @@ async fn lines_until(log: &mut UnboundedReceiver<String>, marker: &str) -> Vec<S
 #[tokio::test]
 async fn a_crm_html_error_page_and_a_refused_request_are_one_line_each() {
     const FORGED: &str =
-        "2026-12-01T00:00:00.000000Z  INFO pbxgate::registration: registered in retailCRM";
+        "2026-12-01T00:00:00.000000Z  INFO pbxgate::crm::retailcrm::registration: registered in retailCRM";
     let page = format!(
         "<!DOCTYPE html>\r\n<html>\r\n<head><title>Not found</title></head>\r\n{FORGED}\r\n<body>{}</body>\r\n<p>END-OF-PAGE</p></html>\r\n",
         "x".repeat(3000)

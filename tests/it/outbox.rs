@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use pbxgate::outbox::store::{Enqueued, State};
 use pbxgate::outbox::Drain;
-use pbxgate::store::outbox::{Enqueued, State};
 use serde_json::Value;
 
 use crate::support::{call_record as record, Fault, TestApp, T0};
@@ -19,7 +19,7 @@ async fn manual_app(tweak: impl FnOnce(&mut pbxgate::config::Config)) -> TestApp
         c.crm.max_retries = 0;
         c.history.immediate = false;
         c.history.interval = Duration::from_secs(3600);
-        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+        c.pbx.token = pbxgate::base::secret::Secret::new(TOKEN);
         tweak(c);
     })
     .await;
@@ -158,7 +158,7 @@ async fn one_invalid_call_in_fifty_goes_dead_and_the_rest_are_delivered() {
 
 #[tokio::test]
 async fn a_wrong_key_blocks_uploads_loudly_and_drops_nothing() {
-    let app = manual_app(|c| c.crm.api_key = pbxgate::secret::Secret::new("wrong-key")).await;
+    let app = manual_app(|c| c.crm.api_key = pbxgate::base::secret::Secret::new("wrong-key")).await;
     let outbox = &app.state.outbox;
     outbox.enqueue(record("pbx-k", T0)).await.unwrap();
     assert!(matches!(outbox.drain().await, Drain::Blocked(_)));
@@ -212,7 +212,7 @@ async fn after_an_outage_every_call_arrives_in_order_with_bounded_requests() {
         c.history.batch_window = Duration::from_millis(50);
         c.history.retry_base = Duration::from_millis(50);
         c.history.retry_max = Duration::from_millis(200);
-        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+        c.pbx.token = pbxgate::base::secret::Secret::new(TOKEN);
     })
     .await;
     // The CRM is down for the first 10 upload attempts.
@@ -325,7 +325,7 @@ async fn long_backoff_app(backoff: Duration) -> TestApp {
         c.history.batch_window = Duration::from_millis(10);
         c.history.retry_base = backoff;
         c.history.retry_max = backoff;
-        c.pbx.token = pbxgate::secret::Secret::new(TOKEN);
+        c.pbx.token = pbxgate::base::secret::Secret::new(TOKEN);
     })
     .await;
     tokio::time::timeout(Duration::from_secs(10), app.state.outbox.wait_changes(1))

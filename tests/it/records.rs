@@ -672,7 +672,7 @@ async fn a_200_mb_sparse_file_streams_with_flat_memory() {
         let records = pbxgate::records::Records::new(
             &config,
             store.records().unwrap(),
-            pbxgate::secret::Secret::new(SECRET),
+            pbxgate::base::secret::Secret::new(SECRET),
         );
         let url = records
             .ensure_link(

@@ -1,6 +1,6 @@
 use pbxgate::config::UserCode;
+use pbxgate::crm::retailcrm::registration::{self, RegistrationState};
 use pbxgate::crm::CrmClient;
-use pbxgate::registration::{self, RegistrationState};
 use serde_json::json;
 
 use crate::support::{fake_crm, FakeCrm, Fault, TestApp};
@@ -109,7 +109,8 @@ async fn unknown_users_and_shops_are_reported() {
 
 #[tokio::test]
 async fn registration_is_refused_by_a_wrong_key_and_not_retried() {
-    let app = TestApp::spawn(|c| c.crm.api_key = pbxgate::secret::Secret::new("wrong-key")).await;
+    let app =
+        TestApp::spawn(|c| c.crm.api_key = pbxgate::base::secret::Secret::new("wrong-key")).await;
     let state = app
         .state
         .registration

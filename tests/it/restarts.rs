@@ -253,7 +253,7 @@ async fn calls_that_ended_while_the_service_was_down_come_from_the_cdr_once_with
 
     // While it is down: call 03 ends (its CDR rows are written), and a whole missed call comes
     // and goes.
-    let now = pbxgate::calls::tracker::now_ms();
+    let now = pbxgate::base::clock::now_ms();
     let mut rows = cdr_rows(&["1795264488.2"]);
     rows.extend(cdr_rows(&["1795264721.70"]).into_iter().map(|l| {
         l.replace("2026-11-21 12:38:41", &cdr_time(now + 1_000))

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use pbxgate::base::secret::Secret;
 use pbxgate::calls::CallRecord;
 use pbxgate::config::{Config, FmcNumber, RuleAction, RuleConfig};
-use pbxgate::secret::Secret;
 use serde_json::{json, Value};
 
 use crate::support::{capture_body, finished, lab_app, TestApp};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
-use pbxgate::ami::frame::{Frame, Item, Limits, Parser};
+use pbxgate::pbx::ami::frame::{Frame, Item, Limits, Parser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};

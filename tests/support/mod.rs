@@ -11,9 +11,9 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use actix_web::web;
 use pbxgate::app::Application;
+use pbxgate::base::secret::Secret;
 use pbxgate::config::{Config, ExternalPhone, UserCode};
 use pbxgate::http::AppState;
-use pbxgate::secret::Secret;
 use tempfile::TempDir;
 
 pub use fake_ami::FakeAmi;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{Route, Router};
+use crate::routing::{Route, Router};
 
 /// Longest line accepted from a client.
 pub const MAX_LINE: usize = 2048;

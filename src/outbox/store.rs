@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
 use crate::calls::CallRecord;
+use crate::store::StoreError;
 
 /// A queued call record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,7 +148,7 @@ pub struct OutboxStore {
 }
 
 fn now_ms() -> i64 {
-    crate::calls::tracker::now_ms()
+    crate::base::clock::now_ms()
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -169,6 +169,14 @@ fn tx_err(e: TransactionError<StoreError>) -> StoreError {
     match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+impl OutboxStore {
+    /// The call-history queue in `store`. Open it once per process (it starts a group-commit
+    /// flusher; needs a tokio runtime).
+    pub fn of(store: &crate::store::Store) -> Result<OutboxStore, StoreError> {
+        OutboxStore::open(store.db())
     }
 }
 
@@ -602,7 +610,7 @@ mod tests {
     /// Opens the store at `path` and queues a record for each id.
     fn open_with(path: &std::path::Path, ids: &[&str]) -> (Store, OutboxStore) {
         let store = Store::open(path).unwrap();
-        let q = store.outbox().unwrap();
+        let q = OutboxStore::of(&store).unwrap();
         for id in ids {
             q.insert(record(id)).unwrap();
         }
@@ -635,7 +643,7 @@ mod tests {
             q.flush().await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let q = store.outbox().unwrap();
+        let q = OutboxStore::of(&store).unwrap();
         assert_eq!(counts(&q), (1, 2, 1), "read back, not recounted");
         assert_eq!(q.retry(None).unwrap(), 1);
         assert_eq!(counts(&q), (2, 2, 0));
@@ -647,7 +655,7 @@ mod tests {
         let path = dir.path().join("db");
         {
             let store = Store::open(&path).unwrap();
-            let q = store.outbox().unwrap();
+            let q = OutboxStore::of(&store).unwrap();
             q.insert(record("a")).unwrap();
             q.insert(record("b")).unwrap();
             // A group commit writes the counters.
@@ -659,7 +667,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let q = store.outbox().unwrap();
+        let q = OutboxStore::of(&store).unwrap();
         // "c" is found at the tail; "a" was uploaded in the last moment: still counted.
         assert_eq!(counts(&q), (3, 0, 0));
         q.recount().unwrap();
@@ -678,7 +686,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let q = store.outbox().unwrap();
+        let q = OutboxStore::of(&store).unwrap();
         assert_eq!(counts(&q), (2, 1, 0));
         // Reopened: not clean any more until the next close.
         let snap: Snapshot = decode("meta", &q.meta.get(SNAPSHOT).unwrap().unwrap()).unwrap();
@@ -720,7 +728,7 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let q = store.outbox().unwrap();
+        let q = OutboxStore::of(&store).unwrap();
         assert_eq!(counts(&q), (2, 1, 0));
         assert_eq!(
             q.purge_done(-60_000).unwrap(),

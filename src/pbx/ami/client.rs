@@ -1046,7 +1046,7 @@ async fn supervise(
                 });
             }
         }
-        let delay = crate::crm::limiter::backoff(attempt, cfg.reconnect_min, cfg.reconnect_max)
+        let delay = crate::base::backoff::backoff(attempt, cfg.reconnect_min, cfg.reconnect_max)
             .max(cfg.reconnect_min / 2);
         attempt = attempt.saturating_add(1);
         // While down, actions fail at once rather than queueing (a late Originate is worse than none).

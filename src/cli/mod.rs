@@ -38,7 +38,7 @@ pub enum Command {
         command: OutboxCommand,
     },
     /// Queue past calls from Asterisk's CDR CSV (cdr-csv/Master.csv) for upload.
-    Backfill(crate::backfill::BackfillArgs),
+    Backfill(crate::pbx::cdr::BackfillArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,7 +119,7 @@ pub fn main() -> ExitCode {
                 }
             }
             Command::Outbox { command } => outbox(&config, command).await,
-            Command::Backfill(args) => crate::backfill::run(&config, &args).await,
+            Command::Backfill(args) => crate::pbx::cdr::run(&config, &args).await,
         }
     })
 }
@@ -132,7 +132,7 @@ async fn register(config: &Config) -> ExitCode {
         }
         let store = Store::open(&config.storage.path)?;
         let client_id = store.client_id(&config.crm.client_id).await?;
-        let info = crate::registration::register(&crm, config, &client_id).await?;
+        let info = crate::crm::retailcrm::registration::register(&crm, config, &client_id).await?;
         Ok::<_, Box<dyn std::error::Error>>(info)
     }
     .await;
@@ -187,14 +187,14 @@ async fn outbox(config: &Config, command: OutboxCommand) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let queue = match store.outbox() {
+    let queue = match crate::outbox::store::OutboxStore::of(&store) {
         Ok(q) => q,
         Err(e) => {
             eprintln!("pbxgate: {e}");
             return ExitCode::from(1);
         }
     };
-    let now = crate::calls::tracker::now_ms();
+    let now = crate::base::clock::now_ms();
     let result: Result<(), crate::store::StoreError> = (|| {
         match command {
             OutboxCommand::Stats { recount } => {

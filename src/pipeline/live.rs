@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::model::Millis;
-use super::record::{Direction, LiveEvent};
-use super::tracker::{now_ms, TrackerStats};
+use crate::base::clock::now_ms;
+use crate::calls::model::Millis;
+use crate::calls::record::{Direction, LiveEvent};
 use crate::config::Config;
 use crate::crm::{CallEvent, CallEventType, CrmClient};
+use crate::pipeline::tracker::TrackerStats;
 use crate::store::Store;
 
 /// The shop of a call: the `[[external_phones]]` entry of its DID, else `crm.site`.

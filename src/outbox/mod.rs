@@ -1,5 +1,5 @@
 //! The call-history outbox: every finished call is stored durably (sled, see
-//! [`crate::store::outbox`]) and uploaded to `telephony/calls/upload` in batches of at most 50,
+//! [`crate::outbox::store`]) and uploaded to `telephony/calls/upload` in batches of at most 50,
 //! right after the call (a short batching window) and by a periodic scheduler that drains
 //! whatever is pending (backlogs after an outage). Nothing is lost across crashes, restarts or
 //! CRM outages: a record leaves the queue only when the CRM accepted it (or reported it as a
@@ -11,19 +11,22 @@
 //! account or disabled telephony → uploading stops (shown in `/ready`) until it is fixed, with
 //! nothing dropped. Nothing is sent while the module is inactive or frozen.
 
+pub mod store;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OnceCell};
 
-use crate::calls::live::site_for;
-use crate::calls::tracker::now_ms;
-use crate::calls::{CallRecord, CallSink, Direction};
+use crate::base::clock::now_ms;
+use crate::calls::{CallRecord, Direction};
 use crate::config::{Assignee, Config};
 use crate::crm::{Call, CallType, CrmClient, CrmError, MAX_CALLS_PER_UPLOAD};
+use crate::outbox::store::{Enqueued, Envelope, OutboxStore};
+use crate::pipeline::live::site_for;
+use crate::pipeline::CallSink;
 use crate::records::Records;
-use crate::store::outbox::{Enqueued, Envelope, OutboxStore};
 use crate::store::{Store, StoreError};
 
 /// Why a drain stopped.
@@ -308,7 +311,7 @@ impl Outbox {
                     attempt = 0;
                 }
                 Drain::Retry(why) => {
-                    let delay = crate::crm::limiter::backoff(attempt, h.retry_base, h.retry_max)
+                    let delay = crate::base::backoff::backoff(attempt, h.retry_base, h.retry_max)
                         .max(h.retry_base / 2);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "call history upload failed; the calls stay queued");

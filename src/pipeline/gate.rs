@@ -9,11 +9,11 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::model::{Millis, Output};
-use super::record::{CallRecord, Direction, LiveEvent};
+use crate::calls::model::{Millis, Output};
+use crate::calls::record::{CallRecord, Direction, LiveEvent};
 use crate::config::{Assignee, Config, MissedOwner, OutboundLine};
 use crate::phone::{Number, PhoneBook};
-use crate::rules::{Decision, Facts, Rules};
+use crate::pipeline::rules::{Decision, Facts, Rules};
 
 /// How many routing answers are remembered for crediting missed calls.
 const ROUTES_KEPT: usize = 4096;

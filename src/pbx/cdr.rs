@@ -327,7 +327,7 @@ impl CdrRecovery {
     }
 }
 
-impl crate::calls::tracker::Recovery for CdrRecovery {
+impl crate::pipeline::tracker::Recovery for CdrRecovery {
     fn calls(&self, since: i64, ended: &std::collections::HashSet<String>) -> Vec<CallRecord> {
         let b = &self.config.backfill;
         let tz = jiff::tz::TimeZone::get(&b.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
@@ -375,7 +375,7 @@ pub fn build(
         })
         .collect();
     calls.sort_by_key(|r| r.start);
-    let mut gate = crate::calls::gate::Gate::new(config);
+    let mut gate = crate::pipeline::gate::Gate::new(config);
     let mut out: Vec<crate::calls::Output> = calls
         .into_iter()
         .map(|r| crate::calls::Output::Finished(Box::new(r)))
@@ -450,7 +450,7 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let queue = match store.outbox() {
+    let queue = match crate::outbox::store::OutboxStore::of(&store) {
         Ok(q) => q,
         Err(e) => {
             eprintln!("pbxgate: {e}");
@@ -460,8 +460,8 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
     let (mut queued, mut known) = (0, 0);
     for c in calls {
         match queue.insert(c) {
-            Ok(crate::store::outbox::Enqueued::Queued(_)) => queued += 1,
-            Ok(crate::store::outbox::Enqueued::Duplicate) => known += 1,
+            Ok(crate::outbox::store::Enqueued::Queued(_)) => queued += 1,
+            Ok(crate::outbox::store::Enqueued::Duplicate) => known += 1,
             Err(e) => {
                 eprintln!("pbxgate: {e}");
                 return ExitCode::from(1);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use validator::{Validate, ValidationError, ValidationErrors, ValidationErrorsKind};
 
-use crate::secret::Secret;
+use crate::base::secret::Secret;
 
 /// Prefix of environment variables that override the file: `PBXGATE__CRM__API_KEY`.
 pub const ENV_PREFIX: &str = "PBXGATE__";
@@ -1000,7 +1000,7 @@ impl Config {
             problems.push("crm.retry_base: must not be larger than crm.retry_max".into());
         }
         crate::phone::check_config(&self.phone, problems);
-        crate::rules::check_config(&self.rules, problems);
+        crate::pipeline::rules::check_config(&self.rules, problems);
         crate::routing::check_config(&self.routing, problems);
         let command = &self.records.convert_command;
         if !self.records.convert.is_empty() || !command.is_empty() {

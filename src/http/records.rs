@@ -29,9 +29,9 @@ use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 
-use super::sniff::{self, Format, SNIFF_LEN};
-use super::{LinkError, Records};
 use crate::http::{ApiError, AppState};
+use crate::records::sniff::{self, Format, SNIFF_LEN};
+use crate::records::{LinkError, Records};
 use crate::store::unix_now;
 
 /// Bytes per read, and the server's write buffer size. actix-web copies each chunk into its
@@ -132,7 +132,7 @@ struct Found {
 /// Opens the regular file at the canonical `path` (no symlink, no FIFO, no other path to it) and
 /// sniffs it; None if it is not available.
 fn open_checked(path: &Path) -> Option<Found> {
-    let file = super::open_regular(path).ok()?;
+    let file = crate::records::open_regular(path).ok()?;
     if !is_open_at(&file, path) {
         return None;
     }
@@ -550,12 +550,12 @@ mod tests {
         std::fs::write(base.join("outside/a.wav"), b"RIFF").unwrap();
         // Checked (canonical), then the directory is swapped before the open.
         let checked = std::fs::canonicalize(base.join("monitor/a.wav")).unwrap();
-        let direct = super::super::open_regular(&checked).unwrap();
+        let direct = crate::records::open_regular(&checked).unwrap();
         assert!(is_open_at(&direct, &checked));
         assert!(open_checked(&checked).is_some());
         std::fs::rename(base.join("monitor"), base.join("old")).unwrap();
         std::os::unix::fs::symlink(base.join("outside"), base.join("monitor")).unwrap();
-        let swapped = super::super::open_regular(&checked).unwrap();
+        let swapped = crate::records::open_regular(&checked).unwrap();
         let proc_readable =
             std::fs::read_link(format!("/proc/self/fd/{}", swapped.as_raw_fd())).is_ok();
         assert_eq!(is_open_at(&swapped, &checked), !proc_readable);

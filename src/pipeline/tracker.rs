@@ -15,13 +15,14 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use super::gate::Gate;
-use super::model::{CallModel, ClickToCall, JournalOp, Millis, Output};
-use super::record::{CallRecord, LiveEvent};
-use super::webhook::{WebhookEvent, WebhookModel};
-use super::Classifier;
-use crate::ami::{Action, AmiClient, AmiEvent, Frame};
+use crate::base::clock::now_ms;
+use crate::calls::model::{CallModel, ClickToCall, JournalOp, Millis, Output};
+use crate::calls::record::{CallRecord, LiveEvent};
+use crate::calls::webhook::{WebhookEvent, WebhookModel};
+use crate::calls::Classifier;
 use crate::config::Config;
+use crate::pbx::ami::{Action, AmiClient, AmiEvent, Frame};
+use crate::pipeline::gate::Gate;
 use crate::store::LiveStore;
 
 /// Calls that ended while the service was not running, from a record the PBX keeps (Asterisk's
@@ -128,13 +129,6 @@ pub struct TrackerStats {
     pub journal_writes: std::sync::atomic::AtomicU64,
     /// `ami_events` when the journal was last written: everything before is durable.
     pub events_journaled: std::sync::atomic::AtomicU64,
-}
-
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl CallTracker {
@@ -333,7 +327,7 @@ async fn run(
                         code = ?record.code, wait_s = record.wait_seconds, talk_s = record.talk_seconds,
                         reaped = record.reaped, registration = ?record.registration, "call finished");
                     // The history gets what the CRM should see: internal calls only if configured.
-                    if record.direction != super::Direction::Internal || send_internal {
+                    if record.direction != crate::calls::Direction::Internal || send_internal {
                         sink.accept(*record);
                     }
                 }
@@ -369,7 +363,7 @@ async fn run(
     gate.apply(&mut out);
     for o in out {
         if let Output::Finished(r) = o {
-            if r.direction != super::Direction::Internal || send_internal {
+            if r.direction != crate::calls::Direction::Internal || send_internal {
                 sink.accept(*r);
             }
         }

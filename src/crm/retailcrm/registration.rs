@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::base::secret::Secret;
 use crate::config::Config;
 use crate::crm::{
     AdditionalCode, CrmClient, CrmError, ExternalPhoneCode, IntegrationModule, Integrations,
     ModuleEditInfo, TelephonyConfiguration,
 };
 use crate::http::paths;
-use crate::secret::Secret;
 
 /// The module as we register it: every URL absolute under `http.public_url`, except the
 /// `actions`, which retailCRM resolves against `baseUrl`.
@@ -100,7 +100,7 @@ pub async fn register_until_done(
                 return;
             }
             Err(e) if e.is_retriable() => {
-                let delay = crate::crm::limiter::backoff(
+                let delay = crate::base::backoff::backoff(
                     attempt,
                     Duration::from_secs(1),
                     Duration::from_secs(300),
