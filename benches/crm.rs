@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fake_crm::FakeCrm;
 use pbxgate::base::secret::Secret;
 use pbxgate::config::CrmConfig;
-use pbxgate::crm::{CallEvent, CallEventType, CrmClient, CrmError, UserStatus};
+use pbxgate::crm::retailcrm::{CallEvent, CallEventType, CrmClient, CrmError, UserStatus};
 
 const CONCURRENCY: usize = 16;
 

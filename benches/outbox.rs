@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use pbxgate::base::secret::Secret;
 use pbxgate::calls::CallRecord;
 use pbxgate::config::Config;
-use pbxgate::crm::CrmClient;
 use pbxgate::outbox::Outbox;
 use pbxgate::store::Store;
 
@@ -129,7 +128,7 @@ async fn main() {
         let outbox = Outbox::new(
             pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
             store.clone(),
-            CrmClient::new(&config.crm).unwrap(),
+            pbxgate::crm::connect(config.clone(), pbxgate::base::secret::Secret::new("")).unwrap(),
             config.clone(),
         );
         let n = 4000;

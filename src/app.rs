@@ -11,8 +11,8 @@ use tokio::task::JoinHandle;
 
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
-use crate::crm::retailcrm::registration::{self, RegistrationState, RegistrationStatus};
-use crate::crm::{CrmClient, CrmError};
+use crate::crm::registration::{self, RegistrationState, RegistrationStatus};
+use crate::crm::CrmFailure;
 use crate::http::{self, AppState};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
@@ -33,7 +33,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Crm(#[from] CrmError),
+    Crm(#[from] CrmFailure),
     #[error("http server: {0}")]
     Http(std::io::Error),
 }
@@ -84,7 +84,7 @@ impl Application {
             )
         });
         let client_id = store.client_id(&config.crm.client_id).await?;
-        let crm = CrmClient::new(&config.crm)?;
+        let crm = crate::crm::connect(config.clone(), client_id.clone())?;
 
         let mut tasks = Vec::new();
         let registration = if !crm.is_configured() {
@@ -96,8 +96,6 @@ impl Application {
             let status = RegistrationStatus::new(RegistrationState::Pending);
             tasks.push(tokio::spawn(registration::register_until_done(
                 crm.clone(),
-                config.clone(),
-                client_id.clone(),
                 status.clone(),
             )));
             status

@@ -3,7 +3,6 @@
 use std::io::Write;
 
 use crate::config::{Config, Origin};
-use crate::crm::CrmClient;
 use crate::store::Store;
 
 /// One line of the report.
@@ -83,42 +82,17 @@ async fn check_store(config: &Config) -> CheckLine {
 }
 
 async fn check_crm(config: &Config) -> CheckLine {
-    let url = &config.crm.url;
-    let crm = match CrmClient::new(&config.crm) {
+    // The check needs no clientId: it registers nothing.
+    let crm = match crate::crm::connect(
+        std::sync::Arc::new(config.clone()),
+        crate::base::secret::Secret::new(""),
+    ) {
         Ok(c) => c,
         Err(e) => return line(false, format!("CRM client: {e}")),
     };
-    if !crm.is_configured() {
-        return line(false, format!("CRM {url}: crm.api_key is empty"));
-    }
-    match crm.credentials().await {
-        Ok(c) => {
-            let mut granted: Vec<&str> = c.scopes.iter().map(String::as_str).collect();
-            if granted.is_empty() {
-                granted = c.credentials.iter().map(String::as_str).collect();
-            }
-            let telephony = granted.iter().any(|s| s.contains("telephony"));
-            let modules = granted.iter().any(|s| s.contains("integration"));
-            let mut text = format!(
-                "CRM {url} reachable, key accepted; scopes: {}",
-                granted.join(", ")
-            );
-            if !c.sites_available.is_empty() {
-                text.push_str(&format!("; shops: {}", c.sites_available.join(", ")));
-            }
-            let ok = telephony && modules;
-            if !ok {
-                text.push_str("; missing access to");
-                if !telephony {
-                    text.push_str(" telephony");
-                }
-                if !modules {
-                    text.push_str(" integration modules");
-                }
-            }
-            line(ok, text)
-        }
-        Err(e) => line(false, format!("CRM {url}: {e}")),
+    match crm.check().await {
+        Ok(text) => line(true, text),
+        Err(text) => line(false, text),
     }
 }
 

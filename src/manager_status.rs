@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::crm::UserStatus;
+use crate::crm::port::UserStatus;
 use crate::http::params::Params;
 use crate::http::ApiError;
 use crate::pbx::ami::{Action, AmiClient, LinkState};

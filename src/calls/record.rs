@@ -3,7 +3,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::model::{ClickToCall, Millis};
-use crate::crm::{CallResult, HangupStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -13,7 +12,7 @@ pub enum Direction {
     Internal,
 }
 
-/// How a call ended, in the CRM's terms.
+/// How a call ended (each CRM adapter maps it to its own terms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -23,30 +22,6 @@ pub enum Outcome {
     Failed,
     NotAllowed,
     Unknown,
-}
-
-impl Outcome {
-    /// `calls/upload` `result`.
-    pub fn call_result(self) -> CallResult {
-        match self {
-            Outcome::Answered => CallResult::Answered,
-            Outcome::NoAnswer => CallResult::NoAnswer,
-            Outcome::Busy => CallResult::Busy,
-            Outcome::Failed => CallResult::Failed,
-            Outcome::NotAllowed => CallResult::NotAllowed,
-            Outcome::Unknown => CallResult::Unknown,
-        }
-    }
-
-    /// `call/event` `hangupStatus`.
-    pub fn hangup_status(self) -> HangupStatus {
-        match self {
-            Outcome::Answered => HangupStatus::Answered,
-            Outcome::Busy => HangupStatus::Busy,
-            Outcome::NoAnswer => HangupStatus::NoAnswered,
-            Outcome::Failed | Outcome::NotAllowed | Outcome::Unknown => HangupStatus::Failed,
-        }
-    }
 }
 
 /// One extension rung during the call.
@@ -157,6 +132,15 @@ impl LiveEvent {
             LiveEvent::Ringing { external_id, .. }
             | LiveEvent::Dialing { external_id, .. }
             | LiveEvent::Hangup { external_id, .. } => external_id,
+        }
+    }
+
+    /// The event's kind, for log lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LiveEvent::Ringing { .. } => "ringing",
+            LiveEvent::Dialing { .. } => "dialing",
+            LiveEvent::Hangup { .. } => "hangup",
         }
     }
 }

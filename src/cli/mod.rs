@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::Application;
 use crate::config::Config;
-use crate::crm::CrmClient;
+use crate::crm::retailcrm::CrmClient;
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
@@ -128,7 +128,7 @@ async fn register(config: &Config) -> ExitCode {
     let result = async {
         let crm = CrmClient::new(&config.crm)?;
         if !crm.is_configured() {
-            return Err(crate::crm::CrmError::NotConfigured.into());
+            return Err(crate::crm::retailcrm::CrmError::NotConfigured.into());
         }
         let store = Store::open(&config.storage.path)?;
         let client_id = store.client_id(&config.crm.client_id).await?;

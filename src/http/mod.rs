@@ -28,8 +28,8 @@ use actix_web::{web, App, ResponseError};
 use crate::base::secret::Secret;
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
-use crate::crm::retailcrm::registration::RegistrationStatus;
-use crate::crm::CrmClient;
+use crate::crm::registration::RegistrationStatus;
+use crate::crm::Crm;
 use crate::manager_status::ManagerStatus;
 use crate::outbox::Outbox;
 use crate::pbx::ami::AmiClient;
@@ -44,11 +44,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Paths we serve; the registration builds retailCRM's URLs from the same constants.
 pub mod paths {
-    pub const MAKE_CALL: &str = "/crm/make-call";
-    pub const USER_STATUS: &str = "/crm/user-status";
-    /// Relative to `baseUrl`, as retailCRM's `actions` expect.
-    pub const ACTIVITY: &str = "/crm/activity";
-    pub const LOGO: &str = "/static/logo.svg";
+    pub use crate::crm::retailcrm::paths::{ACTIVITY, LOGO, MAKE_CALL, USER_STATUS};
     pub const HEALTH: &str = "/health";
     pub const READY: &str = "/ready";
     /// Call events posted by a PBX (Bearer `pbx.token`).
@@ -65,7 +61,7 @@ pub struct AppState {
     pub store: Store,
     /// The clientId retailCRM must present in every callback.
     pub client_id: Secret,
-    pub crm: CrmClient,
+    pub crm: Arc<dyn Crm>,
     pub registration: RegistrationStatus,
     pub ami: AmiClient,
     pub click_to_call: ClickToCall,

@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::AppState;
-use crate::crm::retailcrm::registration::RegistrationState;
+use crate::crm::registration::RegistrationState;
 use crate::pbx::ami::LinkState;
 
 const ADMIN_PAGE: &str = include_str!("../../static/index.html");
@@ -66,7 +66,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         "store": { "ok": store_ok },
         "crm": {
             "configured": state.crm.is_configured(),
-            "url": state.crm.base_url(),
+            "url": state.crm.url(),
             "registration": registration,
             "registrationError": registration_error,
             "active": activity.active,

@@ -1,15 +1,16 @@
-//! The call-history outbox: every finished call is stored durably (sled, see
-//! [`crate::outbox::store`]) and uploaded to `telephony/calls/upload` in batches of at most 50,
-//! right after the call (a short batching window) and by a periodic scheduler that drains
+//! The call-history outbox: every finished call is stored durably (sled, see [`store`]) and
+//! delivered to the CRM through the port in batches (at most the adapter's limit: 50 for
+//! retailCRM's `calls/upload`), right after the call (a short batching window) and by a periodic scheduler that drains
 //! whatever is pending (backlogs after an outage). Nothing is lost across crashes, restarts or
 //! CRM outages: a record leaves the queue only when the CRM accepted it (or reported it as a
 //! duplicate), or is set aside as dead when the CRM rejects it for good.
 //!
-//! Failure handling: 503/429/5xx/timeouts → the batch stays, retried with capped exponential
-//! backoff and jitter; a validation error → the batch is bisected to isolate the offending
-//! records, which go dead with the CRM's text while the rest proceed; a wrong key, a missing
-//! account or disabled telephony → uploading stops (shown in `/ready`) until it is fixed, with
-//! nothing dropped. Nothing is sent while the module is inactive or frozen.
+//! Failure handling, per call as the adapter reports it ([`Delivery`]): a transient failure →
+//! the batch stays, retried with capped exponential backoff and jitter; a call the CRM refuses
+//! → set aside as dead with the CRM's text while the rest proceed; a call the CRM would refuse
+//! → held, never sent, until the settings that shape it change; a wrong key, a missing account
+//! or disabled telephony → uploading stops (shown in `/ready`) until it is fixed, with nothing
+//! dropped. Nothing is sent while the module is inactive or frozen.
 
 pub mod store;
 
@@ -17,14 +18,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 
 use crate::base::clock::now_ms;
-use crate::calls::{CallRecord, Direction};
+use crate::calls::CallRecord;
 use crate::config::{Assignee, Config};
-use crate::crm::{Call, CallType, CrmClient, CrmError, MAX_CALLS_PER_UPLOAD};
+use crate::crm::{Crm, Delivery, Finished};
 use crate::outbox::store::{Enqueued, Envelope, OutboxStore};
-use crate::pipeline::live::site_for;
 use crate::pipeline::CallSink;
 use crate::records::Records;
 use crate::store::{Store, StoreError};
@@ -75,7 +75,7 @@ struct Progress {
 struct Inner {
     store: OutboxStore,
     activity: Store,
-    crm: CrmClient,
+    crm: Arc<dyn Crm>,
     config: Arc<Config>,
     enqueued: Notify,
     kick: Notify,
@@ -87,7 +87,6 @@ struct Inner {
     /// Recording links for `recordUrl` (None: uploaded without).
     records: Option<Records>,
     progress: Mutex<Progress>,
-    tz: OnceCell<jiff::tz::TimeZone>,
     /// One drain at a time (the scheduler, an operator's or a test's).
     draining: tokio::sync::Mutex<()>,
     /// Bumped after every batch and every drain: lets callers wait for progress.
@@ -98,19 +97,11 @@ struct Inner {
     fingerprint: String,
 }
 
-/// A fingerprint of the settings that decide what a call record looks like to the CRM.
-pub fn config_fingerprint(config: &Config) -> String {
+/// A fingerprint of the settings that decide what a call record looks like to the CRM: ours
+/// (calls, numbers) and the adapter's.
+pub fn config_fingerprint(config: &Config, crm: &dyn Crm) -> String {
     use sha2::Digest;
-    let decisive = format!(
-        "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
-        config.calls,
-        config.users,
-        config.external_phones,
-        config.phone,
-        config.crm.url,
-        config.crm.site,
-        config.crm.module_code,
-    );
+    let decisive = format!("{:?}|{:?}|{}", config.calls, config.phone, crm.shape());
     let digest = sha2::Sha256::digest(decisive.as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -134,7 +125,12 @@ impl From<StoreError> for Stop {
 }
 
 impl Outbox {
-    pub fn new(store: OutboxStore, activity: Store, crm: CrmClient, config: Arc<Config>) -> Outbox {
+    pub fn new(
+        store: OutboxStore,
+        activity: Store,
+        crm: Arc<dyn Crm>,
+        config: Arc<Config>,
+    ) -> Outbox {
         Self::with_records(store, activity, crm, config, None)
     }
 
@@ -143,11 +139,11 @@ impl Outbox {
     pub fn with_records(
         store: OutboxStore,
         activity: Store,
-        crm: CrmClient,
+        crm: Arc<dyn Crm>,
         config: Arc<Config>,
         records: Option<Records>,
     ) -> Outbox {
-        let fingerprint = config_fingerprint(&config);
+        let fingerprint = config_fingerprint(&config, crm.as_ref());
         Outbox {
             inner: Arc::new(Inner {
                 store,
@@ -160,7 +156,6 @@ impl Outbox {
                 recheck_at: Mutex::new(None),
                 records,
                 progress: Mutex::default(),
-                tz: OnceCell::new(),
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 wakeups: std::sync::atomic::AtomicU64::new(0),
@@ -378,12 +373,12 @@ impl Outbox {
         {
             return Drain::Paused("module inactive or frozen");
         }
-        let tz = self.timezone().await;
+        let tz = inner.crm.timezone().await;
         let size = inner
             .config
             .history
             .batch_size
-            .clamp(1, MAX_CALLS_PER_UPLOAD);
+            .clamp(1, inner.crm.batch_limit().max(1));
         let mut after = None;
         loop {
             let now = now_ms();
@@ -420,7 +415,7 @@ impl Outbox {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .in_flight = batch.len() as u64;
-            let result = self.upload(batch.clone(), &tz).await;
+            let result = self.deliver(batch.clone()).await;
             let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
             p.in_flight = 0;
             match result {
@@ -447,79 +442,63 @@ impl Outbox {
         }
     }
 
-    /// Uploads one batch; on a validation error, bisects to find the records the CRM rejects.
-    fn upload<'a>(
-        &'a self,
-        batch: Vec<Envelope>,
-        tz: &'a jiff::tz::TimeZone,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stop>> + Send + 'a>> {
-        Box::pin(async move {
-            let mut calls: Vec<Call> = Vec::with_capacity(batch.len());
-            let mut sendable = Vec::with_capacity(batch.len());
-            for e in batch {
-                let call = self.to_call(&e.record, tz);
-                match call.problem() {
-                    // Never sent: the CRM must refuse it. Held until the configuration changes.
-                    Some(why) => {
-                        tracing::warn!(id = %e.id, reason = %why, "call held: retailCRM would reject it");
-                        let mut held = e.clone();
-                        held.last_error = Some(format!("held by pbxgate: {why}"));
-                        held.held = true;
-                        held.config = Some(self.inner.fingerprint.clone());
-                        self.inner.store.set_aside(held)?;
-                    }
-                    None => {
-                        calls.push(call);
-                        sendable.push(e);
-                    }
+    /// Delivers one batch and settles each call as the CRM port reports it: delivered calls
+    /// are done (durably, before the next batch: a crash re-sends at most the batch in flight),
+    /// refused ones dead, held ones set aside; a transient or blocking failure stops the drain.
+    async fn deliver(&self, batch: Vec<Envelope>) -> Result<(), Stop> {
+        let inner = &self.inner;
+        let unassigned = inner.config.calls.unassigned();
+        // Recorded before `calls.unassigned_code` was set: it applies now.
+        let records: Vec<CallRecord> = batch
+            .iter()
+            .map(|e| with_unassigned(&e.record, unassigned.as_ref()))
+            .collect();
+        let urls: Vec<Option<String>> = records.iter().map(|r| self.record_url(r)).collect();
+        let finished: Vec<Finished<'_>> = records
+            .iter()
+            .zip(&urls)
+            .map(|(record, url)| Finished {
+                record,
+                record_url: url.as_deref(),
+            })
+            .collect();
+        let outcomes = inner.crm.deliver(&finished).await;
+        let (mut done, mut fresh, mut stop) = (Vec::new(), 0u64, None);
+        for (e, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                Delivery::Delivered => {
+                    fresh += 1;
+                    done.push(e);
                 }
-            }
-            let batch = sendable;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            match self.inner.crm.calls_upload(&calls).await {
-                Ok(answer) => {
-                    self.inner.store.mark_done(&batch)?;
-                    // Durable before the next batch: a crash re-sends at most the batch in flight.
-                    self.inner.store.flush().await?;
-                    let duplicates = answer.duplicate_calls.len();
-                    if duplicates > 0 {
-                        tracing::info!(duplicates, "retailCRM already had some calls of the batch");
-                    }
-                    let mut p = self
-                        .inner
-                        .progress
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    p.uploaded_total += (batch.len() - duplicates.min(batch.len())) as u64;
-                    p.last_success_at = Some(now_ms());
-                    tracing::debug!(calls = batch.len(), "call history uploaded");
-                    Ok(())
+                Delivery::Duplicate => done.push(e),
+                Delivery::Held(why) => {
+                    let mut held = e;
+                    held.last_error = Some(format!("held by pbxgate: {why}"));
+                    held.held = true;
+                    held.config = Some(inner.fingerprint.clone());
+                    inner.store.set_aside(held)?;
                 }
-                Err(e @ CrmError::Validation { .. }) => {
-                    if batch.len() == 1 {
-                        tracing::warn!(id = %batch[0].id, error = %e, "call rejected by retailCRM; set aside as dead");
-                        let mut dead = batch[0].clone();
-                        dead.last_error = Some(e.to_string());
-                        dead.config = Some(self.inner.fingerprint.clone());
-                        self.inner.store.set_aside(dead)?;
-                        return Ok(());
-                    }
-                    let mut left = batch;
-                    let right = left.split_off(left.len() / 2);
-                    self.upload(left, tz).await?;
-                    self.upload(right, tz).await
+                Delivery::Rejected(why) => {
+                    let mut dead = e;
+                    dead.last_error = Some(why);
+                    dead.config = Some(inner.fingerprint.clone());
+                    inner.store.set_aside(dead)?;
                 }
-                Err(
-                    e @ (CrmError::Auth { .. }
-                    | CrmError::AccountNotFound { .. }
-                    | CrmError::NotConfigured
-                    | CrmError::Api { .. }),
-                ) => Err(Stop::Blocked(e.to_string())),
-                Err(e) => Err(Stop::Retry(e.to_string())),
+                Delivery::RetryLater(why) => {
+                    stop.get_or_insert(Stop::Retry(why));
+                }
+                Delivery::Blocked(why) => stop = Some(Stop::Blocked(why)),
             }
-        })
+        }
+        if !done.is_empty() {
+            inner.store.mark_done(&done)?;
+            inner.store.flush().await?;
+            let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
+            p.uploaded_total += fresh;
+            p.last_success_at = Some(now_ms());
+            tracing::debug!(calls = done.len(), "call history uploaded");
+        }
+        stop.map_or(Ok(()), Err)
     }
 
     /// Only final records go out: a recording still being written (modified within
@@ -578,74 +557,17 @@ impl Outbox {
     fn record_url(&self, record: &CallRecord) -> Option<String> {
         self.inner.records.as_ref()?.url_for(record)
     }
+}
 
-    /// The `calls/upload` entry for a record.
-    pub fn to_call(&self, r: &CallRecord, tz: &jiff::tz::TimeZone) -> Call {
-        let unassigned = self.inner.config.calls.unassigned();
-        let date = jiff::Timestamp::from_millisecond(r.start)
-            .map(|t| {
-                t.to_zoned(tz.clone())
-                    .strftime("%Y-%m-%d %H:%M:%S")
-                    .to_string()
-            })
-            .unwrap_or_default();
-        Call {
-            date,
-            kind: if r.direction == Direction::In {
-                CallType::In
-            } else {
-                CallType::Out
-            },
-            phone: r.customer_number.clone(),
-            // Recorded before `calls.unassigned_code` was set: it applies now.
-            code: r.code.clone().or_else(|| match (r.user_id, &unassigned) {
-                (None, Some(Assignee::Code(c))) => Some(c.clone()),
-                _ => None,
-            }),
-            user_id: r.user_id.or(match (&r.code, &unassigned) {
-                (None, Some(Assignee::User(id))) => Some(*id),
-                _ => None,
-            }),
-            result: r.outcome.call_result(),
-            duration: Some(r.talk_seconds),
-            duration_waiting: Some(r.wait_seconds),
-            external_id: r.external_id.clone(),
-            record_url: self.record_url(r),
-            source: None,
-            external_phone: r.external_phone.clone(),
-            site: site_for(&self.inner.config, r.external_phone.as_deref()),
-            client_id: None,
-        }
+/// A record as it goes out: without a manager, `calls.unassigned_code` stands in.
+fn with_unassigned(r: &CallRecord, unassigned: Option<&Assignee>) -> CallRecord {
+    let mut r = r.clone();
+    match (unassigned, &r.code, r.user_id) {
+        (Some(Assignee::Code(c)), None, None) => r.code = Some(c.clone()),
+        (Some(Assignee::User(id)), None, None) => r.user_id = Some(*id),
+        _ => {}
     }
-
-    /// The CRM account's time zone: `crm.timezone`, else read once from the CRM, else UTC.
-    async fn timezone(&self) -> jiff::tz::TimeZone {
-        self.inner
-            .tz
-            .get_or_init(|| async {
-                let configured = self.inner.config.crm.timezone.trim();
-                let name = if configured.is_empty() {
-                    match self.inner.crm.settings().await {
-                        Ok(s) => s.timezone().unwrap_or_default(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read the CRM's time zone; using UTC (set crm.timezone)");
-                            String::new()
-                        }
-                    }
-                } else {
-                    configured.to_string()
-                };
-                if name.is_empty() {
-                    return jiff::tz::TimeZone::UTC;
-                }
-                jiff::tz::TimeZone::get(&name).unwrap_or_else(|e| {
-                    tracing::warn!(timezone = %name, error = %e, "unknown time zone; using UTC");
-                    jiff::tz::TimeZone::UTC
-                })
-            })
-            .await
-            .clone()
-    }
+    r
 }
 
 impl CallSink for Outbox {

@@ -1,4 +1,4 @@
-//! Live call events to the CRM (`telephony/call/event`): pop-ups while phones ring, hangups.
+//! Live call events to the CRM (through the port): pop-ups while phones ring, hangups.
 //! A pop-up is useless late: each event gets a short deadline (retries within the CRM rate
 //! limit included), then it is dropped with a log line. Nothing is sent while the module is
 //! inactive or frozen, or without an API key.
@@ -14,76 +14,9 @@ use crate::base::clock::now_ms;
 use crate::calls::model::Millis;
 use crate::calls::record::{Direction, LiveEvent};
 use crate::config::Config;
-use crate::crm::{CallEvent, CallEventType, CrmClient};
+use crate::crm::{Crm, Published};
 use crate::pipeline::tracker::TrackerStats;
 use crate::store::Store;
-
-/// The shop of a call: the `[[external_phones]]` entry of its DID, else `crm.site`.
-pub fn site_for(config: &Config, did: Option<&str>) -> Option<String> {
-    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
-    did.and_then(|d| {
-        let d = digits(d);
-        config
-            .external_phones
-            .iter()
-            .find(|p| !d.is_empty() && digits(&p.number) == d)
-            .map(|p| p.site.clone())
-    })
-    .or_else(|| Some(config.crm.site.clone()).filter(|s| !s.is_empty()))
-}
-
-/// The CRM event for a live event; `None` for what the CRM must not see (internal calls).
-pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
-    match e {
-        LiveEvent::Ringing {
-            external_id,
-            phone,
-            did,
-            codes,
-            ..
-        } => {
-            let mut ev = CallEvent::new(CallEventType::In, phone.clone());
-            ev.codes = Some(codes.clone());
-            ev.external_phone = did.clone();
-            ev.site = site_for(config, did.as_deref());
-            ev.call_external_id = Some(external_id.clone());
-            Some(ev)
-        }
-        LiveEvent::Dialing {
-            external_id,
-            phone,
-            codes,
-            click_to_call,
-            ..
-        } => {
-            let mut ev = CallEvent::new(CallEventType::Out, phone.clone());
-            ev.codes = Some(codes.clone());
-            if let Some(c2c) = click_to_call {
-                ev.user_ids = Some(vec![c2c.user_id]);
-                ev.external_phone = c2c.external_phone.clone();
-            }
-            ev.site = site_for(config, ev.external_phone.as_deref());
-            ev.call_external_id = Some(external_id.clone());
-            Some(ev)
-        }
-        LiveEvent::Hangup {
-            external_id,
-            phone,
-            direction,
-            codes,
-            outcome,
-        } => {
-            if *direction == Direction::Internal && !config.calls.send_internal {
-                return None;
-            }
-            let mut ev = CallEvent::new(CallEventType::Hangup, phone.clone());
-            ev.codes = Some(codes.clone()).filter(|c| !c.is_empty());
-            ev.hangup_status = Some(outcome.hangup_status());
-            ev.call_external_id = Some(external_id.clone());
-            Some(ev)
-        }
-    }
-}
 
 /// How many calls whose pop-up reached the CRM are remembered until their hangup.
 const ANNOUNCED_KEPT: usize = 16_384;
@@ -119,7 +52,7 @@ impl Announced {
 /// got through, and always gets the whole deadline (it closes a card a manager sees).
 pub async fn run(
     mut rx: mpsc::Receiver<(Millis, LiveEvent)>,
-    crm: CrmClient,
+    crm: Arc<dyn Crm>,
     store: Store,
     config: Arc<Config>,
     stats: Arc<TrackerStats>,
@@ -127,9 +60,15 @@ pub async fn run(
     let deadline: Duration = config.calls.live_event_deadline;
     let mut announced = Announced::default();
     while let Some((at, e)) = rx.recv().await {
-        let Some(event) = to_call_event(&config, &e) else {
-            continue;
-        };
+        if let LiveEvent::Hangup {
+            direction: Direction::Internal,
+            ..
+        } = &e
+        {
+            if !config.calls.send_internal {
+                continue;
+            }
+        }
         if !crm.is_configured() {
             continue;
         }
@@ -138,6 +77,7 @@ pub async fn run(
             continue;
         }
         let id = e.external_id();
+        let kind = e.kind();
         let hangup = matches!(e, LiveEvent::Hangup { .. });
         if hangup && !announced.take(id) {
             stats.hangups_without_popup.fetch_add(1, Ordering::Relaxed);
@@ -156,28 +96,34 @@ pub async fn run(
         };
         let Some(left) = left else {
             stats.live_events_late.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(kind = ?event.kind, id, age_ms = age.as_millis() as u64,
-                "live call event dropped: older than calls.live_event_deadline");
+            tracing::warn!(
+                kind,
+                id,
+                age_ms = age.as_millis() as u64,
+                "live call event dropped: older than calls.live_event_deadline"
+            );
             continue;
         };
-        match tokio::time::timeout(left, crm.call_event(&event)).await {
-            Ok(Ok(r)) => {
+        match tokio::time::timeout(left, crm.publish(&e)).await {
+            Ok(Ok(Published::Sent)) => {
                 stats.live_events_sent.fetch_add(1, Ordering::Relaxed);
                 if !hangup {
                     announced.insert(id);
                 }
-                if !r.not_exist_codes.is_empty() {
-                    tracing::warn!(codes = ?r.not_exist_codes, "retailCRM knows no users with these extension codes");
-                }
             }
+            Ok(Ok(Published::Skipped)) => {}
             Ok(Err(err)) => {
                 stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, error = %err, "live call event dropped");
+                tracing::warn!(kind, id, error = %err, "live call event dropped");
             }
             Err(_) => {
                 stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind = ?event.kind, id = ?event.call_external_id, deadline_ms = deadline.as_millis() as u64,
-                    "live call event dropped: the CRM did not take it in time");
+                tracing::warn!(
+                    kind,
+                    id,
+                    deadline_ms = deadline.as_millis() as u64,
+                    "live call event dropped: the CRM did not take it in time"
+                );
             }
         }
     }

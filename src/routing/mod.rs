@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{Config, RoutingConfig};
-use crate::crm::CrmClient;
+use crate::crm::Crm;
 use crate::phone::{anchored, any_variant_matches, Number, PhoneBook};
 use crate::store::Store;
 
@@ -111,7 +111,7 @@ pub struct Router {
 
 struct Inner {
     config: Arc<Config>,
-    crm: CrmClient,
+    crm: Arc<dyn Crm>,
     store: Store,
     phones: Arc<PhoneBook>,
     statics: Vec<StaticEntry>,
@@ -159,7 +159,7 @@ fn is_code(s: &str) -> bool {
 impl Router {
     pub fn new(
         config: Arc<Config>,
-        crm: CrmClient,
+        crm: Arc<dyn Crm>,
         store: Store,
         phones: Arc<PhoneBook>,
     ) -> Router {
@@ -386,14 +386,14 @@ impl Router {
             let started = Instant::now();
             let answer = match inner
                 .crm
-                .telephony_manager(&key, false, inner.config.routing.ignore_status)
+                .responsible(&key, inner.config.routing.ignore_status)
                 .await
             {
                 Ok(r) => {
                     inner.stats.crm_answers.fetch_add(1, Ordering::Relaxed);
-                    let manager = r.manager.map(|m| Manager {
-                        code: m.code.filter(|c| !c.is_empty()),
-                        user_id: m.id,
+                    let manager = r.map(|m| Manager {
+                        code: m.code,
+                        user_id: m.user_id,
                     });
                     this.cache_put(key.clone(), manager.clone());
                     match manager {

@@ -123,7 +123,7 @@ pub struct StoredUserStatus {
     pub v: u32,
     pub user_id: i64,
     pub code: String,
-    pub status: crate::crm::UserStatus,
+    pub status: crate::crm::port::UserStatus,
     /// Unix seconds when this status was set.
     pub since: u64,
 }

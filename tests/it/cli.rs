@@ -4,7 +4,7 @@ use std::process::Output;
 
 use tokio::process::Command;
 
-use pbxgate::crm::UserStatus;
+use pbxgate::crm::retailcrm::UserStatus;
 use pbxgate::store::StoredUserStatus;
 
 use crate::support::{fake_crm, FakeAmi, FakeCrm};

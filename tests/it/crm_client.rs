@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use pbxgate::base::secret::Secret;
 use pbxgate::config::CrmConfig;
-use pbxgate::crm::{
+use pbxgate::crm::retailcrm::{
     Call, CallEvent, CallEventType, CallResult, CallType, CrmClient, CrmError, HangupStatus,
     UserStatus,
 };

@@ -1,6 +1,7 @@
 use pbxgate::config::UserCode;
-use pbxgate::crm::retailcrm::registration::{self, RegistrationState};
-use pbxgate::crm::CrmClient;
+use pbxgate::crm::registration::RegistrationState;
+use pbxgate::crm::retailcrm::registration;
+use pbxgate::crm::retailcrm::CrmClient;
 use serde_json::json;
 
 use crate::support::{fake_crm, FakeCrm, Fault, TestApp};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pbxgate::base::secret::Secret;
 use pbxgate::config::{Config, StaticRoute};
-use pbxgate::crm::UserStatus;
+use pbxgate::crm::retailcrm::UserStatus;
 use pbxgate::store::StoredUserStatus;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

@@ -404,35 +404,7 @@ pub struct CallsUploadResponse {
 // ---------------------------------------------------------------------------------------------
 // users/{id}/status, credentials
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UserStatus {
-    Free,
-    Busy,
-    Dinner,
-    Break,
-}
-
-impl UserStatus {
-    pub fn parse(s: &str) -> Option<UserStatus> {
-        match s {
-            "free" => Some(UserStatus::Free),
-            "busy" => Some(UserStatus::Busy),
-            "dinner" => Some(UserStatus::Dinner),
-            "break" => Some(UserStatus::Break),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UserStatus::Free => "free",
-            UserStatus::Busy => "busy",
-            UserStatus::Dinner => "dinner",
-            UserStatus::Break => "break",
-        }
-    }
-}
+pub use crate::crm::port::UserStatus;
 
 /// `GET /api/v5/settings` (only what we use).
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -1,0 +1,174 @@
+//! The CRM port: everything pbxgate asks of a CRM, in pbxgate's own terms.
+//!
+//! The pipeline, the router, the outbox and startup hold an `Arc<dyn Crm>` and know nothing of
+//! any CRM's wire format. An adapter (one module per CRM under `crm/`) maps neutral call
+//! records and live events to its API and decides what its answers mean:
+//! - **delivery** is per call: [`Delivery`] says whether a finished call was taken, must wait
+//!   (the CRM is down, or needs an operator), or was refused for good. How many calls one
+//!   delivery may carry, how a refused batch is narrowed down to the calls at fault, and what
+//!   must be remembered between a call's live events and its delivery are the adapter's
+//!   business;
+//! - **failures** of other requests are classified once, by the adapter, into a
+//!   [`CrmFailure`]: worth retrying, needing an operator, or refused;
+//! - the adapter owns the CRM's rate limits and retries of single requests; the schedule of
+//!   retrying whole deliveries is the outbox's.
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::calls::{CallRecord, LiveEvent};
+
+/// What a live event came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// The CRM has it.
+    Sent,
+    /// Not for this CRM (an internal call it must not see): nothing was sent.
+    Skipped,
+}
+
+/// A finished call ready for delivery, with the link the CRM plays its recording from.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    pub record: &'a CallRecord,
+    pub record_url: Option<&'a str>,
+}
+
+/// What became of one finished call given to [`Crm::deliver`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The CRM took it.
+    Delivered,
+    /// The CRM had it already (an earlier attempt got through).
+    Duplicate,
+    /// Not sent: the CRM would refuse it as it stands (held until the configuration changes).
+    Held(String),
+    /// The CRM refused it for good, with its reason.
+    Rejected(String),
+    /// A transient failure (outage, rate limit, timeout): try again later.
+    RetryLater(String),
+    /// Sending cannot work until an operator fixes something (key, account, settings).
+    Blocked(String),
+}
+
+/// Why a CRM request failed, as the caller needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No credentials are configured: nothing was tried.
+    NotConfigured,
+    /// Worth retrying: an outage, a rate limit, a timeout.
+    Transient,
+    /// Needs an operator: a wrong key, a missing account, a disabled feature.
+    Blocked,
+    /// The request itself was refused; retrying it unchanged cannot help.
+    Refused,
+}
+
+/// A failed CRM request: its class and a loggable message (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CrmFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl CrmFailure {
+    pub fn is_retriable(&self) -> bool {
+        self.kind == FailureKind::Transient
+    }
+}
+
+/// The manager responsible for a customer, as the CRM knows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Responsible {
+    /// The manager's extension, when the CRM has one.
+    pub code: Option<String>,
+    pub user_id: Option<i64>,
+}
+
+/// One CRM user and their extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub user_id: i64,
+    pub code: String,
+}
+
+/// A manager's availability as the CRM reports it (pauses their queues on the PBX).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    Free,
+    Busy,
+    Dinner,
+    Break,
+}
+
+impl UserStatus {
+    pub fn parse(s: &str) -> Option<UserStatus> {
+        match s {
+            "free" => Some(UserStatus::Free),
+            "busy" => Some(UserStatus::Busy),
+            "dinner" => Some(UserStatus::Dinner),
+            "break" => Some(UserStatus::Break),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserStatus::Free => "free",
+            UserStatus::Busy => "busy",
+            UserStatus::Dinner => "dinner",
+            UserStatus::Break => "break",
+        }
+    }
+}
+
+/// The CRM, as the rest of pbxgate sees it. Cheap to share (`Arc<dyn Crm>`).
+pub trait Crm: Send + Sync + 'static {
+    /// The CRM's name for log lines and `/ready` (`retailCRM`).
+    fn name(&self) -> &'static str;
+
+    /// Where the CRM is (for `/ready`; never carries a secret).
+    fn url(&self) -> &str;
+
+    /// False without credentials: nothing is sent, and startup says why.
+    fn is_configured(&self) -> bool;
+
+    /// Changes whenever a request succeeds: after an outage, the first request to get through
+    /// tells the others that the CRM is back, so that backlogs do not wait out their backoff.
+    fn successes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Publishes a live event (a pop-up while phones ring, a hangup).
+    fn publish<'a>(&'a self, event: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>>;
+
+    /// Most calls one [`Crm::deliver`] may carry.
+    fn batch_limit(&self) -> usize;
+
+    /// Delivers finished calls; one [`Delivery`] per call, in order.
+    fn deliver<'a>(&'a self, calls: &'a [Finished<'a>]) -> BoxFuture<'a, Vec<Delivery>>;
+
+    /// The settings that shape what a delivered call looks like to this CRM: when they change,
+    /// calls held or refused before are tried again.
+    fn shape(&self) -> String;
+
+    /// The time zone of the CRM account (call times in it; also how recordings are dated).
+    fn timezone(&self) -> BoxFuture<'_, jiff::tz::TimeZone>;
+
+    /// The manager responsible for a customer's number, if the CRM names one.
+    fn responsible<'a>(
+        &'a self,
+        phone: &'a str,
+        ignore_status: bool,
+    ) -> BoxFuture<'a, Result<Option<Responsible>, CrmFailure>>;
+
+    /// Which CRM user has which extension.
+    fn directory(&self) -> Vec<DirectoryEntry>;
+
+    /// Registers (or updates) pbxgate in the CRM, once.
+    fn register(&self) -> BoxFuture<'_, Result<(), CrmFailure>>;
+
+    /// For `pbxgate check`: can we reach the CRM, and may our credentials do what we need?
+    /// `Ok` and `Err` both carry the line to print.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>>;
+}
