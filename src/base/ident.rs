@@ -26,6 +26,36 @@ pub fn mask_number(number: &str) -> String {
 #[error("{0}")]
 pub struct IdentError(pub &'static str);
 
+/// The parts every checked text shares: `parse` by the type's `is_valid`, reading it back.
+macro_rules! checked_text {
+    ($name:ident) => {
+        impl $name {
+            /// The text, if it follows the rule ([`Self::RULE`] is the error otherwise).
+            pub fn parse(value: &str) -> Result<$name, IdentError> {
+                if Self::is_valid(value) {
+                    Ok($name(value.to_string()))
+                } else {
+                    Err(IdentError(Self::RULE))
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
 /// An extension code as CRMs store it: 1 to 16 of digits, `*`, `#`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExtensionCode(String);
@@ -40,31 +70,12 @@ impl ExtensionCode {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
     }
-
-    pub fn parse(value: &str) -> Result<ExtensionCode, IdentError> {
-        if Self::is_valid(value) {
-            Ok(ExtensionCode(value.to_string()))
-        } else {
-            Err(IdentError(Self::RULE))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
-impl std::fmt::Display for ExtensionCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+checked_text!(ExtensionCode);
 
-/// A phone number as given to or by the PBX: 3 to 20 digits, an optional leading `+`.
+/// A phone number as given to or by the PBX: 3 to 20 digits, an optional leading `+`. Checked
+/// as it is: [`normalize_number`] first for text typed by people.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PhoneNumber(String);
 
@@ -76,30 +87,9 @@ impl PhoneNumber {
         let digits = value.strip_prefix('+').unwrap_or(value);
         (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
     }
-
-    /// Checks `value` as it is (see [`normalize_number`] for text typed by people).
-    pub fn parse(value: &str) -> Result<PhoneNumber, IdentError> {
-        if Self::is_valid(value) {
-            Ok(PhoneNumber(value.to_string()))
-        } else {
-            Err(IdentError(Self::RULE))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
-impl std::fmt::Display for PhoneNumber {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+checked_text!(PhoneNumber);
 
 #[cfg(test)]
 mod tests {

@@ -96,12 +96,8 @@ pub async fn run(
         };
         let Some(left) = left else {
             stats.live_events_late.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                kind,
-                id,
-                age_ms = age.as_millis() as u64,
-                "live call event dropped: older than calls.live_event_deadline"
-            );
+            tracing::warn!(kind = %kind, id = %id, age_ms = age.as_millis() as u64,
+                "live call event dropped: older than calls.live_event_deadline");
             continue;
         };
         match tokio::time::timeout(left, crm.publish(&e)).await {
@@ -114,16 +110,12 @@ pub async fn run(
             Ok(Ok(Published::Skipped)) => {}
             Ok(Err(err)) => {
                 stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind, id, error = %err, "live call event dropped");
+                tracing::warn!(kind = %kind, id = %id, error = %err, "live call event dropped");
             }
             Err(_) => {
                 stats.live_events_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    kind,
-                    id,
-                    deadline_ms = deadline.as_millis() as u64,
-                    "live call event dropped: the CRM did not take it in time"
-                );
+                tracing::warn!(kind = %kind, id = %id, deadline_ms = deadline.as_millis() as u64,
+                    "live call event dropped: the CRM did not take it in time");
             }
         }
     }

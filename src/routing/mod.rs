@@ -308,14 +308,16 @@ impl Router {
                 return r;
             }
         }
-        // A manager without an extension in the CRM may still have one in `[[users]]`.
+        // A manager without an extension in the CRM may still have one in the directory
+        // (`[[users]]` for retailCRM).
         let code = m.code.filter(|c| is_code(c)).or_else(|| {
-            let id = u64::try_from(m.user_id?).ok()?;
-            config
-                .users
-                .iter()
+            let id = m.user_id?;
+            self.inner
+                .crm
+                .directory()
+                .into_iter()
                 .find(|u| u.user_id == id)
-                .map(|u| u.code.clone())
+                .map(|u| u.code)
         });
         match code {
             Some(code) => Route {
