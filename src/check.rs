@@ -1,8 +1,14 @@
 //! `pbxgate check`: a configuration doctor. Each check prints one line, ✓ or ✗ with a reason.
+//!
+//! Also the configuration as the service accepts it: [`problems`] runs the config's own rules
+//! and those of the modules that give the phone, rules and routing sections their meaning, so
+//! that `config` depends on nothing above it. `Config::load`, `Config::load_from` and
+//! `Config::from_toml_and_env` (read, then [`problems`]) are defined here for that reason.
 
 use std::io::Write;
+use std::path::Path;
 
-use crate::config::{Config, Origin};
+use crate::config::{Config, ConfigError, Origin};
 use crate::store::Store;
 
 /// One line of the report.
@@ -30,6 +36,52 @@ fn line(ok: bool, text: impl Into<String>) -> CheckLine {
         ok,
         warning: false,
         text: text.into(),
+    }
+}
+
+/// Every problem of `config`, sorted, one line each naming its key: the config's own rules and
+/// the phone, rules and routing sections' checks.
+pub fn problems(config: &Config) -> Result<(), ConfigError> {
+    let mut found = match config.check() {
+        Ok(()) => Vec::new(),
+        Err(e) => e.problems,
+    };
+    crate::phone::check_config(&config.phone, &mut found);
+    crate::pipeline::rules::check_config(&config.rules, &mut found);
+    crate::routing::check_config(&config.routing, &mut found);
+    found.sort();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems: found })
+    }
+}
+
+impl Config {
+    /// Loads from `path` (or `./config.toml` if it exists, else the defaults) and the process
+    /// environment, and checks it.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Origin), ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Same as [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Origin), ConfigError> {
+        let (config, origin) = Self::read_unchecked(path, env)?;
+        problems(&config)?;
+        Ok((config, origin))
+    }
+
+    /// Parses TOML text, applies `PBXGATE__*` overrides from `env`, fills defaults, validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config = Self::parse_unchecked(text, env)?;
+        problems(&config)?;
+        Ok(config)
     }
 }
 
@@ -107,5 +159,64 @@ async fn check_ami(config: &Config) -> CheckLine {
             ),
         ),
         Err(e) => line(false, format!("AMI {addr}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::ident::ExtensionCode;
+    use crate::config::{RuleAction, RuleConfig, StaticRoute};
+
+    #[test]
+    fn problems_of_every_section_come_in_one_sorted_list() {
+        let text = r#"
+            [crm]
+            rps = 0
+            [phone]
+            country_code = "x"
+            [routing]
+            fallback_code = "1a"
+            [[rules]]
+            action = "ignore"
+            did = "("
+        "#;
+        let e = Config::from_toml_and_env(text, Vec::new()).unwrap_err();
+        let keys: Vec<&str> = e
+            .problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "crm.rps",
+                "phone.country_code",
+                "routing.fallback_code",
+                "rules[0].did[0]"
+            ],
+            "{e}"
+        );
+        assert!(e.problems[2].ends_with(ExtensionCode::RULE), "{e}");
+
+        let mut config = Config::default();
+        assert_eq!(problems(&config), Ok(()));
+        config.rules = vec![RuleConfig {
+            direction: vec!["sideways".into()],
+            ..RuleConfig::new(RuleAction::Ignore)
+        }];
+        config.routing.r#static = vec![StaticRoute {
+            phone: Vec::new(),
+            did: Vec::new(),
+            code: "101".into(),
+        }];
+        assert!(
+            config.check().is_ok(),
+            "the sections' own modules check these"
+        );
+        let e = problems(&config).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.problems[0].starts_with("routing.static[0]:"), "{e}");
+        assert!(e.problems[1].starts_with("rules[0].direction[0]"), "{e}");
     }
 }

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::base::ident::{normalize_number, ExtensionCode, PhoneNumber};
+
 use super::model::{Millis, Output, GRACE};
 use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
 
@@ -146,16 +148,15 @@ fn parse_one(v: &serde_json::Value) -> Result<WebhookEvent, (String, String)> {
                 "is required for ringing, answer and transfer",
             ))
         }
-        Some(e) if !crate::config::is_extension_code(e) => {
-            return Err(err("extension", "must be 1 to 16 of 0-9, '*', '#'"));
+        Some(e) if !ExtensionCode::is_valid(e) => {
+            return Err(err("extension", ExtensionCode::RULE));
         }
         _ => {}
     }
-    let phone = text("phone")?.map(|p| crate::base::ident::normalize_number(&p));
+    let phone = text("phone")?.map(|p| normalize_number(&p));
     if let Some(p) = &phone {
-        let digits = p.strip_prefix('+').unwrap_or(p);
-        if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err("phone", "must be digits with an optional leading '+'"));
+        if !PhoneNumber::is_valid(p) {
+            return Err(err("phone", PhoneNumber::RULE));
         }
     }
     if kind == Kind::Start && phone.is_none() {
@@ -531,6 +532,21 @@ mod tests {
             parse_events(br#"{"call_id":"1","event":"start","phone":"+7999","extension":"1x"}"#)
                 .unwrap_err();
         assert!(e.contains_key("extension"), "{e:?}");
+    }
+
+    #[test]
+    fn a_phone_follows_the_one_phone_number_rule() {
+        for bad in ["12", "+12", "123456789012345678901", "7999x"] {
+            let body = format!(r#"{{"call_id":"1","event":"start","phone":"{bad}"}}"#);
+            let e = parse_events(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                e.get("phone").map(String::as_str),
+                Some(PhoneNumber::RULE),
+                "{bad}"
+            );
+        }
+        let evs = parse_events(br#"{"call_id":"1","event":"start","phone":"+7 (999) 12"}"#);
+        assert_eq!(evs.unwrap()[0].phone.as_deref(), Some("+799912"));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::base::ident::ExtensionCode;
 use crate::config::{Config, RoutingConfig};
 use crate::crm::Crm;
 use crate::phone::{anchored, any_variant_matches, Number, PhoneBook};
@@ -124,14 +125,12 @@ struct Inner {
 
 /// Reports invalid `[routing]` values, naming the key.
 pub fn check_config(c: &RoutingConfig, problems: &mut Vec<String>) {
-    if !c.fallback_code.is_empty() && !is_code(&c.fallback_code) {
-        problems.push("routing.fallback_code: must be 1 to 16 of 0-9 * #".into());
+    if !c.fallback_code.is_empty() && !ExtensionCode::is_valid(&c.fallback_code) {
+        problems.push(format!("routing.fallback_code: {}", ExtensionCode::RULE));
     }
     for (i, s) in c.r#static.iter().enumerate() {
-        if !is_code(&s.code) {
-            problems.push(format!(
-                "routing.static[{i}].code: must be 1 to 16 of 0-9 * #"
-            ));
+        if !ExtensionCode::is_valid(&s.code) {
+            problems.push(format!("routing.static[{i}].code: {}", ExtensionCode::RULE));
         }
         if s.phone.is_empty() && s.did.is_empty() {
             problems.push(format!(
@@ -148,12 +147,6 @@ pub fn check_config(c: &RoutingConfig, problems: &mut Vec<String>) {
             }
         }
     }
-}
-
-fn is_code(s: &str) -> bool {
-    (1..=16).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
 }
 
 impl Router {
@@ -310,7 +303,7 @@ impl Router {
         }
         // A manager without an extension in the CRM may still have one in the directory
         // (`[[users]]` for retailCRM).
-        let code = m.code.filter(|c| is_code(c)).or_else(|| {
+        let code = m.code.filter(|c| ExtensionCode::is_valid(c)).or_else(|| {
             let id = m.user_id?;
             self.inner
                 .crm

@@ -87,7 +87,7 @@ impl TestApp {
         config.http.listen = listener.local_addr().unwrap().to_string();
         config.http.public_url = base.clone();
         customize(&mut config);
-        config.check().expect("test config is valid");
+        pbxgate::check::problems(&config).expect("test config is valid");
         let app = Application::build_with_listener(config, listener)
             .await
             .expect("app starts");
