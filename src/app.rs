@@ -3,17 +3,14 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Instant;
 
-use actix_web::dev::{Server, ServerHandle};
-use actix_web::web;
 use tokio::task::JoinHandle;
 
 use crate::click_to_call::ClickToCall;
 use crate::config::Config;
 use crate::crm::registration::{self, RegistrationState, RegistrationStatus};
 use crate::crm::CrmFailure;
-use crate::http::{self, AppState};
+use crate::http::{self, HttpHandle, HttpServer, Services};
 use crate::manager_status::ManagerStatus;
 use crate::outbox::{Outbox, Tee};
 use crate::pbx::ami::AmiClient;
@@ -39,10 +36,11 @@ pub enum StartError {
 }
 
 pub struct Application {
-    server: Server,
-    handle: ServerHandle,
+    server: HttpServer,
+    handle: HttpHandle,
     addr: SocketAddr,
-    state: web::Data<AppState>,
+    /// What the server was given; read at shutdown and by the accessors below.
+    state: Services,
     tasks: Vec<JoinHandle<()>>,
     /// Exits the process if the store gets stuck; stopped with the application.
     _watchdog: Option<crate::store::watchdog::Watchdog>,
@@ -174,7 +172,7 @@ impl Application {
             Some(agi_addr)
         };
 
-        let state = web::Data::new(AppState {
+        let state = Services {
             config: config.clone(),
             store,
             client_id,
@@ -192,9 +190,8 @@ impl Application {
             tracker_stats,
             connections,
             open_files,
-            started: Instant::now(),
-        });
-        let server = http::server(listener, state.clone()).map_err(StartError::Http)?;
+        };
+        let server = HttpServer::start(listener, state.clone()).map_err(StartError::Http)?;
         let handle = server.handle();
         tracing::info!(listen = %addr, public_url = %config.http.public_url, store = %config.storage.path.display(),
             "pbxgate started");
@@ -212,19 +209,77 @@ impl Application {
         self.addr
     }
 
-    pub fn state(&self) -> web::Data<AppState> {
-        self.state.clone()
+    pub fn config(&self) -> &Arc<Config> {
+        &self.state.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// The clientId retailCRM must present in every callback.
+    pub fn client_id(&self) -> &crate::base::secret::Secret {
+        &self.state.client_id
+    }
+
+    pub fn crm(&self) -> &Arc<dyn crate::crm::Crm> {
+        &self.state.crm
+    }
+
+    /// The module's registration with the CRM.
+    pub fn registration(&self) -> &RegistrationStatus {
+        &self.state.registration
+    }
+
+    pub fn ami(&self) -> &AmiClient {
+        &self.state.ami
+    }
+
+    pub fn tracker(&self) -> &CallTracker {
+        &self.state.tracker
+    }
+
+    pub fn tracker_stats(&self) -> &Arc<TrackerStats> {
+        &self.state.tracker_stats
+    }
+
+    /// The last finished calls.
+    pub fn recent_calls(&self) -> &RecentCalls {
+        &self.state.recent_calls
+    }
+
+    /// The durable call history and its uploader.
+    pub fn outbox(&self) -> &Outbox {
+        &self.state.outbox
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.state.router
+    }
+
+    /// Where the FastAGI server listens, when it is on.
+    pub fn agi_addr(&self) -> Option<SocketAddr> {
+        self.state.agi_addr
+    }
+
+    pub fn records(&self) -> &Records {
+        &self.state.records
+    }
+
+    /// The HTTP connection limits and counts.
+    pub fn connections(&self) -> &Arc<http::conn::ConnLimits> {
+        &self.state.connections
     }
 
     /// Stops the server gracefully when awaited (in-flight requests finish).
-    pub fn handle(&self) -> ServerHandle {
+    pub fn handle(&self) -> HttpHandle {
         self.handle.clone()
     }
 
     /// Runs until the server is stopped through its handle; then stops the background tasks and
     /// flushes the store.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let result = self.server.await;
+        let result = self.server.run().await;
         self.state.ami.stop();
         for t in &self.tasks {
             t.abort();

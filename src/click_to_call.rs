@@ -8,13 +8,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
-use validator::{Validate, ValidationError};
-
-use crate::base::ident::{mask_number, normalize_number};
+use crate::base::ident::{mask_number, ExtensionCode, PhoneNumber};
 use crate::config::Config;
-use crate::http::params::Params;
-use crate::http::ApiError;
 use crate::pbx::ami::{Action, AmiClient, AmiError, AmiEvent};
 use crate::pipeline::CallTracker;
 
@@ -23,92 +18,48 @@ pub const CHANNEL_ID_PREFIX: &str = "pbxgate-c2c-";
 /// How long an originate is remembered to match its OriginateResponse.
 const REMEMBER_FOR: Duration = Duration::from_secs(300);
 
-/// A validated click-to-call request.
-#[derive(Debug, Clone, Validate)]
+/// A click-to-call request, its fields already checked by whoever received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MakeCall {
-    #[validate(custom(function = "extension_code"))]
-    pub code: String,
-    /// Normalised: digits with an optional leading `+`.
-    #[validate(custom(function = "dial_number"))]
-    pub phone: String,
-    #[validate(range(min = 1, message = "must be a positive integer"))]
+    /// The manager's extension, rung first.
+    pub code: ExtensionCode,
+    /// The customer's number, dialled once the manager answers.
+    pub phone: PhoneNumber,
+    /// The CRM user who asked (positive).
     pub user_id: i64,
-    #[validate(custom(function = "dial_number"))]
-    pub external_phone: Option<String>,
+    /// The company number the call is made on behalf of, if the CRM named one.
+    pub external_phone: Option<PhoneNumber>,
 }
 
-fn extension_code(value: &str) -> Result<(), ValidationError> {
-    if crate::config::is_extension_code(value) {
-        Ok(())
-    } else {
-        Err(ValidationError::new("code").with_message("must be 1 to 16 of 0-9, '*', '#'".into()))
-    }
+/// Why a click-to-call was not placed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickToCallError {
+    /// `click_to_call.per_extension_per_minute` reached for this extension.
+    #[error("more than {limit} calls per minute from this extension")]
+    ExtensionRateLimit { limit: usize },
+    /// `click_to_call.global_per_minute` reached.
+    #[error("more than {limit} click-to-calls per minute")]
+    GlobalRateLimit { limit: usize },
+    /// Asterisk answered the Originate with an error.
+    #[error("Asterisk refused the call: {0}")]
+    Refused(String),
+    #[error("Asterisk did not answer the Originate in time")]
+    Timeout,
+    /// The link dropped with the Originate unanswered: the call may or may not ring.
+    #[error("the PBX link dropped while placing the call; it may or may not ring")]
+    Disconnected,
+    /// No AMI link to send the Originate on.
+    #[error("PBX unavailable: {0}")]
+    Unavailable(#[source] AmiError),
 }
 
-fn dial_number(value: &str) -> Result<(), ValidationError> {
-    let digits = value.strip_prefix('+').unwrap_or(value);
-    if (3..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(())
-    } else {
-        Err(ValidationError::new("phone")
-            .with_message("must be 3 to 20 digits with an optional leading '+'".into()))
-    }
-}
-
-impl MakeCall {
-    /// Reads and validates the parameters; every problem is reported with its field.
-    pub fn from_params(params: &Params) -> Result<MakeCall, ApiError> {
-        let mut errors = std::collections::BTreeMap::new();
-        let mut need = |key: &str| match params.get(key).map(str::trim).filter(|v| !v.is_empty()) {
-            Some(v) => Some(v.to_string()),
-            None => {
-                errors.insert(key.to_string(), "is required".to_string());
-                None
-            }
-        };
-        let code = need("code");
-        let phone = need("phone");
-        let user_id = need("userId");
-        let user_id = match user_id.map(|u| u.parse::<i64>()) {
-            Some(Ok(id)) => id,
-            Some(Err(_)) => {
-                errors.insert("userId".into(), "must be a positive integer".into());
-                0
-            }
-            None => 0,
-        };
-        let external_phone = params
-            .get("externalPhone")
-            .map(normalize_number)
-            .filter(|p| !p.is_empty());
-        let req = MakeCall {
-            code: code.unwrap_or_default(),
-            phone: normalize_number(&phone.unwrap_or_default()),
-            user_id,
-            external_phone,
-        };
-        if let Err(e) = req.validate() {
-            for (field, list) in e.field_errors() {
-                let name = match field.as_ref() {
-                    "user_id" => "userId",
-                    "external_phone" => "externalPhone",
-                    other => other,
-                };
-                if let Some(first) = list.first() {
-                    errors.entry(name.to_string()).or_insert_with(|| {
-                        first
-                            .message
-                            .as_deref()
-                            .unwrap_or("is not valid")
-                            .to_string()
-                    });
-                }
-            }
-        }
-        if errors.is_empty() {
-            Ok(req)
-        } else {
-            Err(ApiError::fields(StatusCode::BAD_REQUEST, errors))
+impl From<AmiError> for ClickToCallError {
+    fn from(e: AmiError) -> Self {
+        match e {
+            AmiError::Refused(msg) => ClickToCallError::Refused(msg),
+            AmiError::Timeout(_) => ClickToCallError::Timeout,
+            AmiError::Disconnected => ClickToCallError::Disconnected,
+            other => ClickToCallError::Unavailable(other),
         }
     }
 }
@@ -159,13 +110,13 @@ impl ClickToCall {
         let ami = &self.config.ami;
         let channel = ami
             .originate_channel
-            .replace("{code}", &req.code)
+            .replace("{code}", req.code.as_str())
             .replace("{ami.internal_context}", &ami.internal_context)
             .replace("{context}", &ami.internal_context);
         let mut action = Action::new("Originate")
             .header("Channel", channel)
             .header("Context", &ami.outbound_context)
-            .header("Exten", &req.phone)
+            .header("Exten", req.phone.as_str())
             .header("Priority", "1")
             .header("CallerID", format!("\"{}\" <{}>", req.phone, req.phone))
             .header("Timeout", ami.originate_timeout.as_millis().to_string())
@@ -183,9 +134,12 @@ impl ClickToCall {
     }
 
     /// Deduplicates, rate-limits and originates.
-    pub async fn call(&self, req: MakeCall) -> Result<Outcome, ApiError> {
-        let key = (req.code.clone(), req.phone.clone());
-        let masked = mask_number(&req.phone);
+    pub async fn call(&self, req: MakeCall) -> Result<Outcome, ClickToCallError> {
+        let key = (
+            req.code.as_str().to_string(),
+            req.phone.as_str().to_string(),
+        );
+        let masked = mask_number(req.phone.as_str());
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -204,25 +158,25 @@ impl ClickToCall {
                 q.retain(|t| now.duration_since(*t) < minute);
                 !q.is_empty()
             });
-            let ext_count = st.per_extension.get(&req.code).map_or(0, VecDeque::len);
+            let ext_count = st
+                .per_extension
+                .get(req.code.as_str())
+                .map_or(0, VecDeque::len);
             if per_ext_limit > 0 && ext_count >= per_ext_limit {
                 tracing::warn!(user_id = req.user_id, code = %req.code, phone = %masked, "click-to-call refused: extension rate limit");
-                return Err(ApiError::field(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "code",
-                    format!("more than {per_ext_limit} calls per minute from this extension"),
-                ));
+                return Err(ClickToCallError::ExtensionRateLimit {
+                    limit: per_ext_limit,
+                });
             }
             if global_limit > 0 && st.global.len() >= global_limit {
                 tracing::warn!(user_id = req.user_id, code = %req.code, phone = %masked, "click-to-call refused: global rate limit");
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!("more than {global_limit} click-to-calls per minute"),
-                ));
+                return Err(ClickToCallError::GlobalRateLimit {
+                    limit: global_limit,
+                });
             }
             st.recent.insert(key.clone(), now);
             st.per_extension
-                .entry(req.code.clone())
+                .entry(req.code.as_str().to_string())
                 .or_default()
                 .push_back(now);
             st.global.push_back(now);
@@ -238,10 +192,10 @@ impl ClickToCall {
         );
         if let Some(tracker) = &self.tracker {
             let hint = crate::calls::ClickToCall {
-                code: req.code.clone(),
-                phone: req.phone.clone(),
+                code: req.code.as_str().to_string(),
+                phone: req.phone.as_str().to_string(),
                 user_id: req.user_id,
-                external_phone: req.external_phone.clone(),
+                external_phone: req.external_phone.as_ref().map(|p| p.as_str().to_string()),
             };
             tracker.expect_click_to_call(&call_id, hint).await;
         }
@@ -256,7 +210,7 @@ impl ClickToCall {
                     .retain(|_, v| now.duration_since(v.3) < REMEMBER_FOR);
                 st.in_flight.insert(
                     reply.action_id,
-                    (call_id.clone(), req.code.clone(), masked, now),
+                    (call_id.clone(), req.code.as_str().to_string(), masked, now),
                 );
                 Ok(Outcome::Originated { call_id })
             }
@@ -268,24 +222,7 @@ impl ClickToCall {
                     .recent
                     .remove(&key);
                 tracing::warn!(user_id = req.user_id, code = %req.code, phone = %masked, error = %e, "click-to-call failed");
-                Err(match e {
-                    AmiError::Refused(msg) => ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        format!("Asterisk refused the call: {msg}"),
-                    ),
-                    AmiError::Timeout(_) => ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "Asterisk did not answer the Originate in time",
-                    ),
-                    AmiError::Disconnected => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the PBX link dropped while placing the call; it may or may not ring",
-                    ),
-                    other => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("PBX unavailable: {other}"),
-                    ),
-                })
+                Err(e.into())
             }
         }
     }
@@ -345,16 +282,5 @@ pub fn originate_reason(reason: &str) -> &'static str {
         "5" => "busy",
         "8" => "congestion or rejected",
         _ => "unknown",
-    }
-}
-
-/// The HTTP answer for a click-to-call request.
-pub async fn handle(c2c: &ClickToCall, params: &Params) -> Result<serde_json::Value, ApiError> {
-    let req = MakeCall::from_params(params)?;
-    match c2c.call(req).await? {
-        Outcome::Originated { call_id } => {
-            Ok(serde_json::json!({"success": true, "callId": call_id}))
-        }
-        Outcome::Duplicate => Ok(serde_json::json!({"success": true, "duplicate": true})),
     }
 }

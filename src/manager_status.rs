@@ -4,15 +4,31 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use actix_web::http::StatusCode;
 use tokio::sync::mpsc;
 
+use crate::base::ident::ExtensionCode;
 use crate::config::Config;
 use crate::crm::port::UserStatus;
-use crate::http::params::Params;
-use crate::http::ApiError;
 use crate::pbx::ami::{Action, AmiClient, LinkState};
-use crate::store::{unix_now, Store, StoredUserStatus};
+use crate::store::{unix_now, Store, StoreError, StoredUserStatus};
+
+/// A manager's new status, its fields already checked by whoever received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The CRM user (positive).
+    pub user_id: i64,
+    /// The user's extension: its queue member interface is paused or unpaused.
+    pub code: ExtensionCode,
+    pub status: UserStatus,
+}
+
+/// Why a status change was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerStatusError {
+    /// It could not be stored (the PBX is never updated with a status that is not stored).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Clone)]
 pub struct ManagerStatus {
@@ -43,75 +59,25 @@ impl ManagerStatus {
         (service, worker)
     }
 
-    /// Validates and stores a status change; the PBX is updated in the background (its failure
-    /// does not fail the CRM's request: the CRM could not act on it).
-    pub async fn handle(&self, params: &Params) -> Result<serde_json::Value, ApiError> {
-        let mut errors = BTreeMap::new();
-        let user_id = match params
-            .get("userId")
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
-            None => {
-                errors.insert("userId".to_string(), "is required".to_string());
-                0
-            }
-            Some(v) => match v.parse::<i64>() {
-                Ok(id) if id > 0 => id,
-                _ => {
-                    errors.insert("userId".into(), "must be a positive integer".into());
-                    0
-                }
-            },
-        };
-        let code = params
-            .get("code")
-            .map(str::trim)
-            .unwrap_or_default()
-            .to_string();
-        if code.is_empty() {
-            errors.insert("code".into(), "is required".into());
-        } else if !crate::config::is_extension_code(&code) {
-            errors.insert("code".into(), "must be 1 to 16 of 0-9, '*', '#'".into());
-        }
-        let status = match params
-            .get("status")
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
-            None => {
-                errors.insert("status".into(), "is required".into());
-                None
-            }
-            Some(s) => {
-                let parsed = UserStatus::parse(s);
-                if parsed.is_none() {
-                    errors.insert(
-                        "status".into(),
-                        "must be one of free, busy, dinner, break".into(),
-                    );
-                }
-                parsed
-            }
-        };
-        let (Some(status), true) = (status, errors.is_empty()) else {
-            return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
-        };
-
-        let record = StoredUserStatus {
-            v: 1,
+    /// Stores a status change; the PBX is updated in the background (its failure does not fail
+    /// the CRM's request: the CRM could not act on it).
+    pub async fn change(&self, change: StatusChange) -> Result<(), ManagerStatusError> {
+        let StatusChange {
             user_id,
             code,
             status,
+        } = change;
+        let record = StoredUserStatus {
+            v: 1,
+            user_id,
+            code: code.into_string(),
+            status,
             since: unix_now(),
         };
-        self.store
-            .put_user_status(&record)
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.store.put_user_status(&record).await?;
         tracing::info!(user_id, code = %record.code, status = status.as_str(), "manager status changed");
         let _ = self.apply.send(user_id);
-        Ok(serde_json::json!({"success": true}))
+        Ok(())
     }
 
     /// Users whose last PBX update failed, with the reason.

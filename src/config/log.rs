@@ -8,7 +8,7 @@ use super::checks::{log_filter, log_format};
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// A `tracing` filter: `info`, `debug`, `pbxgate=debug,actix_web=warn`, ...
+    /// A `tracing` filter: `info`, `debug`, `pbxgate=debug,sled=warn`, ...
     #[validate(custom(function = "log_filter"))]
     pub level: String,
     /// `text` or `json`.

@@ -1,12 +1,20 @@
-//! Endpoints retailCRM calls: the module's activity, click-to-call, user status.
+//! Endpoints retailCRM calls: the module's activity, click-to-call, user status. Each reads and
+//! checks retailCRM's parameters here, then hands a plain request to its feature.
 
+use std::collections::BTreeMap;
+
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::params::Params;
 use super::AppState;
+use crate::base::ident::{normalize_number, ExtensionCode, PhoneNumber};
+use crate::click_to_call::{MakeCall, Outcome};
 use crate::crm::retailcrm::lenient::value_to_bool;
+use crate::crm::UserStatus;
+use crate::manager_status::StatusChange;
 use crate::store::Activity;
 
 /// `POST {baseUrl}/crm/activity` — form `clientId`, `activity` = `{"active":bool,"freeze":bool}`,
@@ -85,8 +93,72 @@ pub async fn make_call(
 ) -> Result<HttpResponse, ApiError> {
     let params = Params::from_request(&req, &body)?;
     params.check_client_id(&state.client_id)?;
-    let answer = crate::click_to_call::handle(&state.click_to_call, &params).await?;
+    let call = make_call_request(&params)?;
+    let answer = match state.click_to_call.call(call).await? {
+        Outcome::Originated { call_id } => json!({"success": true, "callId": call_id}),
+        Outcome::Duplicate => json!({"success": true, "duplicate": true}),
+    };
     Ok(HttpResponse::Ok().json(answer))
+}
+
+/// Reads and checks `makeCallUrl`'s parameters (`code`, `phone`, `userId`, optional
+/// `externalPhone`); every problem is reported with its field, the first one per field.
+fn make_call_request(params: &Params) -> Result<MakeCall, ApiError> {
+    let mut errors = BTreeMap::new();
+    let mut need = |key: &str| match params.get(key).map(str::trim).filter(|v| !v.is_empty()) {
+        Some(v) => Some(v.to_string()),
+        None => {
+            errors.insert(key.to_string(), "is required".to_string());
+            None
+        }
+    };
+    let code = need("code");
+    let phone = need("phone");
+    let user_id = need("userId");
+    let code = code.and_then(|c| match ExtensionCode::parse(&c) {
+        Ok(code) => Some(code),
+        Err(e) => {
+            errors.insert("code".into(), e.to_string());
+            None
+        }
+    });
+    let phone = phone.and_then(|p| match PhoneNumber::parse(&normalize_number(&p)) {
+        Ok(phone) => Some(phone),
+        Err(e) => {
+            errors.insert("phone".into(), e.to_string());
+            None
+        }
+    });
+    let user_id = user_id.and_then(|u| match u.parse::<i64>() {
+        Ok(id) if id >= 1 => Some(id),
+        _ => {
+            errors.insert("userId".into(), "must be a positive integer".into());
+            None
+        }
+    });
+    let external_phone = match params
+        .get("externalPhone")
+        .map(normalize_number)
+        .filter(|p| !p.is_empty())
+    {
+        None => None,
+        Some(p) => match PhoneNumber::parse(&p) {
+            Ok(phone) => Some(phone),
+            Err(e) => {
+                errors.insert("externalPhone".into(), e.to_string());
+                None
+            }
+        },
+    };
+    match (code, phone, user_id) {
+        (Some(code), Some(phone), Some(user_id)) if errors.is_empty() => Ok(MakeCall {
+            code,
+            phone,
+            user_id,
+            external_phone,
+        }),
+        _ => Err(ApiError::fields(StatusCode::BAD_REQUEST, errors)),
+    }
 }
 
 /// `changeUserStatusUrl` — a manager's status changed in the CRM: stored, then mirrored on the PBX.
@@ -97,6 +169,71 @@ pub async fn user_status(
 ) -> Result<HttpResponse, ApiError> {
     let params = Params::from_request(&req, &body)?;
     params.check_client_id(&state.client_id)?;
-    let answer = state.manager_status.handle(&params).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    let change = status_change(&params)?;
+    state.manager_status.change(change).await?;
+    Ok(HttpResponse::Ok().json(json!({"success": true})))
+}
+
+/// Reads and checks `changeUserStatusUrl`'s parameters (`userId`, `code`, `status`); every
+/// problem is reported with its field.
+fn status_change(params: &Params) -> Result<StatusChange, ApiError> {
+    let mut errors = BTreeMap::new();
+    let user_id = match params
+        .get("userId")
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        None => {
+            errors.insert("userId".to_string(), "is required".to_string());
+            None
+        }
+        Some(v) => match v.parse::<i64>() {
+            Ok(id) if id > 0 => Some(id),
+            _ => {
+                errors.insert("userId".into(), "must be a positive integer".into());
+                None
+            }
+        },
+    };
+    let code = params.get("code").map(str::trim).unwrap_or_default();
+    let code = if code.is_empty() {
+        errors.insert("code".into(), "is required".into());
+        None
+    } else {
+        match ExtensionCode::parse(code) {
+            Ok(code) => Some(code),
+            Err(e) => {
+                errors.insert("code".into(), e.to_string());
+                None
+            }
+        }
+    };
+    let status = match params
+        .get("status")
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        None => {
+            errors.insert("status".into(), "is required".into());
+            None
+        }
+        Some(s) => {
+            let parsed = UserStatus::parse(s);
+            if parsed.is_none() {
+                errors.insert(
+                    "status".into(),
+                    "must be one of free, busy, dinner, break".into(),
+                );
+            }
+            parsed
+        }
+    };
+    match (user_id, code, status) {
+        (Some(user_id), Some(code), Some(status)) if errors.is_empty() => Ok(StatusChange {
+            user_id,
+            code,
+            status,
+        }),
+        _ => Err(ApiError::fields(StatusCode::BAD_REQUEST, errors)),
+    }
 }

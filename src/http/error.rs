@@ -126,3 +126,47 @@ pub fn json_error_body<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
         ServiceResponse::new(req, res).map_into_right_body(),
     ))
 }
+
+/// Rate limits answer 429 (the extension's naming `code`); what the PBX did answers 502/504/503.
+impl From<crate::click_to_call::ClickToCallError> for ApiError {
+    fn from(e: crate::click_to_call::ClickToCallError) -> Self {
+        use crate::click_to_call::ClickToCallError as E;
+        let status = match &e {
+            E::ExtensionRateLimit { .. } => {
+                return ApiError::field(StatusCode::TOO_MANY_REQUESTS, "code", e.to_string())
+            }
+            E::GlobalRateLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            E::Refused(_) => StatusCode::BAD_GATEWAY,
+            E::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            E::Disconnected | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// A status that cannot be stored is a 500: the CRM should send it again.
+impl From<crate::manager_status::ManagerStatusError> for ApiError {
+    fn from(e: crate::manager_status::ManagerStatusError) -> Self {
+        match e {
+            crate::manager_status::ManagerStatusError::Store(e) => {
+                ApiError::internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// Unknown or forged links and unavailable files are 404, expired links 410, an unsatisfiable
+/// range 416 (its `Content-Range` is added by the handler), the store failing 500.
+impl From<crate::records::serve::ServeError> for ApiError {
+    fn from(e: crate::records::serve::ServeError) -> Self {
+        use crate::records::serve::ServeError as E;
+        use crate::records::LinkError;
+        let status = match &e {
+            E::Link(LinkError::NotFound(_)) | E::Unavailable => StatusCode::NOT_FOUND,
+            E::Link(LinkError::Expired) => StatusCode::GONE,
+            E::Link(LinkError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}

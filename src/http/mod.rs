@@ -17,8 +17,8 @@ use actix_http::error::DispatchError;
 use actix_http::HttpService;
 use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
 use actix_web::dev::{
-    fn_service, AppConfig, Extensions, Server, Service, ServiceFactory, ServiceRequest,
-    ServiceResponse,
+    fn_service, AppConfig, Extensions, Server, ServerHandle, Service, ServiceFactory,
+    ServiceRequest, ServiceResponse,
 };
 use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
@@ -55,8 +55,9 @@ pub mod paths {
     pub const RECORDING: &str = "/records/{name}";
 }
 
-/// Everything a handler may need; shared by all workers.
-pub struct AppState {
+/// The services the application built, handed to the server once at start.
+#[derive(Clone)]
+pub struct Services {
     pub config: Arc<Config>,
     pub store: Store,
     /// The clientId retailCRM must present in every callback.
@@ -82,7 +83,107 @@ pub struct AppState {
     pub connections: Arc<conn::ConnLimits>,
     /// The soft open-files limit in force (raised to the hard limit at start).
     pub open_files: Option<u64>,
-    pub started: Instant,
+}
+
+/// Everything a handler may need; shared by all workers. Only the handlers read it.
+pub struct AppState {
+    config: Arc<Config>,
+    store: Store,
+    client_id: Secret,
+    crm: Arc<dyn Crm>,
+    registration: RegistrationStatus,
+    ami: AmiClient,
+    click_to_call: ClickToCall,
+    manager_status: ManagerStatus,
+    tracker: CallTracker,
+    outbox: Outbox,
+    router: Router,
+    agi_addr: Option<std::net::SocketAddr>,
+    records: Records,
+    tracker_stats: Arc<TrackerStats>,
+    connections: Arc<conn::ConnLimits>,
+    open_files: Option<u64>,
+    started: Instant,
+}
+
+impl AppState {
+    fn new(services: Services) -> AppState {
+        let Services {
+            config,
+            store,
+            client_id,
+            crm,
+            registration,
+            ami,
+            click_to_call,
+            manager_status,
+            tracker,
+            // Read by the application and tests, not by a handler.
+            recent_calls: _,
+            outbox,
+            router,
+            agi_addr,
+            records,
+            tracker_stats,
+            connections,
+            open_files,
+        } = services;
+        AppState {
+            config,
+            store,
+            client_id,
+            crm,
+            registration,
+            ami,
+            click_to_call,
+            manager_status,
+            tracker,
+            outbox,
+            router,
+            agi_addr,
+            records,
+            tracker_stats,
+            connections,
+            open_files,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The running HTTP server, as the application sees it: started on a bound listener, run until
+/// stopped through its handle.
+pub struct HttpServer {
+    server: Server,
+}
+
+/// Stops the server from anywhere (cheap to clone).
+#[derive(Clone)]
+pub struct HttpHandle(ServerHandle);
+
+impl HttpServer {
+    /// Builds the server on an already-bound listener (port 0 in tests). [`HttpServer::run`]
+    /// must be awaited (or spawned) for it to serve.
+    pub fn start(listener: TcpListener, services: Services) -> std::io::Result<HttpServer> {
+        let server = server(listener, web::Data::new(AppState::new(services)))?;
+        Ok(HttpServer { server })
+    }
+
+    pub fn handle(&self) -> HttpHandle {
+        HttpHandle(self.server.handle())
+    }
+
+    /// Serves until stopped through a handle.
+    pub async fn run(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+impl HttpHandle {
+    /// Stops accepting connections; `graceful`: in-flight requests finish first. Returns once
+    /// the server has stopped.
+    pub async fn stop(&self, graceful: bool) {
+        self.0.stop(graceful).await
+    }
 }
 
 /// Builds the server on an already-bound listener (port 0 in tests). The returned future must
@@ -91,7 +192,7 @@ pub struct AppState {
 /// Built from actix's parts rather than `HttpServer` so that every connection goes through
 /// [`conn::Guarded`]: the connection limits, and the time limits on heads after the first one
 /// and on bodies nobody reads (see [`conn`]).
-pub fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Result<Server> {
+fn server(listener: TcpListener, state: web::Data<AppState>) -> std::io::Result<Server> {
     let addr = listener.local_addr()?;
     let client_timeout = state.config.http.client_timeout;
     let limits = state.connections.clone();

@@ -6,6 +6,9 @@
 //! `If-None-Match`/`If-Modified-Since` (304) and `If-Range`, `Content-Disposition: inline`, and
 //! `Access-Control-Allow-Origin: *` so that the CRM's page may play it directly.
 //!
+//! Which file, whether the link is good, and the `Range` grammar are [`crate::records::serve`]'s;
+//! this is the HTTP half: headers, conditional requests, the streamed body.
+//!
 //! The body is streamed in [`CHUNK`]-sized reads, one in flight per response: memory stays flat
 //! whatever the file's size. Reads of data in the page cache are done in place (`preadv2` with
 //! `RWF_NOWAIT`, which never waits for the disk); a read that would wait goes to tokio's
@@ -13,8 +16,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -30,8 +32,7 @@ use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 
 use crate::http::{ApiError, AppState};
-use crate::records::sniff::{self, Format, SNIFF_LEN};
-use crate::records::{LinkError, Records};
+use crate::records::serve::{self, parse_range, Opened, Range, ServeError};
 use crate::store::unix_now;
 
 /// Bytes per read, and the server's write buffer size. actix-web copies each chunk into its
@@ -39,18 +40,6 @@ use crate::store::unix_now;
 /// connection: measured at 50 clients, 64 KiB chunks gave the same throughput with three times
 /// the RSS growth.
 pub const CHUNK: usize = 16 * 1024;
-
-/// An open recording, ready to be answered.
-struct Opened {
-    file: std::fs::File,
-    len: u64,
-    /// The file's mtime, when an HTTP date can express it (not before 1970, before year 10000):
-    /// otherwise there is no `Last-Modified` and no date-based validation.
-    modified: Option<SystemTime>,
-    etag: EntityTag,
-    format: Format,
-    filename: String,
-}
 
 /// The handler for both methods.
 pub async fn recording(
@@ -61,9 +50,9 @@ pub async fn recording(
     // `{token}.{ext}`: the extension is signed along with the token.
     let name = name.into_inner();
     let records = state.records.clone();
-    let opened = match web::block(move || open(&records, &name, unix_now())).await {
+    let opened = match web::block(move || serve::open(&records, &name, unix_now())).await {
         Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => return error(e),
+        Ok(Err(e)) => return error(e.into()),
         Err(e) => return error(ApiError::internal(format!("opening the recording: {e}"))),
     };
     respond(&req, opened)
@@ -78,123 +67,12 @@ fn error(e: ApiError) -> HttpResponse {
     res
 }
 
-/// Blocking: checks the token, opens the file (refusing a symlink or a FIFO swapped in since the
-/// check) and sniffs its format. A converted copy that turns out empty or not mp3 is passed over
-/// for the original.
-fn open(records: &Records, name: &str, now: u64) -> Result<Opened, ApiError> {
-    let resolved = records.resolve(name, now).map_err(|e| match e {
-        LinkError::NotFound(why) => ApiError::new(StatusCode::NOT_FOUND, why),
-        LinkError::Expired => ApiError::new(StatusCode::GONE, e.to_string()),
-        LinkError::Store(e) => ApiError::internal(e.to_string()),
-    })?;
-    let unavailable = || ApiError::new(StatusCode::NOT_FOUND, "the recording is not available");
-    let found = match &resolved.original {
-        Some(original) => match open_checked(&resolved.file) {
-            Some(copy) if copy.len > 0 && copy.format == Format::Mp3 => Some(copy),
-            _ => {
-                tracing::warn!(call = %resolved.entry.call_id,
-                    "the mp3 copy of the recording cannot be served (unreadable, empty or not mp3); the original is");
-                open_checked(original)
-            }
-        },
-        None => open_checked(&resolved.file),
-    };
-    let Found {
-        file,
-        len,
-        modified,
-        etag,
-        format,
-    } = found.ok_or_else(unavailable)?;
-    let filename = match (resolved.entry.filename.rsplit_once('.'), format) {
-        (Some((stem, _)), f) if f != Format::Unknown => format!("{stem}.{}", f.ext()),
-        _ => resolved.entry.filename.clone(),
-    };
-    Ok(Opened {
-        file,
-        len,
-        modified,
-        etag,
-        format,
-        filename,
-    })
-}
-
-/// A recording file, open and sniffed.
-struct Found {
-    file: std::fs::File,
-    len: u64,
-    modified: Option<SystemTime>,
-    etag: EntityTag,
-    format: Format,
-}
-
-/// Opens the regular file at the canonical `path` (no symlink, no FIFO, no other path to it) and
-/// sniffs it; None if it is not available.
-fn open_checked(path: &Path) -> Option<Found> {
-    let file = crate::records::open_regular(path).ok()?;
-    if !is_open_at(&file, path) {
-        return None;
-    }
-    let meta = file.metadata().ok()?;
-    let len = meta.len();
-    let modified = meta.modified().ok().filter(|&t| http_date_can_express(t));
-    let mut head = [0u8; SNIFF_LEN];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    let format = sniff::sniff(&head[..got], len);
-    // Changes whenever the file is replaced or rewritten.
-    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-    let sign = if mtime_ns < 0 { "-" } else { "" };
-    let etag = EntityTag::new_strong(format!(
-        "{:x}-{:x}-{sign}{:x}",
-        meta.ino(),
-        len,
-        mtime_ns.unsigned_abs()
-    ));
-    Some(Found {
-        file,
-        len,
-        modified,
-        etag,
-        format,
-    })
-}
-
-/// Whether `file` was opened at the canonical `path`: `O_NOFOLLOW` guards only the last
-/// component, so a directory above it swapped for a symlink since the check shows up here, in
-/// the kernel's name for the descriptor. Without a readable `/proc` this cannot be told, and the
-/// earlier checks stand alone.
-fn is_open_at(file: &std::fs::File, path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-        Ok(actual) => actual == path,
-        Err(_) => true,
-    }
-}
-
-/// The last second an HTTP date can name (9999-12-31 23:59:59 UTC); formatting a later time, or
-/// one before 1970, panics.
-const LAST_HTTP_DATE_SECS: u64 = 253_402_300_799;
-
-/// Whether `t` can be sent as an HTTP date.
-fn http_date_can_express(t: SystemTime) -> bool {
-    t.duration_since(UNIX_EPOCH)
-        .is_ok_and(|d| d.as_secs() <= LAST_HTTP_DATE_SECS)
-}
-
 fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
+    let etag = EntityTag::new_strong(f.etag.clone());
     let last_modified = f.modified.map(|t| HttpDate::from(t).to_string());
     let headers = |status: StatusCode| {
         let mut b = HttpResponseBuilder::new(status);
-        b.insert_header((header::ETAG, f.etag.to_string()));
+        b.insert_header((header::ETAG, etag.to_string()));
         if let Some(date) = &last_modified {
             b.insert_header((header::LAST_MODIFIED, date.as_str()));
         }
@@ -209,12 +87,12 @@ fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
         b
     };
 
-    if not_modified(req, &f.etag, f.modified) {
+    if not_modified(req, &etag, f.modified) {
         return headers(StatusCode::NOT_MODIFIED).finish();
     }
 
     let range = match req.headers().get(header::RANGE) {
-        Some(value) if range_applies(req, &f.etag, f.modified) => {
+        Some(value) if range_applies(req, &etag, f.modified) => {
             parse_range(value.to_str().unwrap_or_default(), f.len)
         }
         _ => Range::Full,
@@ -223,10 +101,7 @@ fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
         Range::Full => (StatusCode::OK, 0, f.len),
         Range::Partial(start, end) => (StatusCode::PARTIAL_CONTENT, start, end),
         Range::Unsatisfiable => {
-            let mut res = error(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                format!("range not satisfiable: the recording has {} bytes", f.len),
-            ));
+            let mut res = error(ServeError::RangeNotSatisfiable { len: f.len }.into());
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", f.len)) {
                 res.headers_mut().insert(header::CONTENT_RANGE, v);
             }
@@ -294,60 +169,6 @@ fn whole_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs()
-}
-
-/// What a `Range` header asks of a file of `len` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Range {
-    /// No usable range (absent, malformed, several ranges, another unit): the whole file.
-    Full,
-    /// Bytes `start..end` (end exclusive).
-    Partial(u64, u64),
-    /// A well-formed single range that selects nothing: 416.
-    Unsatisfiable,
-}
-
-/// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n` (RFC 9110 §14.1.2); anything else is ignored.
-pub fn parse_range(value: &str, len: u64) -> Range {
-    let Some((unit, spec)) = value.trim().split_once('=') else {
-        return Range::Full;
-    };
-    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
-        return Range::Full;
-    }
-    let Some((first, last)) = spec.trim().split_once('-') else {
-        return Range::Full;
-    };
-    let number = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse().unwrap_or(u64::MAX))
-    };
-    match (first.trim().is_empty(), number(first), number(last)) {
-        // Suffix: the last n bytes.
-        (true, _, Some(n)) => {
-            if n == 0 || len == 0 {
-                Range::Unsatisfiable
-            } else {
-                Range::Partial(len - n.min(len), len)
-            }
-        }
-        (false, Some(start), None) if last.trim().is_empty() => {
-            if start >= len {
-                Range::Unsatisfiable
-            } else {
-                Range::Partial(start, len)
-            }
-        }
-        (false, Some(start), Some(end)) if start <= end => {
-            if start >= len {
-                Range::Unsatisfiable
-            } else {
-                Range::Partial(start, end.min(len - 1) + 1)
-            }
-        }
-        _ => Range::Full,
-    }
 }
 
 /// The response body: bytes `pos..end` of the file, read one chunk at a time, only as fast as
@@ -486,40 +307,7 @@ fn read_cached(_file: &std::fs::File, _pos: u64, _want: usize) -> io::Result<Byt
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_first_middle_suffix_open_and_odd() {
-        assert_eq!(parse_range("bytes=0-99", 1000), Range::Partial(0, 100));
-        assert_eq!(parse_range("bytes=500-599", 1000), Range::Partial(500, 600));
-        assert_eq!(parse_range("bytes=900-", 1000), Range::Partial(900, 1000));
-        assert_eq!(parse_range("bytes=-100", 1000), Range::Partial(900, 1000));
-        assert_eq!(parse_range("bytes=-5000", 1000), Range::Partial(0, 1000));
-        assert_eq!(
-            parse_range("bytes=990-5000", 1000),
-            Range::Partial(990, 1000)
-        );
-        assert_eq!(parse_range("BYTES = 1-1", 10), Range::Partial(1, 2));
-        assert_eq!(parse_range("bytes=1000-", 1000), Range::Unsatisfiable);
-        assert_eq!(parse_range("bytes=1000-1001", 1000), Range::Unsatisfiable);
-        assert_eq!(parse_range("bytes=-0", 1000), Range::Unsatisfiable);
-        assert_eq!(parse_range("bytes=0-", 0), Range::Unsatisfiable);
-        // Ignored: answered with the whole file.
-        for odd in [
-            "bytes=5-2",
-            "bytes=0-1,5-6",
-            "items=0-1",
-            "bytes=a-b",
-            "bytes=-",
-            "bytes",
-            "",
-        ] {
-            assert_eq!(parse_range(odd, 1000), Range::Full, "{odd}");
-        }
-        assert_eq!(
-            parse_range("bytes=0-99999999999999999999999", 10),
-            Range::Partial(0, 10)
-        );
-    }
+    use crate::records::serve::{http_date_can_express, LAST_HTTP_DATE_SECS};
 
     #[test]
     fn only_mtimes_an_http_date_can_express_are_sent() {
@@ -537,31 +325,6 @@ mod tests {
             HttpDate::from(UNIX_EPOCH).to_string(),
             "Thu, 01 Jan 1970 00:00:00 GMT"
         );
-    }
-
-    #[test]
-    fn a_file_reached_through_a_directory_swapped_for_a_symlink_is_refused() {
-        use std::os::fd::AsRawFd;
-        let tmp = tempfile::tempdir().unwrap();
-        let base = std::fs::canonicalize(tmp.path()).unwrap();
-        std::fs::create_dir(base.join("monitor")).unwrap();
-        std::fs::create_dir(base.join("outside")).unwrap();
-        std::fs::write(base.join("monitor/a.wav"), b"RIFF").unwrap();
-        std::fs::write(base.join("outside/a.wav"), b"RIFF").unwrap();
-        // Checked (canonical), then the directory is swapped before the open.
-        let checked = std::fs::canonicalize(base.join("monitor/a.wav")).unwrap();
-        let direct = crate::records::open_regular(&checked).unwrap();
-        assert!(is_open_at(&direct, &checked));
-        assert!(open_checked(&checked).is_some());
-        std::fs::rename(base.join("monitor"), base.join("old")).unwrap();
-        std::os::unix::fs::symlink(base.join("outside"), base.join("monitor")).unwrap();
-        let swapped = crate::records::open_regular(&checked).unwrap();
-        let proc_readable =
-            std::fs::read_link(format!("/proc/self/fd/{}", swapped.as_raw_fd())).is_ok();
-        assert_eq!(is_open_at(&swapped, &checked), !proc_readable);
-        if proc_readable {
-            assert!(open_checked(&checked).is_none());
-        }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! failed or timed out.
 
 pub mod convert;
+pub mod serve;
 pub mod sniff;
 
 use std::collections::HashMap;

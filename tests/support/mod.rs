@@ -5,15 +5,23 @@ pub mod captures;
 pub mod fake_ami;
 pub mod fake_crm;
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
-use actix_web::web;
 use pbxgate::app::Application;
 use pbxgate::base::secret::Secret;
 use pbxgate::config::{Config, ExternalPhone, UserCode};
-use pbxgate::http::AppState;
+use pbxgate::crm::registration::RegistrationStatus;
+use pbxgate::crm::Crm;
+use pbxgate::http::conn::ConnLimits;
+use pbxgate::http::HttpHandle;
+use pbxgate::outbox::Outbox;
+use pbxgate::pbx::ami::AmiClient;
+use pbxgate::pipeline::{RecentCalls, TrackerStats};
+use pbxgate::records::Records;
+use pbxgate::routing::Router;
+use pbxgate::store::Store;
 use tempfile::TempDir;
 
 pub use fake_ami::FakeAmi;
@@ -56,13 +64,50 @@ pub fn test_config(crm_url: &str, dir: &TempDir) -> Config {
     c
 }
 
+/// What tests look at inside the running pbxgate, taken from its accessors at start.
+pub struct AppParts {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub client_id: Secret,
+    pub crm: Arc<dyn Crm>,
+    pub registration: RegistrationStatus,
+    pub ami: AmiClient,
+    pub tracker_stats: Arc<TrackerStats>,
+    pub recent_calls: RecentCalls,
+    pub outbox: Outbox,
+    pub router: Router,
+    pub agi_addr: Option<SocketAddr>,
+    pub records: Records,
+    pub connections: Arc<ConnLimits>,
+}
+
+impl AppParts {
+    fn of(app: &Application) -> AppParts {
+        AppParts {
+            config: app.config().clone(),
+            store: app.store().clone(),
+            client_id: app.client_id().clone(),
+            crm: app.crm().clone(),
+            registration: app.registration().clone(),
+            ami: app.ami().clone(),
+            tracker_stats: app.tracker_stats().clone(),
+            recent_calls: app.recent_calls().clone(),
+            outbox: app.outbox().clone(),
+            router: app.router().clone(),
+            agi_addr: app.agi_addr(),
+            records: app.records().clone(),
+            connections: app.connections().clone(),
+        }
+    }
+}
+
 pub struct TestApp {
     pub base: String,
     pub crm: FakeCrm,
     pub ami: FakeAmi,
-    pub state: web::Data<AppState>,
+    pub state: AppParts,
     pub http: reqwest::Client,
-    handle: ServerHandle,
+    handle: HttpHandle,
     pub dir: TempDir,
 }
 
@@ -91,7 +136,7 @@ impl TestApp {
         let app = Application::build_with_listener(config, listener)
             .await
             .expect("app starts");
-        let state = app.state();
+        let state = AppParts::of(&app);
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
         TestApp {
