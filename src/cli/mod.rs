@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::Application;
+use crate::app::{Application, RunError};
 use crate::config::Config;
 use crate::crm::CrmClient;
 use crate::store::Store;
@@ -74,6 +74,8 @@ pub fn main() -> ExitCode {
                 match Application::build(config).await {
                     Ok(app) => match app.run_until_signal().await {
                         Ok(()) => ExitCode::SUCCESS,
+                        // Logged with the task's name when it failed.
+                        Err(RunError::Task { .. }) => ExitCode::from(1),
                         Err(e) => {
                             tracing::error!(error = %e, "server failed");
                             ExitCode::from(1)
