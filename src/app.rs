@@ -590,6 +590,40 @@ mod tests {
         assert_eq!(soft_and_hard(), (hard, hard));
     }
 
+    #[tokio::test]
+    async fn a_task_that_panics_or_ends_is_a_failure_named_after_it_and_a_finished_one_is_not() {
+        let mut tasks = Tasks::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn("waits", std::future::pending());
+        // The finite task has ended before the other can panic: it is forgotten, then the
+        // panic is reported.
+        tasks.spawn_finite("done", async move {
+            let _ = tx.send(());
+        });
+        tasks.spawn("panics", async move {
+            let _ = rx.await;
+            panic!("boom");
+        });
+        match tasks.failure().await {
+            RunError::Task { task, how } => {
+                assert_eq!((task, how.as_str()), ("panics", "panicked: boom"))
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(tasks.0.len(), 1);
+        tasks.spawn("ends", async {});
+        match tasks.failure().await {
+            RunError::Task { task, how } => {
+                assert_eq!((task, how.as_str()), ("ends", "ended while it should run"))
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            tasks.0.iter().map(|t| t.name).collect::<Vec<_>>(),
+            ["waits"]
+        );
+    }
+
     #[test]
     fn connections_are_fitted_to_the_open_files_limit() {
         assert_eq!(fit_connections(4096, Some(65536)), 4096);
