@@ -1,8 +1,24 @@
 //! Startup: opens the store, builds the CRM client, starts the HTTP server on a pre-bound
-//! listener and the background tasks; stops them together.
+//! listener and the background tasks; supervises them and stops them together, in order.
+//!
+//! Every long-running task is kept with its name. One that panics, or ends while it should run
+//! (all but the registration, which ends once done), is logged and stops the service with an
+//! error naming it, so that systemd restarts it.
+//!
+//! Shutdown (a signal, the server's handle, or a failed task) goes the way the data flows, each
+//! step bounded by [`STEP_LIMIT`] so that a stuck one cannot hang the exit (what was cut short
+//! is logged): the HTTP server stops accepting and finishes its requests; the inputs stop (the
+//! AMI client, FastAGI, the workers that act on the PBX); the call tracker handles what the AMI
+//! client had read and finishes the calls that hung up, so that they reach the outbox queue;
+//! the live-event sender sends what it was given; the outbox's uploader returns after the batch
+//! in flight; then the outbox's counters are written and the store is flushed.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
@@ -35,13 +51,148 @@ pub enum StartError {
     Http(std::io::Error),
 }
 
+/// Why the service stopped other than by request.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("background task {task} {how}")]
+    Task { task: &'static str, how: String },
+}
+
+/// The most each shutdown step may take.
+pub const STEP_LIMIT: Duration = Duration::from_secs(3);
+
+/// The background tasks' names (in logs and in [`RunError::Task`]).
+mod task {
+    pub const REGISTRATION: &str = "registration";
+    pub const AMI: &str = "AMI client";
+    pub const LIVE: &str = "live call events";
+    pub const RECORDS: &str = "recordings maintenance";
+    pub const OUTBOX: &str = "call history upload";
+    pub const TRACKER: &str = "call tracker";
+    pub const CLICK_TO_CALL: &str = "click-to-call outcomes";
+    pub const MANAGER_STATUS: &str = "manager statuses";
+    pub const AGI: &str = "FastAGI server";
+}
+
+/// A background task with its name.
+struct Supervised {
+    name: &'static str,
+    handle: JoinHandle<()>,
+    /// Ends by itself once its work is done: not a failure.
+    may_end: bool,
+}
+
+/// The background tasks still running.
+#[derive(Default)]
+struct Tasks(Vec<Supervised>);
+
+impl Tasks {
+    fn add(&mut self, name: &'static str, handle: JoinHandle<()>) {
+        self.0.push(Supervised {
+            name,
+            handle,
+            may_end: false,
+        });
+    }
+
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.add(name, tokio::spawn(task));
+    }
+
+    /// A task that ends once its work is done.
+    fn spawn_finite(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.0.push(Supervised {
+            name,
+            handle: tokio::spawn(task),
+            may_end: true,
+        });
+    }
+
+    fn take(&mut self, name: &str) -> Option<JoinHandle<()>> {
+        let i = self.0.iter().position(|t| t.name == name)?;
+        Some(self.0.swap_remove(i).handle)
+    }
+
+    /// Waits for a task to fail: to panic, or to end while it should run (never returns if
+    /// none does). Tasks that may end and did are forgotten.
+    async fn failure(&mut self) -> RunError {
+        loop {
+            let (i, result) = std::future::poll_fn(|cx| {
+                for (i, t) in self.0.iter_mut().enumerate() {
+                    if let Poll::Ready(r) = Pin::new(&mut t.handle).poll(cx) {
+                        return Poll::Ready((i, r));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let t = self.0.swap_remove(i);
+            let how = match result {
+                Ok(()) if t.may_end => {
+                    tracing::debug!(task = t.name, "background task done");
+                    continue;
+                }
+                Ok(()) => "ended while it should run".to_string(),
+                Err(e) if e.is_panic() => {
+                    let panic = e.into_panic();
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    format!("panicked: {message}")
+                }
+                Err(e) => format!("stopped: {e}"),
+            };
+            tracing::error!(task = t.name, error = %how, "a background task failed; stopping the service");
+            return RunError::Task { task: t.name, how };
+        }
+    }
+
+    /// Waits (at most [`STEP_LIMIT`]) for the task `name` to end by itself; aborts it if not.
+    async fn finish(&mut self, name: &'static str, what: &str) {
+        let Some(mut handle) = self.take(name) else {
+            return;
+        };
+        match tokio::time::timeout(STEP_LIMIT, &mut handle).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(task = name, error = %e, "background task failed while stopping")
+            }
+            Err(_) => {
+                handle.abort();
+                tracing::warn!(
+                    task = name,
+                    limit_s = STEP_LIMIT.as_secs(),
+                    "shutdown step cut short: {what}"
+                );
+            }
+        }
+    }
+
+    /// Stops the task `name` where it is (tasks that hold nothing to save).
+    fn abort(&mut self, name: &str) {
+        if let Some(handle) = self.take(name) {
+            handle.abort();
+        }
+    }
+}
+
 pub struct Application {
     server: HttpServer,
     handle: HttpHandle,
     addr: SocketAddr,
     /// What the server was given; read at shutdown and by the accessors below.
     state: Services,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
+    /// Tells the tasks that wait for work to return (the outbox's uploader).
+    stopping: tokio::sync::watch::Sender<bool>,
     /// Exits the process if the store gets stuck; stopped with the application.
     _watchdog: Option<crate::store::watchdog::Watchdog>,
 }
@@ -84,7 +235,8 @@ impl Application {
         let client_id = store.client_id(&config.crm.client_id).await?;
         let crm = crate::crm::connect(config.clone(), client_id.clone())?;
 
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
+        let stopping = tokio::sync::watch::Sender::new(false);
         let registration = if !crm.is_configured() {
             tracing::warn!("crm.api_key is empty: not talking to retailCRM (set it in the config or PBXGATE__CRM__API_KEY)");
             RegistrationStatus::new(RegistrationState::Disabled("crm.api_key is empty"))
@@ -92,33 +244,37 @@ impl Application {
             RegistrationStatus::new(RegistrationState::Disabled("crm.register_on_start = false"))
         } else {
             let status = RegistrationStatus::new(RegistrationState::Pending);
-            tasks.push(tokio::spawn(registration::register_until_done(
-                crm.clone(),
-                status.clone(),
-            )));
+            tasks.spawn_finite(
+                task::REGISTRATION,
+                registration::register_until_done(crm.clone(), status.clone()),
+            );
             status
         };
 
         for warning in crate::check::config_warnings(&config) {
             tracing::warn!("{warning}");
         }
-        let ami = AmiClient::start(config.ami.clone());
+        let (ami, ami_task) = AmiClient::start_supervised(config.ami.clone());
+        tasks.add(task::AMI, ami_task);
 
         // Call tracking: live events to the CRM through a bounded queue, finished calls to the
         // history sink (kept in memory for now).
         let (live_tx, live_rx) = tokio::sync::mpsc::channel(1024);
         let tracker_stats = Arc::new(TrackerStats::default());
-        tasks.push(tokio::spawn(crate::pipeline::live::run(
-            live_rx,
-            crm.clone(),
-            store.clone(),
-            config.clone(),
-            tracker_stats.clone(),
-        )));
+        tasks.spawn(
+            task::LIVE,
+            crate::pipeline::live::run(
+                live_rx,
+                crm.clone(),
+                store.clone(),
+                config.clone(),
+                tracker_stats.clone(),
+            ),
+        );
         let recent_calls = RecentCalls::new(200);
         let records_key = store.records_secret(&config.records.secret).await?;
         let records = Records::new(&config, store.records()?, records_key);
-        tasks.push(tokio::spawn(records.clone().run_maintenance()));
+        tasks.spawn(task::RECORDS, records.clone().run_maintenance());
         let outbox = Outbox::with_records(
             crate::outbox::store::OutboxStore::of(&store)?,
             store.clone(),
@@ -126,7 +282,13 @@ impl Application {
             config.clone(),
             Some(records.clone()),
         );
-        tasks.push(tokio::spawn(outbox.clone().run()));
+        let mut stop = stopping.subscribe();
+        tasks.spawn(
+            task::OUTBOX,
+            outbox.clone().run_until(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+        );
         let sink = Tee(vec![
             Arc::new(outbox.clone()),
             Arc::new(recent_calls.clone()),
@@ -141,13 +303,13 @@ impl Application {
             crate::pbx::cdr::CdrRecovery::new(config.clone())
                 .map(|r| Arc::new(r) as Arc<dyn crate::pipeline::tracker::Recovery>),
         );
-        tasks.push(tracker_task);
+        tasks.add(task::TRACKER, tracker_task);
 
         let click_to_call = ClickToCall::new(config.clone(), ami.clone(), Some(tracker.clone()));
-        tasks.push(tokio::spawn(click_to_call.clone().log_outcomes()));
+        tasks.spawn(task::CLICK_TO_CALL, click_to_call.clone().log_outcomes());
         let (manager_status, worker) =
             ManagerStatus::start(config.clone(), store.clone(), ami.clone());
-        tasks.push(worker);
+        tasks.add(task::MANAGER_STATUS, worker);
 
         let phones = Arc::new(PhoneBook::new(&config.phone));
         let router = Router::new(config.clone(), crm.clone(), store.clone(), phones);
@@ -163,11 +325,10 @@ impl Application {
                 .await
                 .map_err(bind)?;
             let agi_addr = agi.local_addr().map_err(bind)?;
-            tasks.push(tokio::spawn(crate::pbx::agi::serve(
-                agi,
-                router.clone(),
-                config.routing.agi_timeout,
-            )));
+            tasks.spawn(
+                task::AGI,
+                crate::pbx::agi::serve(agi, router.clone(), config.routing.agi_timeout),
+            );
             tracing::info!(listen = %agi_addr, "FastAGI routing server started");
             Some(agi_addr)
         };
@@ -201,6 +362,7 @@ impl Application {
             addr,
             state,
             tasks,
+            stopping,
             _watchdog: watchdog,
         })
     }
@@ -276,25 +438,92 @@ impl Application {
         self.handle.clone()
     }
 
-    /// Runs until the server is stopped through its handle; then stops the background tasks and
-    /// flushes the store.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let result = self.server.run().await;
-        self.state.ami.stop();
-        for t in &self.tasks {
-            t.abort();
+    /// Runs until the server is stopped through its handle, or a background task fails; then
+    /// shuts down in order (see the module's note). `Err` names the task that failed.
+    pub async fn run_until_stopped(self) -> Result<(), RunError> {
+        let Application {
+            server,
+            handle,
+            state,
+            mut tasks,
+            stopping,
+            _watchdog,
+            ..
+        } = self;
+        let mut server = Box::pin(server.run());
+        let (served, failed) = tokio::select! {
+            served = &mut server => (served, None),
+            failed = tasks.failure() => {
+                // Stop taking requests; those in flight finish (actix bounds it too).
+                let stop = handle.stop(true);
+                let served = match tokio::time::timeout(STEP_LIMIT + Duration::from_secs(3), async {
+                    stop.await;
+                    server.await
+                })
+                .await
+                {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!("shutdown step cut short: HTTP requests in flight");
+                        Ok(())
+                    }
+                };
+                (served, Some(failed))
+            }
+        };
+        tracing::info!("stopping");
+        // Between batches, the uploader returns; what is pending stays queued.
+        stopping.send_replace(true);
+        // Inputs: nothing new reaches the call models.
+        state.ami.stop();
+        for name in [
+            task::AGI,
+            task::CLICK_TO_CALL,
+            task::MANAGER_STATUS,
+            task::REGISTRATION,
+        ] {
+            tasks.abort(name);
         }
-        if let Err(e) = self.state.outbox.store().close() {
+        tasks.finish(task::AMI, "the AMI client did not stop").await;
+        // The tracker handles the events read so far and hands the calls that hung up on.
+        tasks
+            .finish(
+                task::TRACKER,
+                "calls that hung up last may not be stored (those in the journal resume at the next start)",
+            )
+            .await;
+        tasks
+            .finish(task::LIVE, "live call events not sent to the CRM")
+            .await;
+        tasks
+            .finish(
+                task::OUTBOX,
+                "the call history upload in flight was stopped (the calls stay queued)",
+            )
+            .await;
+        for t in std::mem::take(&mut tasks.0) {
+            t.handle.abort();
+        }
+        if let Err(e) = state.outbox.store().close() {
             tracing::error!(error = %e, "writing the call history's counters failed");
         }
-        if let Err(e) = self.state.store.flush().await {
-            tracing::error!(error = %e, "final store flush failed");
+        match tokio::time::timeout(STEP_LIMIT, state.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
+            Err(_) => tracing::warn!(
+                limit_s = STEP_LIMIT.as_secs(),
+                "shutdown step cut short: the final store flush"
+            ),
         }
-        result
+        tracing::info!("stopped");
+        match failed {
+            Some(failed) => Err(failed),
+            None => served.map_err(RunError::Http),
+        }
     }
 
     /// Runs until SIGINT/SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> std::io::Result<()> {
+    pub async fn run_until_signal(self) -> Result<(), RunError> {
         let handle = self.handle();
         tokio::spawn(async move {
             shutdown_signal().await;
@@ -411,6 +640,40 @@ mod tests {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
         assert_eq!(raise_open_files_limit(), Some(hard));
         assert_eq!(soft_and_hard(), (hard, hard));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_or_ends_is_a_failure_named_after_it_and_a_finished_one_is_not() {
+        let mut tasks = Tasks::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn("waits", std::future::pending());
+        // The finite task has ended before the other can panic: it is forgotten, then the
+        // panic is reported.
+        tasks.spawn_finite("done", async move {
+            let _ = tx.send(());
+        });
+        tasks.spawn("panics", async move {
+            let _ = rx.await;
+            panic!("boom");
+        });
+        match tasks.failure().await {
+            RunError::Task { task, how } => {
+                assert_eq!((task, how.as_str()), ("panics", "panicked: boom"))
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(tasks.0.len(), 1);
+        tasks.spawn("ends", async {});
+        match tasks.failure().await {
+            RunError::Task { task, how } => {
+                assert_eq!((task, how.as_str()), ("ends", "ended while it should run"))
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            tasks.0.iter().map(|t| t.name).collect::<Vec<_>>(),
+            ["waits"]
+        );
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! Command line: `pbxgate [--config PATH] [serve|register|check]`.
+//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill]`.
+//! Only `main.rs` uses it; the operator commands that own a module are `outbox` and `backfill`.
+
+mod backfill;
+mod outbox;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::Application;
+use crate::app::{Application, RunError};
 use crate::config::Config;
 use crate::crm::retailcrm::CrmClient;
 use crate::store::Store;
@@ -35,38 +39,10 @@ pub enum Command {
     /// Inspect and repair the call-history queue (stop the service first: one process owns the store).
     Outbox {
         #[command(subcommand)]
-        command: OutboxCommand,
+        command: outbox::OutboxCommand,
     },
     /// Queue past calls from Asterisk's CDR CSV (cdr-csv/Master.csv) for upload.
-    Backfill(crate::pbx::cdr::BackfillArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum OutboxCommand {
-    /// Counts per state and the age of the oldest pending call.
-    Stats {
-        /// Count every record again instead of trusting the kept counters (after a crash).
-        #[arg(long)]
-        recount: bool,
-    },
-    /// Records in a state (dead: with the CRM's reason).
-    List {
-        #[arg(long, value_parser = ["dead", "pending"], default_value = "dead")]
-        state: String,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// Move dead records back to pending (one by externalId, or all).
-    Retry {
-        #[arg(
-            long,
-            conflicts_with = "all_dead",
-            required_unless_present = "all_dead"
-        )]
-        id: Option<String>,
-        #[arg(long)]
-        all_dead: bool,
-    },
+    Backfill(backfill::BackfillArgs),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -98,6 +74,8 @@ pub fn main() -> ExitCode {
                 match Application::build(config).await {
                     Ok(app) => match app.run_until_signal().await {
                         Ok(()) => ExitCode::SUCCESS,
+                        // Logged with the task's name when it failed.
+                        Err(RunError::Task { .. }) => ExitCode::from(1),
                         Err(e) => {
                             tracing::error!(error = %e, "server failed");
                             ExitCode::from(1)
@@ -118,8 +96,8 @@ pub fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
-            Command::Outbox { command } => outbox(&config, command).await,
-            Command::Backfill(args) => crate::pbx::cdr::run(&config, &args).await,
+            Command::Outbox { command } => outbox::run(&config, command).await,
+            Command::Backfill(args) => backfill::run(&config, &args).await,
         }
     })
 }
@@ -164,7 +142,7 @@ async fn register(config: &Config) -> ExitCode {
 }
 
 /// Opens the store for an operator command, or explains why it cannot.
-pub(crate) fn open_store_for_cli(config: &Config) -> Result<Store, ExitCode> {
+fn open_store_for_cli(config: &Config) -> Result<Store, ExitCode> {
     match Store::open(&config.storage.path) {
         Ok(s) => Ok(s),
         Err(crate::store::StoreError::Locked { path }) => {
@@ -178,81 +156,6 @@ pub(crate) fn open_store_for_cli(config: &Config) -> Result<Store, ExitCode> {
         Err(e) => {
             eprintln!("pbxgate: {e}");
             Err(ExitCode::from(1))
-        }
-    }
-}
-
-async fn outbox(config: &Config, command: OutboxCommand) -> ExitCode {
-    let store = match open_store_for_cli(config) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let queue = match crate::outbox::store::OutboxStore::of(&store) {
-        Ok(q) => q,
-        Err(e) => {
-            eprintln!("pbxgate: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let now = crate::base::clock::now_ms();
-    let result: Result<(), crate::store::StoreError> = (|| {
-        match command {
-            OutboxCommand::Stats { recount } => {
-                if recount {
-                    queue.recount()?;
-                }
-                let c = queue.counts();
-                let oldest = queue.oldest_pending()?.map(|t| (now - t) / 1000);
-                println!(
-                    "pending  {}",
-                    c.pending.load(std::sync::atomic::Ordering::Relaxed)
-                );
-                println!(
-                    "dead     {}",
-                    c.dead.load(std::sync::atomic::Ordering::Relaxed)
-                );
-                println!(
-                    "done     {}",
-                    c.done.load(std::sync::atomic::Ordering::Relaxed)
-                );
-                match oldest {
-                    Some(s) => println!("oldest pending: {s} s ago"),
-                    None => println!("oldest pending: -"),
-                }
-            }
-            OutboxCommand::List { state, limit } => {
-                let items = if state == "dead" {
-                    queue.dead(limit)?
-                } else {
-                    queue.list_pending(limit)?
-                };
-                for e in items {
-                    let r = &e.record;
-                    println!(
-                        "{}\t{:?}\t{}\t{:?}\tattempts={}\t{}",
-                        e.id,
-                        r.direction,
-                        r.customer_number,
-                        r.outcome,
-                        e.attempts,
-                        e.last_error.as_deref().unwrap_or("")
-                    );
-                }
-            }
-            OutboxCommand::Retry { id, all_dead } => {
-                let n = queue.retry(if all_dead { None } else { id.as_deref() })?;
-                println!("{n} record(s) moved back to pending");
-            }
-        }
-        Ok(())
-    })();
-    let closed = queue.close();
-    let flushed = queue.flush().await;
-    match result.and(closed).and(flushed) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pbxgate: {e}");
-            ExitCode::from(1)
         }
     }
 }

@@ -235,6 +235,13 @@ impl Outbox {
 
     /// The upload scheduler: runs until the task is aborted.
     pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// The upload scheduler, until `stop` resolves: it then returns at its next wait, once the
+    /// batch in flight is answered (what is still pending stays queued for the next start).
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
         self.revive_changed().await;
         let h = &self.inner.config.history;
         let mut next_periodic = tokio::time::Instant::now() + h.interval;
@@ -258,6 +265,7 @@ impl Outbox {
                     None => recheck.map_or(next_periodic, |c| c.min(next_periodic)),
                 };
                 tokio::select! {
+                    () = &mut stop => return,
                     _ = self.inner.enqueued.notified(), if h.immediate => {
                         // A short window gathers the calls ending together into one batch.
                         if self.inner.store.counts().pending.load(Ordering::Relaxed) < h.batch_size as u64 {

@@ -358,16 +358,66 @@ async fn run(
             let _ = done.send(());
         }
     }
+    shut_down(
+        model,
+        gate,
+        &live,
+        sink.as_ref(),
+        &stats,
+        send_internal,
+        journal.as_ref(),
+    );
+}
+
+/// Once the AMI stream has closed (the client stopped, every event it had read handled): calls
+/// whose channels have all hung up finish now, without the rest of their grace for late events,
+/// and go to the sink; calls still in progress stay in the journal, written a last time, and are
+/// resumed at the next start. The store is flushed by whoever stops the service.
+fn shut_down(
+    mut model: CallModel,
+    mut gate: Gate,
+    live: &mpsc::Sender<(Millis, LiveEvent)>,
+    sink: &dyn CallSink,
+    stats: &Arc<TrackerStats>,
+    send_internal: bool,
+    journal: Option<&LiveStore>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut out = Vec::new();
     model.flush(&mut out);
     gate.apply(&mut out);
+    let mut finished = 0;
     for o in out {
-        if let Output::Finished(r) = o {
-            if r.direction != crate::calls::Direction::Internal || send_internal {
-                sink.accept(*r);
+        match o {
+            Output::Live(e) => {
+                if live.try_send((now_ms(), e)).is_err() {
+                    stats.live_events_dropped.fetch_add(1, Relaxed);
+                }
+            }
+            Output::Finished(record) => {
+                finished += 1;
+                stats.finished.fetch_add(1, Relaxed);
+                if record.ignored {
+                    stats.ignored.fetch_add(1, Relaxed);
+                }
+                tracing::info!(id = %record.external_id, direction = ?record.direction, outcome = ?record.outcome,
+                    code = ?record.code, wait_s = record.wait_seconds, talk_s = record.talk_seconds,
+                    reaped = record.reaped, registration = ?record.registration, "call finished");
+                if record.direction != crate::calls::Direction::Internal || send_internal {
+                    sink.accept(*record);
+                }
             }
         }
     }
+    // After the sink: the finished calls leave the journal only once their records are stored.
+    if let Some(j) = journal {
+        write_ami_journal(j, &mut model, stats);
+    }
+    tracing::info!(
+        finished,
+        in_progress = model.live_calls(),
+        "call tracker stopped"
+    );
 }
 
 /// At the first resync after a restart: calls resumed from the journal that ended while we were

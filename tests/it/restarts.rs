@@ -292,3 +292,100 @@ async fn calls_that_ended_while_the_service_was_down_come_from_the_cdr_once_with
         (1, 1)
     );
 }
+
+/// Waits until the service has handled its first `n` AMI events.
+async fn handled(base: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ready: Value = reqwest::get(format!("{base}/ready"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ready["calls"]["amiEvents"].as_u64() >= Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events not handled: {}",
+            ready["calls"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `pbxgate outbox list --state pending`'s lines.
+async fn pending(dir: &std::path::Path, env: &[(&str, String)]) -> Vec<String> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pbxgate"));
+    cmd.args(["outbox", "list", "--state", "pending"])
+        .current_dir(dir)
+        .env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_call_that_hung_up_just_before_sigterm_is_stored_and_uploaded_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = FakeCrm::start().await;
+    // Nothing can be uploaded before the restart: the call must be in the queue.
+    crm.start_outage_on(
+        "/api/v5/telephony/calls/upload",
+        crate::support::fake_crm::Fault::Status(500),
+    );
+    let ami = FakeAmi::start("pbxgate", "s").await;
+    let env = lab_env(dir.path(), &crm, &ami);
+    let body = crate::support::capture_body("03_inbound_from_trunk");
+    let frames = String::from_utf8_lossy(&body).matches("Event: ").count() as u64;
+
+    let (mut first, base) = serve(dir.path(), &env).await;
+    ami.wait_for_actions("CoreShowChannels", 1).await;
+    // The whole call, its hangups last; SIGTERM as soon as pbxgate has read them (well within
+    // the grace a hung-up call waits for late events).
+    ami.send(&body);
+    handled(&base, frames).await;
+    let pid = first.id().unwrap();
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), first.wait())
+        .await
+        .expect("pbxgate stops")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+
+    let queued = pending(dir.path(), &env).await;
+    assert!(
+        queued.len() == 1 && queued[0].starts_with("lab-1795264488.20\tIn\t"),
+        "{queued:?}"
+    );
+
+    crm.end_outage();
+    let (_second, _) = serve(dir.path(), &env).await;
+    let call = in_crm(&crm, "lab-1795264488.20").await;
+    assert_eq!(
+        (&call["type"], &call["code"], &call["result"]),
+        (
+            &Value::from("in"),
+            &Value::from("101"),
+            &Value::from("answered")
+        ),
+        "{call}"
+    );
+    assert_eq!(crm.upload_counts()["lab-1795264488.20"], 1);
+}

@@ -386,6 +386,12 @@ impl std::fmt::Debug for AmiClient {
 impl AmiClient {
     /// Starts the supervisor; it connects, logs in and keeps the link up until [`AmiClient::stop`].
     pub fn start(cfg: AmiConfig) -> AmiClient {
+        Self::start_supervised(cfg).0
+    }
+
+    /// Like [`AmiClient::start`], with the supervisor's task: it ends only once stopped (its
+    /// event streams are closed by then).
+    pub fn start_supervised(cfg: AmiConfig) -> (AmiClient, tokio::task::JoinHandle<()>) {
         let (commands, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
         let (state_tx, state) = watch::channel(LinkState::Connecting {
@@ -404,8 +410,8 @@ impl AmiClient {
             counters,
             shared: shared.clone(),
         };
-        tokio::spawn(supervise(cfg, rx, shared, state_tx, stop_rx));
-        client
+        let task = tokio::spawn(supervise(cfg, rx, shared, state_tx, stop_rx));
+        (client, task)
     }
 
     /// Sends an action and waits for its answer (and, for event lists, all items).
