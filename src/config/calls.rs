@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use validator::Validate;
+use validator::{Validate, ValidationError};
 
-use super::checks::{backoff, outbound_line, regex_pattern, request_timeout, unassigned_code};
+use super::checks::{
+    backoff, phone_number, problem, regex_pattern, request_timeout, unassigned_code,
+};
+use crate::base::ident::PhoneNumber;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
@@ -123,5 +126,18 @@ impl Default for CallsConfig {
             unassigned_code: String::new(),
             outbound_line: OutboundLine::default(),
         }
+    }
+}
+
+/// `calls.outbound_line`: each number empty or a phone number.
+fn outbound_line(value: &OutboundLine) -> Result<(), ValidationError> {
+    let check = |n: &str| n.is_empty() || PhoneNumber::is_valid(n);
+    match value {
+        OutboundLine::One(n) if !check(n) => phone_number(n),
+        OutboundLine::PerTrunk(map) => match map.iter().find(|(_, n)| !check(n)) {
+            Some((trunk, n)) => Err(problem(format!("{trunk}: {n:?} {}", PhoneNumber::RULE))),
+            None => Ok(()),
+        },
+        _ => Ok(()),
     }
 }

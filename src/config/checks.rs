@@ -11,8 +11,6 @@ use validator::{ValidationError, ValidationErrors, ValidationErrorsKind};
 use crate::base::ident::{ExtensionCode, PhoneNumber};
 use crate::base::secret::Secret;
 
-use super::calls::OutboundLine;
-
 /// Turns the validator's nested errors into lines `key.path: message`.
 pub(super) fn flatten_errors(prefix: &str, errors: &ValidationErrors, out: &mut Vec<String>) {
     for (field, kind) in errors.errors() {
@@ -40,7 +38,7 @@ pub(super) fn flatten_errors(prefix: &str, errors: &ValidationErrors, out: &mut 
     }
 }
 
-fn problem(msg: impl Into<String>) -> ValidationError {
+pub(super) fn problem(msg: impl Into<String>) -> ValidationError {
     let msg: String = msg.into();
     ValidationError::new("invalid").with_message(msg.into())
 }
@@ -281,18 +279,6 @@ pub(super) fn unassigned_code(value: &str) -> Result<(), ValidationError> {
         Err(problem(format!(
             "{value:?} must be an extension code ({rule}) or user:<CRM user id>"
         )))
-    }
-}
-
-pub(super) fn outbound_line(value: &OutboundLine) -> Result<(), ValidationError> {
-    let check = |n: &str| n.is_empty() || PhoneNumber::is_valid(n);
-    match value {
-        OutboundLine::One(n) if !check(n) => phone_number(n),
-        OutboundLine::PerTrunk(map) => match map.iter().find(|(_, n)| !check(n)) {
-            Some((trunk, n)) => Err(problem(format!("{trunk}: {n:?} {}", PhoneNumber::RULE))),
-            None => Ok(()),
-        },
-        _ => Ok(()),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `[crm]`: the retailCRM account, the module registered in it, and the client's timeouts,
-//! rate limits and retries.
+//! `[crm]`: which CRM (`kind`), the retailCRM account, the module registered in it, and the
+//! client's timeouts, rate limits and retries.
 
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use crate::base::secret::Secret;
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
 pub struct CrmConfig {
+    /// Which CRM pbxgate talks to: `retailcrm` (the default, and the only one for now).
+    pub kind: CrmKind,
     #[validate(custom(function = "http_url"))]
     pub url: String,
     /// Empty: the CRM is not contacted (the service still runs, records and queues).
@@ -50,9 +52,19 @@ pub struct CrmConfig {
     pub retry_max: Duration,
 }
 
+/// The CRM adapters pbxgate has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CrmKind {
+    /// retailCRM API v5 (telephony integration module).
+    #[default]
+    #[serde(rename = "retailcrm")]
+    RetailCrm,
+}
+
 impl Default for CrmConfig {
     fn default() -> Self {
         CrmConfig {
+            kind: CrmKind::RetailCrm,
             url: "https://example.retailcrm.ru".into(),
             api_key: Secret::default(),
             module_code: "pbxgate".into(),

@@ -2,7 +2,7 @@
 //!
 //! Unknown keys are errors, wherever they come from; a value of the wrong type names its key
 //! (and the variable it came from). What is read here is not yet checked: `Config::load` and
-//! `Config::from_toml_and_env` (in `crate::check`) check it, this section's rules and those of
+//! `Config::from_toml_and_env` (in `check`) check it, this section's rules and those of
 //! the modules that give the phone, rules and routing sections their meaning.
 
 use std::collections::BTreeMap;
@@ -317,6 +317,18 @@ mod tests {
             "{e}"
         );
         assert!(e.problems[0].contains("PBXGATE__AMI__PORT"), "{e}");
+    }
+
+    #[test]
+    fn crm_kind_defaults_to_retailcrm_and_unknown_kinds_are_named() {
+        let c = Config::from_toml_and_env("", env(&[])).unwrap();
+        assert_eq!(c.crm.kind, crate::config::CrmKind::RetailCrm);
+        let c = Config::from_toml_and_env("[crm]\nkind = \"retailcrm\"\n", env(&[])).unwrap();
+        assert_eq!(c.crm.kind, crate::config::CrmKind::RetailCrm);
+        let e = Config::from_toml_and_env("[crm]\nkind = \"hubspot\"\n", env(&[])).unwrap_err();
+        assert!(e.problems[0].starts_with("crm.kind:"), "{e}");
+        let e = Config::from_toml_and_env("", env(&[("PBXGATE__CRM__KIND", "nope")])).unwrap_err();
+        assert!(e.problems[0].starts_with("crm.kind:"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! variables (see `load.rs`). Unknown keys are errors, wherever they come from. After loading,
 //! every value is validated and all problems are reported together, one line each, naming the
 //! key (`crm.url: ...`). This module depends on nothing but `crate::base`: the checks that need
-//! the phone, rules or routing code are run by `crate::check::problems`, which `Config::load`
+//! the phone, rules or routing code are run by `check::problems`, which `Config::load`
 //! and `Config::from_toml_and_env` call.
 
 use std::collections::BTreeMap;
@@ -37,7 +37,7 @@ pub use ami::{AmiAuth, AmiConfig};
 pub use backfill::BackfillConfig;
 pub use calls::{Assignee, CallsConfig, MissedOwner, OutboundLine};
 pub use click_to_call::ClickToCallConfig;
-pub use crm::CrmConfig;
+pub use crm::{CrmConfig, CrmKind};
 pub use directory::{ExternalPhone, UserCode};
 pub use history::HistoryConfig;
 pub use http::HttpConfig;
@@ -94,7 +94,7 @@ pub struct Config {
 
 impl Config {
     /// Runs this module's validation rules and reports all violations, sorted. The phone, rules
-    /// and routing sections are checked further by their modules: `crate::check::problems`
+    /// and routing sections are checked further by their modules: `check::problems`
     /// runs everything.
     pub fn check(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();

@@ -10,10 +10,14 @@ use std::sync::Arc;
 pub use port::{Crm, CrmFailure, Delivery, Finished, Published, Responsible, UserStatus};
 
 use crate::base::secret::Secret;
-use crate::config::Config;
+use crate::config::{Config, CrmKind};
 
 /// The adapter `crm.kind` names, ready to use.
 pub fn connect(config: Arc<Config>, client_id: Secret) -> Result<Arc<dyn Crm>, CrmFailure> {
-    let crm = retailcrm::RetailCrm::new(config, client_id).map_err(|e| e.failure())?;
-    Ok(Arc::new(crm))
+    match config.crm.kind {
+        CrmKind::RetailCrm => {
+            let crm = retailcrm::RetailCrm::new(config, client_id).map_err(|e| e.failure())?;
+            Ok(Arc::new(crm))
+        }
+    }
 }

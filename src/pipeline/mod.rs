@@ -1,6 +1,6 @@
 //! Between the call model and the CRM: the tracker runs the model on the PBX's events, the gate
 //! applies the registration rules and decides who is credited, and the live sender publishes
-//! pop-ups through the CRM port. Finished calls go on to the [`crate::outbox`].
+//! pop-ups through the CRM port. Finished calls go on to the outbox.
 
 pub mod gate;
 pub mod live;
