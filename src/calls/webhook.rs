@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::model::{Millis, Output, GRACE};
-use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
+use super::record::{CallRecord, Conversation, Direction, LiveEvent, Outcome, Ring, TalkSegment};
 
 /// Most events accepted in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 100;
@@ -435,6 +435,15 @@ fn finish(
     // way as one seen over AMI.
     let code = final_extension.clone().or_else(|| placed_by.clone());
     let external_id = format!("{system_id}-{call_id}");
+    let (from_number, to_number) = match call.direction {
+        Direction::Out => (placed_by.clone(), Some(call.phone.clone())),
+        _ => (Some(call.phone.clone()), call.did.clone()),
+    };
+    let (from_number, to_number) = (
+        from_number.filter(|n| !n.is_empty()),
+        to_number.filter(|n| !n.is_empty()),
+    );
+    let conversations = conversations(&call.rings, &call.talk);
     let record = CallRecord {
         external_id: external_id.clone(),
         linkedid: call_id.to_string(),
@@ -473,6 +482,11 @@ fn finish(
         phone_original: None,
         registration: None,
         ignored: false,
+        // Webhooks name no channels.
+        main_channel: None,
+        conversations,
+        from_number,
+        to_number,
     };
     vec![
         Output::Live(LiveEvent::Hangup {
@@ -484,6 +498,53 @@ fn finish(
         }),
         Output::Finished(Box::new(record)),
     ]
+}
+
+/// One conversation per ring, answered by the first talk of its extension that began after it;
+/// talk left over (none is, as `apply` rings every extension it connects) stands alone.
+/// Webhooks name no channels: the channel ids stay empty.
+fn conversations(rings: &[Ring], talk: &[TalkSegment]) -> Vec<Conversation> {
+    let mut used = vec![false; talk.len()];
+    let mut out: Vec<Conversation> = rings
+        .iter()
+        .map(|r| {
+            let t = talk
+                .iter()
+                .enumerate()
+                .find(|(i, t)| !used[*i] && t.extension == r.extension && t.start >= r.start);
+            if let Some((i, _)) = t {
+                used[i] = true;
+            }
+            let t = t.map(|(_, t)| t);
+            Conversation {
+                channel: String::new(),
+                channel_name: String::new(),
+                customer_channel: String::new(),
+                extension: Some(r.extension.clone()),
+                start: r.start,
+                answer: t.map(|t| t.start),
+                end: t.map_or(r.end, |t| t.end),
+                parked: false,
+            }
+        })
+        .collect();
+    out.extend(
+        talk.iter()
+            .zip(&used)
+            .filter(|(_, u)| !**u)
+            .map(|(t, _)| Conversation {
+                channel: String::new(),
+                channel_name: String::new(),
+                customer_channel: String::new(),
+                extension: Some(t.extension.clone()),
+                start: t.start,
+                answer: Some(t.start),
+                end: t.end,
+                parked: false,
+            }),
+    );
+    out.sort_by_key(|c| c.start);
+    out
 }
 
 #[cfg(test)]
