@@ -1285,9 +1285,10 @@ impl CallModel {
     }
 }
 
-/// The conversations of a finished call (its talk segments already final): one per ring, joined
-/// with the talk of the channel it rang; one per talk segment of a channel this call did not
-/// ring (a transfer target rung by another call, a pick-up); one per parking span.
+/// The conversations of a finished call (its talk segments already final): one per ring, named
+/// by the phone it reached and joined with the talk of any channel of that ring; one per
+/// channel that talked without this call ringing it (a transfer target rung by another call, a
+/// pick-up from a parking lot); one per parking span.
 fn conversations(call: &Call, end: Millis) -> Vec<Conversation> {
     let name = |uid: &str| call.channel_names.get(uid).cloned().unwrap_or_default();
     // (ring index, conversation); rings come first so their index is their position.
@@ -1296,13 +1297,14 @@ fn conversations(call: &Call, end: Millis) -> Vec<Conversation> {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            // The channel rung: a phone rather than a Local half standing for it, the first one.
+            // The phone rung: the last hop of a Local chain (a queue dials a Local half, which
+            // dials the phone), a real phone rather than a Local half.
             let channel = call
                 .ring_by_dest
                 .iter()
                 .filter(|(_, &j)| j == i)
                 .map(|(d, _)| d)
-                .min_by_key(|d| (name(d).starts_with("Local/"), uniqueid_order(d)))
+                .max_by_key(|d| (!name(d).starts_with("Local/"), uniqueid_order(d)))
                 .cloned()
                 .unwrap_or_default();
             let conversation = Conversation {
@@ -1326,8 +1328,6 @@ fn conversations(call: &Call, end: Millis) -> Vec<Conversation> {
         });
         match found {
             Some((_, c)) if c.answer.is_none() => {
-                c.channel = t.extension_channel.clone();
-                c.channel_name = name(&t.extension_channel);
                 c.customer_channel = t.customer_channel.clone();
                 c.start = c.start.min(t.start);
                 c.answer = Some(t.start);
@@ -1372,10 +1372,7 @@ fn conversations(call: &Call, end: Millis) -> Vec<Conversation> {
 /// `1795264605.56` → (1795264605, 56): the order Asterisk created channels in.
 fn uniqueid_order(uid: &str) -> (u64, u64) {
     let (secs, seq) = uid.split_once('.').unwrap_or((uid, ""));
-    (
-        secs.parse().unwrap_or(u64::MAX),
-        seq.parse().unwrap_or(u64::MAX),
-    )
+    (secs.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// `Local/199@internal-0000000f;1` → `Local/199@internal`; `PJSIP/101-0000001f` → `PJSIP/101`;
@@ -1851,5 +1848,207 @@ mod tests {
             (r.outcome, r.answered_by.as_deref()),
             (Outcome::Answered, Some("101"))
         );
+    }
+
+    /// Capture-free parking: the customer talks with 101, is parked on 701, and 102 (a call of
+    /// its own, dialling 701) picks it up. `park` false leaves the parking events out.
+    fn parked_call(park: bool) -> Vec<CallRecord> {
+        let (trunk, a, b) = (
+            ("PJSIP/trunk-01", "7.1"),
+            ("PJSIP/101-02", "7.2"),
+            ("PJSIP/102-03", "7.3"),
+        );
+        let parkee = |event: &str, extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                ("Event", event.to_string()),
+                ("ParkeeChannel", trunk.0.to_string()),
+                ("ParkeeChannelState", "6".to_string()),
+                ("ParkeeCallerIDNum", "+79990001122".to_string()),
+                ("ParkeeUniqueid", trunk.1.to_string()),
+                ("ParkeeLinkedid", "7.1".to_string()),
+                ("ParkerChannel", a.0.to_string()),
+                ("ParkerDialString", "PJSIP/101".to_string()),
+                ("Parkinglot", "default".to_string()),
+                ("ParkingSpace", "701".to_string()),
+            ];
+            pairs.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+            Frame::from_pairs(pairs)
+        };
+        let bridge = |event: &str, (n, u): (&str, &str), linkedid: &str, id: &str| {
+            chan(event, n, u, linkedid, "", "", &[("BridgeUniqueid", id)])
+        };
+        let mut frames: Vec<(Millis, Frame)> = vec![
+            (
+                0,
+                chan(
+                    "Newchannel",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "from-trunk",
+                    "+74951234567",
+                    &[],
+                ),
+            ),
+            (
+                10,
+                chan("Newchannel", a.0, a.1, "7.1", "internal", "s", &[]),
+            ),
+            (20, dial("DialBegin", trunk, a, "7.1", &[])),
+            (
+                3_000,
+                dial("DialEnd", trunk, a, "7.1", &[("DialStatus", "ANSWER")]),
+            ),
+            (
+                3_000,
+                chan(
+                    "Newstate",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "",
+                    "",
+                    &[("ChannelState", "6")],
+                ),
+            ),
+            (3_000, bridge("BridgeEnter", trunk, "7.1", "b1")),
+            (3_000, bridge("BridgeEnter", a, "7.1", "b1")),
+            (10_000, bridge("BridgeLeave", trunk, "7.1", "b1")),
+            (
+                10_000,
+                bridge("BridgeEnter", trunk, "7.1", "parking-default"),
+            ),
+            (10_000, parkee("ParkedCall", &[("ParkingTimeout", "45")])),
+            (10_010, bridge("BridgeLeave", a, "7.1", "b1")),
+            (
+                10_010,
+                chan("Hangup", a.0, a.1, "7.1", "", "", &[("Cause", "16")]),
+            ),
+            (
+                20_000,
+                chan("Newchannel", b.0, b.1, "7.3", "internal", "701", &[]),
+            ),
+            (
+                20_010,
+                parkee(
+                    "UnParkedCall",
+                    &[("RetrieverChannel", b.0), ("RetrieverUniqueid", b.1)],
+                ),
+            ),
+            (
+                20_010,
+                bridge("BridgeLeave", trunk, "7.1", "parking-default"),
+            ),
+            (20_020, bridge("BridgeEnter", trunk, "7.1", "b2")),
+            // Bridged, the retriever takes the older Linkedid.
+            (20_020, bridge("BridgeEnter", b, "7.1", "b2")),
+            (50_000, bridge("BridgeLeave", trunk, "7.1", "b2")),
+            (
+                50_000,
+                chan(
+                    "Hangup",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "",
+                    "",
+                    &[("Cause", "16")],
+                ),
+            ),
+            (50_000, bridge("BridgeLeave", b, "7.1", "b2")),
+            (
+                50_000,
+                chan("Hangup", b.0, b.1, "7.1", "", "", &[("Cause", "16")]),
+            ),
+        ];
+        if !park {
+            frames.retain(|(_, f)| !f.event().is_some_and(|e| e.contains("Park")));
+        }
+        let mut m = model();
+        let mut out = Vec::new();
+        for (at, f) in &frames {
+            m.on_event(f, 1_000_000 + at, &mut out);
+        }
+        m.flush(&mut out);
+        finished(&out).into_iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_parked_call_has_a_parked_conversation_between_its_two_extensions() {
+        let records = parked_call(true);
+        let r = records.iter().find(|r| r.linkedid == "7.1").unwrap();
+        assert_eq!(
+            (
+                r.outcome,
+                r.answered_by.as_deref(),
+                r.final_extension.as_deref()
+            ),
+            (Outcome::Answered, Some("101"), Some("102"))
+        );
+        let got: Vec<_> = r
+            .conversations
+            .iter()
+            .map(|c| {
+                (
+                    c.extension.as_deref(),
+                    c.channel.as_str(),
+                    c.start - 1_000_000,
+                    c.answer.map(|t| t - 1_000_000),
+                    c.end.map(|t| t - 1_000_000),
+                    c.parked,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("101"), "7.2", 20, Some(3_000), Some(10_000), false),
+                (None, "7.1", 10_000, None, Some(20_010), true),
+                (
+                    Some("102"),
+                    "7.3",
+                    20_020,
+                    Some(20_020),
+                    Some(50_000),
+                    false
+                ),
+            ]
+        );
+        assert_eq!(r.conversations[1].channel_name, "PJSIP/trunk-01");
+        let main = r.main_channel.as_ref().unwrap();
+        assert_eq!(
+            (main.id.as_str(), main.answer, main.end),
+            ("7.1", Some(1_003_000), Some(1_050_000))
+        );
+        assert_eq!(r.conversations[2].customer_channel, "7.1");
+    }
+
+    #[test]
+    fn parking_events_change_nothing_but_the_parked_conversation() {
+        let with = parked_call(true);
+        let without = parked_call(false);
+        assert_eq!(with.len(), without.len());
+        for (w, o) in with.iter().zip(&without) {
+            let mut w = w.clone();
+            w.conversations.retain(|c| !c.parked);
+            assert_eq!(&w, o);
+        }
+        assert!(with
+            .iter()
+            .any(|r| r.conversations.iter().any(|c| c.parked)));
+    }
+
+    #[test]
+    fn a_parked_channel_we_never_saw_is_ignored() {
+        let mut m = model();
+        let mut out = Vec::new();
+        let f = Frame::from_pairs(vec![
+            ("Event", "ParkedCall".to_string()),
+            ("ParkeeChannel", "PJSIP/trunk-09".to_string()),
+            ("ParkeeUniqueid", "9.1".to_string()),
+            ("ParkeeLinkedid", "9.1".to_string()),
+        ]);
+        m.on_event(&f, 0, &mut out);
+        assert_eq!((m.live_calls(), m.live_channels()), (0, 0));
     }
 }

@@ -658,4 +658,92 @@ mod tests {
             (Outcome::Busy, "+7999")
         );
     }
+
+    #[test]
+    fn a_webhook_record_has_a_conversation_per_extension_and_no_channels() {
+        let evs = parse_events(
+            br#"[
+            {"call_id":"c1","event":"start","direction":"in","phone":"+491701234567","did":"+4930111101","at":"2026-11-21T12:36:45.423Z"},
+            {"call_id":"c1","event":"ringing","extension":"101","at":"2026-11-21T12:36:45.500Z"},
+            {"call_id":"c1","event":"ringing","extension":"103","at":"2026-11-21T12:36:45.500Z"},
+            {"call_id":"c1","event":"answer","extension":"101","at":"2026-11-21T12:36:47.435Z"},
+            {"call_id":"c1","event":"transfer","extension":"102","at":"2026-11-21T12:36:55.450Z"},
+            {"call_id":"c1","event":"hangup","at":"2026-11-21T12:37:05.443Z"}
+        ]"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        for e in &evs {
+            m.apply(e, 0, &mut out);
+        }
+        let r = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Finished(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        let t0 = 1_795_264_605_423;
+        let got: Vec<_> = r
+            .conversations
+            .iter()
+            .map(|c| {
+                (
+                    c.extension.as_deref(),
+                    c.start - t0,
+                    c.answer.map(|a| a - t0),
+                    c.end.map(|e| e - t0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("101"), 77, Some(2_012), Some(10_027)),
+                (Some("103"), 77, None, Some(2_012)),
+                (Some("102"), 10_027, Some(10_027), Some(20_020)),
+            ]
+        );
+        assert!(r
+            .conversations
+            .iter()
+            .all(|c| c.channel.is_empty() && c.customer_channel.is_empty() && !c.parked));
+        assert_eq!(r.main_channel, None);
+        assert_eq!(
+            (r.from_number.as_deref(), r.to_number.as_deref()),
+            (Some("+491701234567"), Some("+4930111101"))
+        );
+        assert_eq!(r.outcome.sip_code(), 200);
+    }
+
+    #[test]
+    fn an_outbound_webhook_call_is_from_its_extension_to_the_customer() {
+        let evs = parse_events(
+            br#"[
+            {"call_id":"o1","event":"start","direction":"out","phone":"+4930123456","extension":"101"},
+            {"call_id":"o1","event":"hangup","result":"busy"}
+        ]"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        for e in &evs {
+            m.apply(e, 1_000_000, &mut out);
+        }
+        let r = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Finished(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (r.from_number.as_deref(), r.to_number.as_deref()),
+            (Some("101"), Some("+4930123456"))
+        );
+        assert_eq!(r.outcome.sip_code(), 486);
+        assert_eq!(r.conversations.len(), 1);
+        assert_eq!(r.conversations[0].answer, None);
+    }
 }
