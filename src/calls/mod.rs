@@ -7,5 +7,7 @@ pub mod record;
 pub mod webhook;
 
 pub use classify::Classifier;
-pub use model::{CallModel, ClickToCall, Millis, Output};
-pub use record::{CallRecord, Direction, LiveEvent, Outcome};
+pub use model::{CallModel, Millis, Output};
+pub use record::{
+    CallRecord, ChannelKind, ClickToCall, Conversation, Direction, LiveEvent, MainChannel, Outcome,
+};

@@ -8,6 +8,10 @@
 //! and attended transfers, pickups and queues need no special cases. Ringing comes from
 //! DialBegin/DialEnd (a DialEnd never downgrades an ANSWER; queues send CANCEL twice).
 //!
+//! Parking (`ParkedCall` … `UnParkedCall` / `ParkedCallGiveUp` / `ParkedCallTimeOut`) is only
+//! noted, as a span of the parked channel: the pick-up is an ordinary bridge with the extension
+//! that retrieves it, so it changes nothing else.
+//!
 //! The model is synchronous and deterministic: every event comes with its time (the PBX's
 //! `Timestamp:` when present, else the arrival time), so tests replay captures with their times.
 
@@ -16,11 +20,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::classify::{dial_string_number, Classifier, Role};
-use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
+use super::record::{
+    CallRecord, ChannelKind, ClickToCall, Conversation, Direction, LiveEvent, MainChannel, Outcome,
+    Ring, TalkSegment,
+};
 use crate::pbx::ami::Frame;
 
-/// Milliseconds since the Unix epoch.
-pub type Millis = i64;
+pub use crate::base::clock::Millis;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Channel {
@@ -31,6 +37,18 @@ struct Channel {
     customer: bool,
     caller_num: String,
     bridge: Option<String>,
+    /// Channel name (`PJSIP/101-00000006`).
+    #[serde(default)]
+    name: String,
+}
+
+/// A channel of the call that sat in a parking lot, from `ParkedCall` until it left.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Park {
+    channel: String,
+    name: String,
+    from: Millis,
+    until: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -71,15 +89,15 @@ struct Call {
     holds: Vec<(String, Millis, Option<Millis>)>,
     /// The carrier channel without its sequence (`PJSIP/trunk`).
     trunk: Option<String>,
-}
-
-/// A click-to-call we placed, announced before its first channel appears.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClickToCall {
-    pub code: String,
-    pub phone: String,
-    pub user_id: i64,
-    pub external_phone: Option<String>,
+    /// The channel whose Uniqueid is the key, once seen (its type is set when the call ends).
+    #[serde(default)]
+    main_channel: Option<MainChannel>,
+    /// Uniqueid → name of the channels conversations may name (rung and talking extensions).
+    #[serde(default)]
+    channel_names: HashMap<String, String>,
+    /// Channels of the call that were parked.
+    #[serde(default)]
+    parks: Vec<Park>,
 }
 
 /// What the model produces.
@@ -261,6 +279,13 @@ impl CallModel {
             if let Some(call) = key.and_then(|k| self.calls.get_mut(&k)) {
                 call.start = call.start.min(now - age);
             }
+            if let Some(main) = self
+                .calls
+                .get_mut(&uid)
+                .and_then(|c| c.main_channel.as_mut())
+            {
+                main.start = main.start.min(now - age);
+            }
         }
         let bridge = frame.get("BridgeId").filter(|b| !b.is_empty());
         let current = self.channels.get(&uid).and_then(|c| c.bridge.clone());
@@ -344,6 +369,10 @@ impl CallModel {
             "OriginateResponse" => self.originate_response(frame),
             "Hold" => self.hold(frame, at, true),
             "Unhold" => self.hold(frame, at, false),
+            "ParkedCall" => self.park(frame, at, true),
+            "UnParkedCall" | "ParkedCallGiveUp" | "ParkedCallTimeOut" => {
+                self.park(frame, at, false)
+            }
             // Cdr rows carry no Linkedid and arrive around the hangups: not a channel event.
             "Cdr" => {}
             _ => {
@@ -401,6 +430,14 @@ impl CallModel {
             if let Role::Extension(code) = &role {
                 call.root_extension.get_or_insert(code.clone());
             }
+            call.main_channel.get_or_insert_with(|| MainChannel {
+                id: uid.clone(),
+                name: name.clone(),
+                kind: ChannelKind::Unknown,
+                start: at,
+                answer: (get("ChannelState") == "6").then_some(at),
+                end: None,
+            });
         }
         if role == Role::Trunk || customer_inbound {
             call.trunk
@@ -425,6 +462,7 @@ impl CallModel {
                 customer: customer_inbound,
                 caller_num,
                 bridge: None,
+                name,
             },
         );
     }
@@ -452,6 +490,17 @@ impl CallModel {
         let connected = f
             .get(&format!("{prefix}ConnectedLineNum"))
             .map(str::to_string);
+        if f.get(&format!("{prefix}ChannelState")) == Some("6") {
+            // Up: the main channel (its Uniqueid is its call's key) was answered.
+            if let Some(main) = self
+                .calls
+                .get_mut(&uid)
+                .and_then(|c| c.main_channel.as_mut())
+                .filter(|m| m.answer.is_none())
+            {
+                main.answer = Some(at);
+            }
+        }
         let ch = self.channels.get_mut(&uid)?;
         if let Some(c) = caller.filter(|c| !c.is_empty() && c != "<unknown>") {
             ch.caller_num = c;
@@ -543,6 +592,8 @@ impl CallModel {
                     }
                 };
                 call.ring_by_dest.insert(dest.clone(), idx);
+                call.channel_names
+                    .insert(dest.clone(), dest_ch.name.clone());
                 if call.inbound && call.announced.insert(code.clone()) {
                     out.push(Output::Live(LiveEvent::Ringing {
                         external_id: format!("{}-{}", self.system_id, call.key),
@@ -707,6 +758,9 @@ impl CallModel {
                     let Some(call) = self.calls.get_mut(&cust.call) else {
                         continue;
                     };
+                    call.channel_names
+                        .entry(ext_id.clone())
+                        .or_insert_with(|| ext.name.clone());
                     call.talk.push(TalkSegment {
                         extension: code.clone(),
                         start: at,
@@ -857,11 +911,55 @@ impl CallModel {
         }
     }
 
+    /// A channel we know entered (`on`) or left a parking lot. Only noted: it sits alone in a
+    /// holding bridge, and whoever picks it up bridges with it as usual.
+    fn park(&mut self, f: &Frame, at: Millis, on: bool) {
+        let Some(uid) = f
+            .get("ParkeeUniqueid")
+            .filter(|u| self.channels.contains_key(*u))
+            .map(str::to_string)
+        else {
+            return;
+        };
+        self.touch(f, "Parkee", at);
+        let Some(ch) = self.channels.get(&uid) else {
+            return;
+        };
+        let name = ch.name.clone();
+        let Some(call) = self.calls.get_mut(&ch.call) else {
+            return;
+        };
+        let open = call
+            .parks
+            .iter()
+            .rposition(|p| p.channel == uid && p.until.is_none());
+        match (on, open) {
+            (true, None) if call.parks.len() < 64 => call.parks.push(Park {
+                channel: uid,
+                name,
+                from: at,
+                until: None,
+            }),
+            (false, Some(i)) => call.parks[i].until = Some(at),
+            _ => {}
+        }
+    }
+
     fn remove_channel(&mut self, uid: &str, at: Millis) {
         self.close_talk_of(uid, at);
         let Some(ch) = self.channels.remove(uid) else {
             return;
         };
+        // The main channel of its call (which it may have left, after a transfer).
+        if let Some(main) = self
+            .calls
+            .get_mut(uid)
+            .or_else(|| self.closing_calls.get_mut(uid))
+            .and_then(|c| c.main_channel.as_mut())
+            .filter(|m| m.end.is_none())
+        {
+            main.end = Some(at);
+        }
         if self.gone.insert(uid.to_string()) {
             self.gone_order.push_back(uid.to_string());
             if self.gone_order.len() > GONE_MEMORY {
@@ -1045,6 +1143,28 @@ impl CallModel {
             Direction::Out => final_extension.clone().or_else(|| call.placed_by.clone()),
             Direction::Internal => call.root_extension.clone(),
         };
+        let (from_number, to_number) = match direction {
+            Direction::In => (customer_number.clone(), call.did.clone()),
+            Direction::Out => (
+                call.placed_by
+                    .clone()
+                    .or_else(|| call.root_extension.clone()),
+                customer_number.clone(),
+            ),
+            Direction::Internal => (
+                call.root_extension.clone(),
+                call.rings
+                    .first()
+                    .map(|r| r.extension.clone())
+                    .or_else(|| answered_by.clone()),
+            ),
+        };
+        let kind = match direction {
+            Direction::Internal if call.root_extension.is_none() => ChannelKind::Unknown,
+            d => ChannelKind::from(d),
+        };
+        let main_channel = call.main_channel.clone().map(|m| MainChannel { kind, ..m });
+        let conversations = conversations(&call, end);
         let record = CallRecord {
             external_id: format!("{}-{}", self.system_id, call.key),
             linkedid: call.key.clone(),
@@ -1087,6 +1207,10 @@ impl CallModel {
             phone_original: None,
             registration: None,
             ignored: false,
+            main_channel,
+            conversations,
+            from_number,
+            to_number,
         };
         out.push(Output::Live(LiveEvent::Hangup {
             external_id: record.external_id.clone(),
@@ -1149,6 +1273,96 @@ impl CallModel {
             .map(|(k, c)| (k.clone(), c.live.len()))
             .collect()
     }
+}
+
+/// The conversations of a finished call (its talk segments already final): one per ring, named
+/// by the phone it reached and joined with the talk of any channel of that ring; one per
+/// channel that talked without this call ringing it (a transfer target rung by another call, a
+/// pick-up from a parking lot); one per parking span.
+fn conversations(call: &Call, end: Millis) -> Vec<Conversation> {
+    let name = |uid: &str| call.channel_names.get(uid).cloned().unwrap_or_default();
+    // (ring index, conversation); rings come first so their index is their position.
+    let mut legs: Vec<(Option<usize>, Conversation)> = call
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            // The phone rung: the last hop of a Local chain (a queue dials a Local half, which
+            // dials the phone), a real phone rather than a Local half.
+            let channel = call
+                .ring_by_dest
+                .iter()
+                .filter(|(_, &j)| j == i)
+                .map(|(d, _)| d)
+                .max_by_key(|d| (!name(d).starts_with("Local/"), uniqueid_order(d)))
+                .cloned()
+                .unwrap_or_default();
+            let conversation = Conversation {
+                channel_name: name(&channel),
+                channel,
+                customer_channel: String::new(),
+                extension: Some(r.extension.clone()),
+                start: r.start,
+                answer: None,
+                end: r.end,
+                parked: false,
+            };
+            (Some(i), conversation)
+        })
+        .collect();
+    for t in &call.talk {
+        let ring = call.ring_by_dest.get(&t.extension_channel).copied();
+        let found = legs.iter_mut().find(|(i, c)| match ring {
+            Some(r) => *i == Some(r),
+            None => i.is_none() && !c.parked && c.channel == t.extension_channel,
+        });
+        match found {
+            Some((_, c)) if c.answer.is_none() => {
+                c.customer_channel = t.customer_channel.clone();
+                c.start = c.start.min(t.start);
+                c.answer = Some(t.start);
+                c.end = t.end;
+            }
+            Some((_, c)) => c.end = c.end.max(t.end),
+            None => legs.push((
+                None,
+                Conversation {
+                    channel: t.extension_channel.clone(),
+                    channel_name: name(&t.extension_channel),
+                    customer_channel: t.customer_channel.clone(),
+                    extension: Some(t.extension.clone()),
+                    start: t.start,
+                    answer: Some(t.start),
+                    end: t.end,
+                    parked: false,
+                },
+            )),
+        }
+    }
+    legs.extend(call.parks.iter().map(|p| {
+        (
+            None,
+            Conversation {
+                channel: p.channel.clone(),
+                channel_name: p.name.clone(),
+                customer_channel: String::new(),
+                extension: None,
+                start: p.from,
+                answer: None,
+                end: Some(p.until.unwrap_or(end).max(p.from)),
+                parked: true,
+            },
+        )
+    }));
+    let mut out: Vec<Conversation> = legs.into_iter().map(|(_, c)| c).collect();
+    out.sort_by_key(|c| c.start);
+    out
+}
+
+/// `1795264605.56` → (1795264605, 56): the order Asterisk created channels in.
+fn uniqueid_order(uid: &str) -> (u64, u64) {
+    let (secs, seq) = uid.split_once('.').unwrap_or((uid, ""));
+    (secs.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// `Local/199@internal-0000000f;1` → `Local/199@internal`; `PJSIP/101-0000001f` → `PJSIP/101`;
@@ -1624,5 +1838,207 @@ mod tests {
             (r.outcome, r.answered_by.as_deref()),
             (Outcome::Answered, Some("101"))
         );
+    }
+
+    /// Capture-free parking: the customer talks with 101, is parked on 701, and 102 (a call of
+    /// its own, dialling 701) picks it up. `park` false leaves the parking events out.
+    fn parked_call(park: bool) -> Vec<CallRecord> {
+        let (trunk, a, b) = (
+            ("PJSIP/trunk-01", "7.1"),
+            ("PJSIP/101-02", "7.2"),
+            ("PJSIP/102-03", "7.3"),
+        );
+        let parkee = |event: &str, extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                ("Event", event.to_string()),
+                ("ParkeeChannel", trunk.0.to_string()),
+                ("ParkeeChannelState", "6".to_string()),
+                ("ParkeeCallerIDNum", "+79990001122".to_string()),
+                ("ParkeeUniqueid", trunk.1.to_string()),
+                ("ParkeeLinkedid", "7.1".to_string()),
+                ("ParkerChannel", a.0.to_string()),
+                ("ParkerDialString", "PJSIP/101".to_string()),
+                ("Parkinglot", "default".to_string()),
+                ("ParkingSpace", "701".to_string()),
+            ];
+            pairs.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+            Frame::from_pairs(pairs)
+        };
+        let bridge = |event: &str, (n, u): (&str, &str), linkedid: &str, id: &str| {
+            chan(event, n, u, linkedid, "", "", &[("BridgeUniqueid", id)])
+        };
+        let mut frames: Vec<(Millis, Frame)> = vec![
+            (
+                0,
+                chan(
+                    "Newchannel",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "from-trunk",
+                    "+74951234567",
+                    &[],
+                ),
+            ),
+            (
+                10,
+                chan("Newchannel", a.0, a.1, "7.1", "internal", "s", &[]),
+            ),
+            (20, dial("DialBegin", trunk, a, "7.1", &[])),
+            (
+                3_000,
+                dial("DialEnd", trunk, a, "7.1", &[("DialStatus", "ANSWER")]),
+            ),
+            (
+                3_000,
+                chan(
+                    "Newstate",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "",
+                    "",
+                    &[("ChannelState", "6")],
+                ),
+            ),
+            (3_000, bridge("BridgeEnter", trunk, "7.1", "b1")),
+            (3_000, bridge("BridgeEnter", a, "7.1", "b1")),
+            (10_000, bridge("BridgeLeave", trunk, "7.1", "b1")),
+            (
+                10_000,
+                bridge("BridgeEnter", trunk, "7.1", "parking-default"),
+            ),
+            (10_000, parkee("ParkedCall", &[("ParkingTimeout", "45")])),
+            (10_010, bridge("BridgeLeave", a, "7.1", "b1")),
+            (
+                10_010,
+                chan("Hangup", a.0, a.1, "7.1", "", "", &[("Cause", "16")]),
+            ),
+            (
+                20_000,
+                chan("Newchannel", b.0, b.1, "7.3", "internal", "701", &[]),
+            ),
+            (
+                20_010,
+                parkee(
+                    "UnParkedCall",
+                    &[("RetrieverChannel", b.0), ("RetrieverUniqueid", b.1)],
+                ),
+            ),
+            (
+                20_010,
+                bridge("BridgeLeave", trunk, "7.1", "parking-default"),
+            ),
+            (20_020, bridge("BridgeEnter", trunk, "7.1", "b2")),
+            // Bridged, the retriever takes the older Linkedid.
+            (20_020, bridge("BridgeEnter", b, "7.1", "b2")),
+            (50_000, bridge("BridgeLeave", trunk, "7.1", "b2")),
+            (
+                50_000,
+                chan(
+                    "Hangup",
+                    trunk.0,
+                    trunk.1,
+                    "7.1",
+                    "",
+                    "",
+                    &[("Cause", "16")],
+                ),
+            ),
+            (50_000, bridge("BridgeLeave", b, "7.1", "b2")),
+            (
+                50_000,
+                chan("Hangup", b.0, b.1, "7.1", "", "", &[("Cause", "16")]),
+            ),
+        ];
+        if !park {
+            frames.retain(|(_, f)| !f.event().is_some_and(|e| e.contains("Park")));
+        }
+        let mut m = model();
+        let mut out = Vec::new();
+        for (at, f) in &frames {
+            m.on_event(f, 1_000_000 + at, &mut out);
+        }
+        m.flush(&mut out);
+        finished(&out).into_iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_parked_call_has_a_parked_conversation_between_its_two_extensions() {
+        let records = parked_call(true);
+        let r = records.iter().find(|r| r.linkedid == "7.1").unwrap();
+        assert_eq!(
+            (
+                r.outcome,
+                r.answered_by.as_deref(),
+                r.final_extension.as_deref()
+            ),
+            (Outcome::Answered, Some("101"), Some("102"))
+        );
+        let got: Vec<_> = r
+            .conversations
+            .iter()
+            .map(|c| {
+                (
+                    c.extension.as_deref(),
+                    c.channel.as_str(),
+                    c.start - 1_000_000,
+                    c.answer.map(|t| t - 1_000_000),
+                    c.end.map(|t| t - 1_000_000),
+                    c.parked,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("101"), "7.2", 20, Some(3_000), Some(10_000), false),
+                (None, "7.1", 10_000, None, Some(20_010), true),
+                (
+                    Some("102"),
+                    "7.3",
+                    20_020,
+                    Some(20_020),
+                    Some(50_000),
+                    false
+                ),
+            ]
+        );
+        assert_eq!(r.conversations[1].channel_name, "PJSIP/trunk-01");
+        let main = r.main_channel.as_ref().unwrap();
+        assert_eq!(
+            (main.id.as_str(), main.answer, main.end),
+            ("7.1", Some(1_003_000), Some(1_050_000))
+        );
+        assert_eq!(r.conversations[2].customer_channel, "7.1");
+    }
+
+    #[test]
+    fn parking_events_change_nothing_but_the_parked_conversation() {
+        let with = parked_call(true);
+        let without = parked_call(false);
+        assert_eq!(with.len(), without.len());
+        for (w, o) in with.iter().zip(&without) {
+            let mut w = w.clone();
+            w.conversations.retain(|c| !c.parked);
+            assert_eq!(&w, o);
+        }
+        assert!(with
+            .iter()
+            .any(|r| r.conversations.iter().any(|c| c.parked)));
+    }
+
+    #[test]
+    fn a_parked_channel_we_never_saw_is_ignored() {
+        let mut m = model();
+        let mut out = Vec::new();
+        let f = Frame::from_pairs(vec![
+            ("Event", "ParkedCall".to_string()),
+            ("ParkeeChannel", "PJSIP/trunk-09".to_string()),
+            ("ParkeeUniqueid", "9.1".to_string()),
+            ("ParkeeLinkedid", "9.1".to_string()),
+        ]);
+        m.on_event(&f, 0, &mut out);
+        assert_eq!((m.live_calls(), m.live_channels()), (0, 0));
     }
 }

@@ -1,8 +1,15 @@
 //! What the call model produces: live events (pop-ups) and finished call records.
+//!
+//! A [`CallRecord`] is CRM-neutral: besides what retailCRM's history needs it carries what the
+//! customisation hooks (`call_full`) and other CRMs need: the call's main channel, one
+//! [`Conversation`] per extension leg (and per span the customer spent parked), the numbers as
+//! the PBX gave them and a SIP-style result ([`Outcome::sip_code`]). Records are stored as JSON
+//! (outbox envelopes): every field added after the first version has a serde default, so a record
+//! written by an older version still loads.
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{ClickToCall, Millis};
+use crate::base::clock::Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -22,6 +29,111 @@ pub enum Outcome {
     Failed,
     NotAllowed,
     Unknown,
+}
+
+impl Outcome {
+    /// The call's result as a SIP status code (`call_full.result`):
+    ///
+    /// | outcome | code |
+    /// |---|---|
+    /// | answered | 200 OK |
+    /// | busy | 486 Busy Here |
+    /// | no answer (incl. missed, abandoned) | 480 Temporarily Unavailable |
+    /// | not allowed (declined, barred) | 603 Decline |
+    /// | failed (congestion, unreachable, bad number) | 503 Service Unavailable |
+    /// | unknown | 0: no status is known (not a SIP code, so never mistaken for one) |
+    pub fn sip_code(self) -> u16 {
+        match self {
+            Outcome::Answered => 200,
+            Outcome::Busy => 486,
+            Outcome::NoAnswer => 480,
+            Outcome::NotAllowed => 603,
+            Outcome::Failed => 503,
+            Outcome::Unknown => 0,
+        }
+    }
+}
+
+/// What a channel is for its call (`call_full` `channel.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// From an external number to an extension.
+    Incoming,
+    /// From an extension to an external number.
+    Outgoing,
+    /// From an extension to an extension.
+    Local,
+    /// Cannot be told (no extension and no customer seen).
+    #[default]
+    Unknown,
+}
+
+impl From<Direction> for ChannelKind {
+    fn from(d: Direction) -> ChannelKind {
+        match d {
+            Direction::In => ChannelKind::Incoming,
+            Direction::Out => ChannelKind::Outgoing,
+            Direction::Internal => ChannelKind::Local,
+        }
+    }
+}
+
+/// The call's main channel: the one whose Uniqueid is the call's Linkedid (the first channel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainChannel {
+    /// Uniqueid (= the call's Linkedid).
+    pub id: String,
+    /// Channel name as the PBX gave it (`PJSIP/trunk-00000005`); empty if unknown.
+    #[serde(default)]
+    pub name: String,
+    /// The call's type as seen from this channel.
+    #[serde(default, rename = "type")]
+    pub kind: ChannelKind,
+    /// When the channel was created.
+    pub start: Millis,
+    /// When the channel itself was answered (state Up); None if it never was. A channel can be
+    /// up before anyone talks (an IVR or a queue answers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Millis>,
+    /// When it hung up; None if that was not seen (a reaped call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Millis>,
+}
+
+/// One conversation: an extension's leg of the call, from the moment it was asked for (its
+/// ring) to its end, answered or not; or a span the customer spent parked (`parked`, no
+/// extension). Itgrix's `call_full.conversations` and Bitrix24's register/finish are per
+/// conversation. Ordered by `start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// Uniqueid of the extension's channel (of the parked channel for a parking span); empty
+    /// when the source does not know it (webhooks, the CDR of a dialled phone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub channel: String,
+    /// Name of that channel (`PJSIP/102-00000007`); empty if unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub channel_name: String,
+    /// Uniqueid of the customer-side channel it was connected with; empty if unknown or never
+    /// connected.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub customer_channel: String,
+    /// The extension; None for a parking span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension: Option<String>,
+    /// Asked for: the extension started ringing (or was connected without ringing); the call
+    /// was parked.
+    pub start: Millis,
+    /// Connected with the customer (the first time); None if never (and for a parking span).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Millis>,
+    /// Ended: its last connection ended, its ring ended, the call left the parking lot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Millis>,
+    /// The customer sat in a parking lot (AMI `ParkedCall` until `UnParkedCall`,
+    /// `ParkedCallGiveUp` or `ParkedCallTimeOut`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parked: bool,
 }
 
 /// One extension rung during the call.
@@ -94,6 +206,29 @@ pub struct CallRecord {
     /// The call must not reach the CRM (a registration rule, an employee's mobile).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignored: bool,
+    /// The main channel (Uniqueid = Linkedid), when the source knows it (AMI, CDR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_channel: Option<MainChannel>,
+    /// Every conversation of the call (one per extension leg, one per parking span), by start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conversations: Vec<Conversation>,
+    /// The calling number as the PBX gave it, never normalised: inbound the caller ID,
+    /// outbound the extension that placed it, internal the calling extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_number: Option<String>,
+    /// The called number as the PBX gave it, never normalised: inbound the DID, outbound the
+    /// number dialled towards the carrier, internal the extension called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_number: Option<String>,
+}
+
+/// A click-to-call we placed, announced before its first channel appears.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClickToCall {
+    pub code: String,
+    pub phone: String,
+    pub user_id: i64,
+    pub external_phone: Option<String>,
 }
 
 /// Live events for the CRM's pop-ups.
@@ -213,6 +348,123 @@ impl CallRecord {
             phone_original: None,
             registration: None,
             ignored: false,
+            main_channel: Some(MainChannel {
+                id: id.into(),
+                name: "PJSIP/trunk-00000001".into(),
+                kind: ChannelKind::Incoming,
+                start: 1_795_255_200_000,
+                answer: Some(1_795_255_205_000),
+                end: Some(1_795_255_265_000),
+            }),
+            conversations: vec![Conversation {
+                channel: "1795255200.2".into(),
+                channel_name: "PJSIP/101-00000002".into(),
+                customer_channel: id.into(),
+                extension: Some("101".into()),
+                start: 1_795_255_200_000,
+                answer: Some(1_795_255_205_000),
+                end: Some(1_795_255_265_000),
+                parked: false,
+            }],
+            from_number: Some("+79991234567".into()),
+            to_number: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as the version before `main_channel`, `conversations`, `from_number` and
+    /// `to_number` wrote it (the blind transfer of capture 07, serialised by that version).
+    const PREVIOUS_SHAPE: &str = r#"{"external_id":"lab-1795264605.55","linkedid":"1795264605.55","direction":"in","customer_number":"+491701234567","did":"+4930111101","code":"102","user_id":null,"external_phone":"+4930111101","start":1795264605423,"answer":1795264607435,"end":1795264625443,"wait_seconds":2,"talk_seconds":18,"connected_seconds":15,"outcome":"answered","answered_by":"101","final_extension":"102","placed_by":null,"click_to_call":false,"rings":[{"extension":"101","start":1795264605425,"end":1795264607435,"status":"ANSWER"},{"extension":"102","start":1795264612441,"end":1795264615449,"status":"ANSWER"}],"talk":[{"extension":"101","start":1795264607435,"end":1795264612437,"customer_channel":"1795264605.55","extension_channel":"1795264605.56","hold_ms":0},{"extension":"102","start":1795264615450,"end":1795264625443,"customer_channel":"1795264605.55","extension_channel":"1795264612.57","hold_ms":0}],"recordings":["/var/spool/asterisk/monitor/20261121-123645_in_+491701234567_to_+4930111101_1795264605.55.wav","/var/spool/asterisk/monitor/20261121-123652_internal_+491701234567_to_102_1795264605.55.wav"],"customer_dial_status":null,"reaped":false,"trunk":"PJSIP/trunk"}"#;
+
+    #[test]
+    fn a_record_of_the_previous_shape_loads_with_the_new_fields_empty() {
+        let r: CallRecord = serde_json::from_str(PREVIOUS_SHAPE).unwrap();
+        assert_eq!(r.main_channel, None);
+        assert!(r.conversations.is_empty());
+        assert_eq!((r.from_number, r.to_number), (None, None));
+        // What it had is all there.
+        assert_eq!(
+            (
+                r.final_extension.as_deref(),
+                r.talk.len(),
+                r.trunk.as_deref()
+            ),
+            (Some("102"), 2, Some("PJSIP/trunk"))
+        );
+        assert_eq!(r.talk[1].extension_channel, "1795264612.57");
+    }
+
+    #[test]
+    fn empty_new_fields_are_not_written() {
+        let mut r: CallRecord = serde_json::from_str(PREVIOUS_SHAPE).unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        for field in ["main_channel", "conversations", "from_number", "to_number"] {
+            assert!(!json.contains(field), "{field} in {json}");
+        }
+        r.conversations.push(Conversation {
+            channel: String::new(),
+            channel_name: String::new(),
+            customer_channel: String::new(),
+            extension: Some("101".into()),
+            start: 1,
+            answer: None,
+            end: None,
+            parked: false,
+        });
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["conversations"],
+            serde_json::json!([{"extension": "101", "start": 1}])
+        );
+    }
+
+    #[test]
+    fn the_sample_round_trips_with_its_channels() {
+        let r = CallRecord::sample("pbx-1");
+        let back: CallRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let main = back.main_channel.unwrap();
+        assert_eq!(
+            (main.id.as_str(), main.kind),
+            ("pbx-1", ChannelKind::Incoming)
+        );
+        let json = serde_json::to_value(CallRecord::sample("pbx-1")).unwrap();
+        assert_eq!(json["main_channel"]["type"], "incoming");
+    }
+
+    #[test]
+    fn outcomes_map_to_sip_codes() {
+        let codes: Vec<u16> = [
+            Outcome::Answered,
+            Outcome::Busy,
+            Outcome::NoAnswer,
+            Outcome::NotAllowed,
+            Outcome::Failed,
+            Outcome::Unknown,
+        ]
+        .into_iter()
+        .map(Outcome::sip_code)
+        .collect();
+        assert_eq!(codes, vec![200, 486, 480, 603, 503, 0]);
+    }
+
+    #[test]
+    fn directions_give_channel_types() {
+        let kinds: Vec<ChannelKind> = [Direction::In, Direction::Out, Direction::Internal]
+            .into_iter()
+            .map(ChannelKind::from)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ChannelKind::Incoming,
+                ChannelKind::Outgoing,
+                ChannelKind::Local
+            ]
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::ident::{normalize_number, ExtensionCode, PhoneNumber};
 
 use super::model::{Millis, Output, GRACE};
-use super::record::{CallRecord, Direction, LiveEvent, Outcome, Ring, TalkSegment};
+use super::record::{CallRecord, Conversation, Direction, LiveEvent, Outcome, Ring, TalkSegment};
 
 /// Most events accepted in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 100;
@@ -436,6 +436,15 @@ fn finish(
     // way as one seen over AMI.
     let code = final_extension.clone().or_else(|| placed_by.clone());
     let external_id = format!("{system_id}-{call_id}");
+    let (from_number, to_number) = match call.direction {
+        Direction::Out => (placed_by.clone(), Some(call.phone.clone())),
+        _ => (Some(call.phone.clone()), call.did.clone()),
+    };
+    let (from_number, to_number) = (
+        from_number.filter(|n| !n.is_empty()),
+        to_number.filter(|n| !n.is_empty()),
+    );
+    let conversations = conversations(&call.rings, &call.talk);
     let record = CallRecord {
         external_id: external_id.clone(),
         linkedid: call_id.to_string(),
@@ -474,6 +483,11 @@ fn finish(
         phone_original: None,
         registration: None,
         ignored: false,
+        // Webhooks name no channels.
+        main_channel: None,
+        conversations,
+        from_number,
+        to_number,
     };
     vec![
         Output::Live(LiveEvent::Hangup {
@@ -485,6 +499,53 @@ fn finish(
         }),
         Output::Finished(Box::new(record)),
     ]
+}
+
+/// One conversation per ring, answered by the first talk of its extension that began after it;
+/// talk left over (none is, as `apply` rings every extension it connects) stands alone.
+/// Webhooks name no channels: the channel ids stay empty.
+fn conversations(rings: &[Ring], talk: &[TalkSegment]) -> Vec<Conversation> {
+    let mut used = vec![false; talk.len()];
+    let mut out: Vec<Conversation> = rings
+        .iter()
+        .map(|r| {
+            let t = talk
+                .iter()
+                .enumerate()
+                .find(|(i, t)| !used[*i] && t.extension == r.extension && t.start >= r.start);
+            if let Some((i, _)) = t {
+                used[i] = true;
+            }
+            let t = t.map(|(_, t)| t);
+            Conversation {
+                channel: String::new(),
+                channel_name: String::new(),
+                customer_channel: String::new(),
+                extension: Some(r.extension.clone()),
+                start: r.start,
+                answer: t.map(|t| t.start),
+                end: t.map_or(r.end, |t| t.end),
+                parked: false,
+            }
+        })
+        .collect();
+    out.extend(
+        talk.iter()
+            .zip(&used)
+            .filter(|(_, u)| !**u)
+            .map(|(t, _)| Conversation {
+                channel: String::new(),
+                channel_name: String::new(),
+                customer_channel: String::new(),
+                extension: Some(t.extension.clone()),
+                start: t.start,
+                answer: Some(t.start),
+                end: t.end,
+                parked: false,
+            }),
+    );
+    out.sort_by_key(|c| c.start);
+    out
 }
 
 #[cfg(test)]
@@ -612,5 +673,93 @@ mod tests {
             (r.outcome, r.customer_number.as_str()),
             (Outcome::Busy, "+7999")
         );
+    }
+
+    #[test]
+    fn a_webhook_record_has_a_conversation_per_extension_and_no_channels() {
+        let evs = parse_events(
+            br#"[
+            {"call_id":"c1","event":"start","direction":"in","phone":"+491701234567","did":"+4930111101","at":"2026-11-21T12:36:45.423Z"},
+            {"call_id":"c1","event":"ringing","extension":"101","at":"2026-11-21T12:36:45.500Z"},
+            {"call_id":"c1","event":"ringing","extension":"103","at":"2026-11-21T12:36:45.500Z"},
+            {"call_id":"c1","event":"answer","extension":"101","at":"2026-11-21T12:36:47.435Z"},
+            {"call_id":"c1","event":"transfer","extension":"102","at":"2026-11-21T12:36:55.450Z"},
+            {"call_id":"c1","event":"hangup","at":"2026-11-21T12:37:05.443Z"}
+        ]"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        for e in &evs {
+            m.apply(e, 0, &mut out);
+        }
+        let r = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Finished(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        let t0 = 1_795_264_605_423;
+        let got: Vec<_> = r
+            .conversations
+            .iter()
+            .map(|c| {
+                (
+                    c.extension.as_deref(),
+                    c.start - t0,
+                    c.answer.map(|a| a - t0),
+                    c.end.map(|e| e - t0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("101"), 77, Some(2_012), Some(10_027)),
+                (Some("103"), 77, None, Some(2_012)),
+                (Some("102"), 10_027, Some(10_027), Some(20_020)),
+            ]
+        );
+        assert!(r
+            .conversations
+            .iter()
+            .all(|c| c.channel.is_empty() && c.customer_channel.is_empty() && !c.parked));
+        assert_eq!(r.main_channel, None);
+        assert_eq!(
+            (r.from_number.as_deref(), r.to_number.as_deref()),
+            (Some("+491701234567"), Some("+4930111101"))
+        );
+        assert_eq!(r.outcome.sip_code(), 200);
+    }
+
+    #[test]
+    fn an_outbound_webhook_call_is_from_its_extension_to_the_customer() {
+        let evs = parse_events(
+            br#"[
+            {"call_id":"o1","event":"start","direction":"out","phone":"+4930123456","extension":"101"},
+            {"call_id":"o1","event":"hangup","result":"busy"}
+        ]"#,
+        )
+        .unwrap();
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        for e in &evs {
+            m.apply(e, 1_000_000, &mut out);
+        }
+        let r = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Finished(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (r.from_number.as_deref(), r.to_number.as_deref()),
+            (Some("101"), Some("+4930123456"))
+        );
+        assert_eq!(r.outcome.sip_code(), 486);
+        assert_eq!(r.conversations.len(), 1);
+        assert_eq!(r.conversations[0].answer, None);
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::calls::classify::{parse_name, Role};
+use crate::calls::record::{ChannelKind, Conversation, MainChannel};
 use crate::calls::{CallRecord, Classifier, Direction, Outcome};
 use crate::config::Config;
 
@@ -168,6 +169,19 @@ pub fn record(
         })
         .collect();
     let answer = answered_rows.iter().filter_map(|r| to_ms(&r.answer)).min();
+    let (from_number, to_number) = match direction {
+        Direction::In => inbound.map(|r| (r.src.clone(), r.dst.clone())),
+        Direction::Out => outbound.map(|r| {
+            let placed = ext_of(&r.channel).unwrap_or_else(|| r.src.clone());
+            let number = match role(&r.dstchannel) {
+                Role::External(n) => n,
+                _ => r.dst.clone(),
+            };
+            (placed, number)
+        }),
+        Direction::Internal => Some((first.src.clone(), first.dst.clone())),
+    }
+    .unwrap_or_default();
     let (customer_number, did, code) = match direction {
         Direction::In => {
             let r = inbound?;
@@ -243,6 +257,21 @@ pub fn record(
         .then(|| code.clone())
         .flatten();
     let linkedid = first.uniqueid.clone();
+    // The main channel: the first one; its rows span its life (a transfer adds a row).
+    let own: Vec<&CdrRow> = rows.iter().filter(|r| r.channel == first.channel).collect();
+    let main_channel = MainChannel {
+        id: linkedid.clone(),
+        name: first.channel.clone(),
+        kind: ChannelKind::from(direction),
+        start: own
+            .iter()
+            .filter_map(|r| to_ms(&r.start))
+            .min()
+            .unwrap_or(start),
+        answer: own.iter().filter_map(|r| to_ms(&r.answer)).min(),
+        end: own.iter().filter_map(|r| to_ms(&r.end)).max(),
+    };
+    let conversations = conversations(rows, direction, inbound.or(outbound), classifier, to_ms);
     Some(CallRecord {
         external_id: format!("{system_id}-{linkedid}"),
         linkedid,
@@ -272,7 +301,88 @@ pub fn record(
         phone_original: None,
         registration: None,
         ignored: false,
+        main_channel: Some(main_channel),
+        conversations,
+        from_number: Some(from_number).filter(|n| !n.is_empty()),
+        to_number: Some(to_number).filter(|n| !n.is_empty()),
     })
+}
+
+/// The conversations of one call's rows. Outbound: the placing extension's leg (its own row
+/// names its channel). Otherwise one per extension dialled (like the rings), over all the rows
+/// that dialled it (a queue dials a Local half, which dials the phone); the CSV has no Uniqueid
+/// for a dialled channel, so only its name is known.
+fn conversations(
+    rows: &[CdrRow],
+    direction: Direction,
+    customer_row: Option<&CdrRow>,
+    classifier: &Classifier,
+    to_ms: &dyn Fn(&str) -> Option<i64>,
+) -> Vec<Conversation> {
+    let ext_of = |name: &str| match classifier.role(name) {
+        Role::Extension(code) => Some(code),
+        _ => None,
+    };
+    if direction == Direction::Out {
+        return customer_row
+            .and_then(|r| {
+                Some(Conversation {
+                    channel: r.uniqueid.clone(),
+                    channel_name: r.channel.clone(),
+                    customer_channel: String::new(),
+                    extension: Some(ext_of(&r.channel)?),
+                    start: to_ms(&r.start)?,
+                    answer: to_ms(&r.answer),
+                    end: to_ms(&r.end),
+                    parked: false,
+                })
+            })
+            .into_iter()
+            .collect();
+    }
+    let customer = match (direction, customer_row) {
+        (Direction::In, Some(r)) => r.uniqueid.clone(),
+        _ => String::new(),
+    };
+    let mut out: Vec<Conversation> = Vec::new();
+    for r in rows {
+        let (Some(ext), Some(start)) = (ext_of(&r.dstchannel), to_ms(&r.start)) else {
+            continue;
+        };
+        let answer = to_ms(&r.answer).filter(|_| r.disposition == "ANSWERED");
+        let end = to_ms(&r.end);
+        let c = match out
+            .iter_mut()
+            .find(|c| c.extension.as_deref() == Some(&ext))
+        {
+            Some(c) => c,
+            None => {
+                out.push(Conversation {
+                    channel: String::new(),
+                    channel_name: r.dstchannel.clone(),
+                    customer_channel: String::new(),
+                    extension: Some(ext),
+                    start,
+                    answer: None,
+                    end,
+                    parked: false,
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        // The phone rather than a Local half standing for it.
+        if c.channel_name.starts_with("Local/") && !r.dstchannel.starts_with("Local/") {
+            c.channel_name = r.dstchannel.clone();
+        }
+        c.start = c.start.min(start);
+        c.end = c.end.max(end);
+        if let Some(a) = answer {
+            c.answer = Some(c.answer.map_or(a, |x| x.min(a)));
+            c.customer_channel.clone_from(&customer);
+        }
+    }
+    out.sort_by_key(|c| c.start);
+    out
 }
 
 /// CDR time (`2026-11-21 12:34:21`, in `tz`) → Unix milliseconds.

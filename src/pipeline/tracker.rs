@@ -16,10 +16,11 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use crate::base::clock::now_ms;
-use crate::calls::model::{CallModel, ClickToCall, JournalOp, Millis, Output};
+use crate::calls::model::{CallModel, JournalOp, Millis, Output};
 use crate::calls::record::{CallRecord, LiveEvent};
 use crate::calls::webhook::{WebhookEvent, WebhookModel};
 use crate::calls::Classifier;
+use crate::calls::ClickToCall;
 use crate::config::Config;
 use crate::pbx::ami::{Action, AmiClient, AmiEvent, Frame};
 use crate::pipeline::gate::Gate;

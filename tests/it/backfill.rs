@@ -61,3 +61,100 @@ fn the_lab_cdr_gives_the_calls_of_the_ground_truth() {
     let other: jiff::civil::Date = "2026-11-20".parse().unwrap();
     assert!(build(&config, &rows, other, other, &jiff::tz::TimeZone::UTC).is_empty());
 }
+
+#[test]
+fn backfilled_calls_carry_their_main_channel_conversations_and_numbers() {
+    use pbxgate::calls::record::ChannelKind;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/ami-captures");
+    let (rows, _) = read_rows(&dir.join("cdr/Master.csv")).unwrap();
+    let config = crate::call_scenarios::lab_config();
+    let calls = pbxgate::pbx::cdr::calls_of(&config, &rows, &jiff::tz::TimeZone::UTC);
+    let at = |s: &str| pbxgate::pbx::cdr::cdr_time(s, &jiff::tz::TimeZone::UTC);
+    let by_id = |id: &str| calls.iter().find(|c| c.linkedid == id).unwrap();
+
+    // The blind transfer 101 -> 102: the trunk channel for the whole call, a conversation each.
+    let c = by_id("1795264605.55");
+    let main = c.main_channel.as_ref().unwrap();
+    assert_eq!(
+        (main.name.as_str(), main.kind),
+        ("PJSIP/trunk-00000005", ChannelKind::Incoming)
+    );
+    assert_eq!(
+        (main.start, main.answer, main.end),
+        (
+            at("2026-11-21 12:36:45").unwrap(),
+            at("2026-11-21 12:36:47"),
+            at("2026-11-21 12:37:05")
+        )
+    );
+    let legs: Vec<(Option<&str>, &str, Option<i64>, &str)> = c
+        .conversations
+        .iter()
+        .map(|x| {
+            (
+                x.extension.as_deref(),
+                x.channel_name.as_str(),
+                x.answer,
+                x.customer_channel.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        legs,
+        vec![
+            (
+                Some("101"),
+                "PJSIP/101-00000006",
+                at("2026-11-21 12:36:47"),
+                "1795264605.55"
+            ),
+            (
+                Some("102"),
+                "PJSIP/102-00000007",
+                at("2026-11-21 12:36:52"),
+                "1795264605.55"
+            ),
+        ]
+    );
+    assert_eq!(
+        (c.from_number.as_deref(), c.to_number.as_deref()),
+        (Some("+491701234567"), Some("102"))
+    );
+
+    // A queue call: the phone's channel names the conversation, not the queue's Local half.
+    let q = by_id("1795264767.80");
+    let legs: Vec<(Option<&str>, &str, bool)> = q
+        .conversations
+        .iter()
+        .map(|x| {
+            (
+                x.extension.as_deref(),
+                x.channel_name.as_str(),
+                x.answer.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        legs,
+        vec![
+            (Some("101"), "PJSIP/101-0000001d", false),
+            (Some("102"), "PJSIP/102-0000001e", true)
+        ]
+    );
+
+    // Outbound: the placing extension's own row gives its channel.
+    let o = by_id("1795264459.0");
+    assert_eq!(
+        (o.from_number.as_deref(), o.to_number.as_deref()),
+        (Some("101"), Some("+4930123456"))
+    );
+    assert_eq!(o.conversations.len(), 1);
+    assert_eq!(
+        (
+            o.conversations[0].channel.as_str(),
+            o.conversations[0].extension.as_deref()
+        ),
+        ("1795264459.0", Some("101"))
+    );
+    assert_eq!(o.main_channel.as_ref().unwrap().kind, ChannelKind::Outgoing);
+}

@@ -556,3 +556,254 @@ fn the_scenarios_as_webhooks_give_the_same_records() {
         }
     }
 }
+
+/// The truth's channel with this name or Uniqueid.
+fn truth_channel<'a>(t: &'a Value, key: &str, value: &str) -> Option<&'a Value> {
+    t["channels"]
+        .as_array()?
+        .iter()
+        .find(|c| c[key].as_str() == Some(value))
+}
+
+fn close_opt(a: Option<i64>, b: Option<i64>, what: &str, ctx: &str) {
+    match (a, b) {
+        (Some(a), Some(b)) => close(a, b, what, ctx),
+        (a, b) => assert_eq!(
+            a.is_some(),
+            b.is_some(),
+            "{ctx}: {what} {a:?} vs truth {b:?}"
+        ),
+    }
+}
+
+#[test]
+fn every_capture_gives_the_main_channel_and_the_conversations_of_its_ground_truth() {
+    use pbxgate::calls::record::ChannelKind;
+    for (capture, truth_name) in SCENARIOS {
+        let (records, _) = run(&timed_frames(capture));
+        let truth: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir().join(format!("truth/{truth_name}.json"))).unwrap(),
+        )
+        .unwrap();
+        for t in truth["calls"].as_array().unwrap() {
+            let linkedid = t["linkedid"].as_str().unwrap();
+            let ctx = format!("{truth_name}/{linkedid}");
+            let r = records.iter().find(|r| r.linkedid == linkedid).unwrap();
+            // The main channel is the one whose Uniqueid is the Linkedid.
+            let main = r
+                .main_channel
+                .as_ref()
+                .unwrap_or_else(|| panic!("{ctx}: no main"));
+            let root = truth_channel(t, "uniqueid", linkedid).unwrap();
+            assert_eq!(main.id, linkedid, "{ctx}");
+            assert_eq!(main.name, root["name"].as_str().unwrap(), "{ctx}: name");
+            let kind = match t["direction"].as_str().unwrap() {
+                "in" => ChannelKind::Incoming,
+                "out" => ChannelKind::Outgoing,
+                _ => ChannelKind::Local,
+            };
+            assert_eq!(main.kind, kind, "{ctx}: type");
+            close(
+                main.start,
+                ms(&root["created"]).unwrap(),
+                "main start",
+                &ctx,
+            );
+            close_opt(main.answer, ms(&root["up"]), "main answer", &ctx);
+            close_opt(main.end, ms(&root["hangup"]), "main end", &ctx);
+            // One conversation per phone rung, named by that phone's channel.
+            let talked: Vec<&str> = match t["talk_segments"].as_array() {
+                Some(segs) => segs
+                    .iter()
+                    .map(|s| s["extension"].as_str().unwrap())
+                    .collect(),
+                None => t["answered_by"].as_str().into_iter().collect(),
+            };
+            let rang = t["rang"].as_array().unwrap();
+            assert_eq!(
+                r.conversations.len(),
+                rang.len(),
+                "{ctx}: {:#?}",
+                r.conversations
+            );
+            for ring in rang {
+                let ext = ring["extension"].as_str().unwrap();
+                let name = ring["channel"].as_str().unwrap();
+                let c = r
+                    .conversations
+                    .iter()
+                    .find(|c| c.extension.as_deref() == Some(ext))
+                    .unwrap_or_else(|| panic!("{ctx}: no conversation of {ext}"));
+                assert_eq!(c.channel_name, name, "{ctx}: {ext}");
+                if let Some(ch) = truth_channel(t, "name", name) {
+                    assert_eq!(c.channel, ch["uniqueid"].as_str().unwrap(), "{ctx}: {ext}");
+                }
+                assert!(!c.parked, "{ctx}: {ext}");
+                close(
+                    c.start,
+                    ms(&ring["ring_start"]).unwrap(),
+                    "ring start",
+                    &ctx,
+                );
+                assert_eq!(
+                    c.answer.is_some(),
+                    talked.contains(&ext),
+                    "{ctx}: {ext} answered"
+                );
+                if c.answer.is_some() {
+                    // Connected with the customer (internal calls: the caller).
+                    let customer = match t["customer_channel"]["uniqueid"].as_str() {
+                        Some(u) => u,
+                        None => linkedid,
+                    };
+                    assert_eq!(c.customer_channel, customer, "{ctx}: {ext}");
+                }
+            }
+            if let Some(a) = ms(&t["answer_time"]) {
+                let first = r.conversations.iter().filter_map(|c| c.answer).min();
+                close(first.unwrap(), a, "first conversation answer", &ctx);
+            }
+        }
+    }
+}
+
+fn only(capture: &str) -> CallRecord {
+    let (records, _) = run(&timed_frames(capture));
+    assert_eq!(records.len(), 1, "{capture}");
+    records.into_iter().next().unwrap()
+}
+
+/// `(extension, channel, answered)` of every conversation.
+fn legs(r: &CallRecord) -> Vec<(Option<&str>, &str, bool)> {
+    r.conversations
+        .iter()
+        .map(|c| {
+            (
+                c.extension.as_deref(),
+                c.channel.as_str(),
+                c.answer.is_some(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_answered_inbound_call_carries_its_numbers_channels_and_result() {
+    let r = only("03_inbound_from_trunk");
+    assert_eq!(
+        (r.from_number.as_deref(), r.to_number.as_deref()),
+        (Some("+491701234567"), Some("+4930111000"))
+    );
+    assert_eq!(r.outcome.sip_code(), 200);
+    let main = r.main_channel.as_ref().unwrap();
+    assert_eq!(
+        (main.id.as_str(), main.name.as_str()),
+        ("1795264488.20", "Local/+4930111000@from-trunk-0000000a;1")
+    );
+    // The ring group rang both; 101 answered.
+    assert_eq!(
+        legs(&r),
+        vec![
+            (Some("101"), "1795264488.22", true),
+            (Some("102"), "1795264488.24", false)
+        ]
+    );
+    // A conversation ends with its last connection, a ring with its ring.
+    assert_eq!(r.conversations[0].end, r.talk[0].end);
+    assert_eq!(r.conversations[1].end, r.rings[1].end);
+}
+
+#[test]
+fn a_blind_transfer_gives_two_conversations_with_their_channels() {
+    let r = only("07_inbound_blind_transfer");
+    assert_eq!(
+        legs(&r),
+        vec![
+            (Some("101"), "1795264605.56", true),
+            (Some("102"), "1795264612.57", true)
+        ]
+    );
+    let names: Vec<&str> = r
+        .conversations
+        .iter()
+        .map(|c| c.channel_name.as_str())
+        .collect();
+    assert_eq!(names, vec!["PJSIP/101-00000006", "PJSIP/102-00000007"]);
+    // Each from its ring to its end; both with the same customer channel (the trunk).
+    let (a, b) = (&r.conversations[0], &r.conversations[1]);
+    assert_eq!(
+        (a.start, a.answer, a.end),
+        (r.rings[0].start, Some(r.talk[0].start), r.talk[0].end)
+    );
+    assert_eq!(
+        (b.start, b.answer, b.end),
+        (r.rings[1].start, Some(r.talk[1].start), r.talk[1].end)
+    );
+    assert!(r
+        .conversations
+        .iter()
+        .all(|c| c.customer_channel == "1795264605.55" && !c.parked));
+    assert_eq!(r.main_channel.unwrap().name, "PJSIP/trunk-00000005");
+    assert_eq!(r.trunk.as_deref(), Some("PJSIP/trunk"));
+}
+
+#[test]
+fn an_unanswered_call_has_only_unanswered_conversations() {
+    let r = only("09_inbound_missed");
+    assert_eq!(
+        legs(&r),
+        vec![
+            (Some("101"), "1795264721.71", false),
+            (Some("102"), "1795264721.72", false)
+        ]
+    );
+    assert_eq!(r.outcome.sip_code(), 480);
+    let main = r.main_channel.unwrap();
+    assert_eq!((main.answer, main.end), (None, Some(r.end)));
+    // Outbound: from the placing extension to the number dialled, busy.
+    let (records, _) = run(&timed_frames("02b_outbound_busy_noanswer_failure"));
+    let busy = records
+        .iter()
+        .find(|r| r.linkedid == "1795264472.6")
+        .unwrap();
+    assert_eq!(
+        (busy.from_number.as_deref(), busy.to_number.as_deref()),
+        (Some("101"), Some("030555486"))
+    );
+    assert_eq!(busy.outcome.sip_code(), 486);
+}
+
+#[test]
+fn a_call_journaled_by_the_previous_version_resumes() {
+    // Capture 07 journaled just before the blind transfer by the version before conversations
+    // and main channels existed.
+    const SNAPSHOT: &str = r#"{"v":1,"call":{"key":"1795264605.55","start":1795264605423,"last_event":1795264612437,"live":["1795264605.55","1795264605.56"],"customer":"1795264605.55","inbound":true,"customer_number":"+491701234567","did":"+4930111101","customer_end":null,"customer_dial_status":null,"placed_by":null,"root_extension":null,"originated":false,"originate_exten":null,"originate_failed":false,"click_to_call":null,"rings":[{"extension":"101","start":1795264605425,"end":1795264607435,"status":"ANSWER"}],"ring_by_dest":{"1795264605.56":0},"talk":[{"extension":"101","start":1795264607435,"end":null,"customer_channel":"1795264605.55","extension_channel":"1795264605.56","hold_ms":0}],"recordings":["/var/spool/asterisk/monitor/20261121-123645_in_+491701234567_to_+4930111101_1795264605.55.wav"],"announced":["101"],"last_hangup":1795264605423,"reaped":false,"customer_cause":null,"external_line":null,"holds":[],"trunk":"PJSIP/trunk"},"channels":[["1795264605.55",{"call":"1795264605.55","role":"Trunk","customer":true,"caller_num":"+491701234567","bridge":"80ca55e1-d56e-4a04-b0c7-1c9bf5f7dad1"}],["1795264605.56",{"call":"1795264605.55","role":{"Extension":"101"},"customer":false,"caller_num":"101","bridge":"80ca55e1-d56e-4a04-b0c7-1c9bf5f7dad1"}]],"closing":false}"#;
+    let frames = timed_frames("07_inbound_blind_transfer");
+    let cut = frames
+        .iter()
+        .position(|(_, f)| f.get("Event") == Some("BlindTransfer"))
+        .unwrap();
+    let mut model = CallModel::new(Classifier::new(&lab_config()), "lab");
+    model.restore(SNAPSHOT.as_bytes(), frames[cut].0).unwrap();
+    let mut out = Vec::new();
+    for (at, f) in &frames[cut..] {
+        model.on_event(f, *at, &mut out);
+    }
+    model.flush(&mut out);
+    let resumed = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Finished(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    let whole = only("07_inbound_blind_transfer");
+    // The same record, but for what that version did not journal: the main channel and the
+    // name of the channel that was already talking.
+    assert_eq!(resumed.main_channel, None);
+    assert_eq!(resumed.conversations[0].channel_name, "");
+    let mut expected = whole.clone();
+    expected.main_channel = None;
+    expected.conversations[0].channel_name = String::new();
+    assert_eq!(**resumed, expected);
+}
