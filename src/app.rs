@@ -300,7 +300,7 @@ impl Application {
             Arc::new(sink),
             tracker_stats.clone(),
             Some(store.live()?),
-            crate::pbx::cdr::CdrRecovery::new(config.clone())
+            crate::pipeline::recovery::CdrRecovery::new(config.clone())
                 .map(|r| Arc::new(r) as Arc<dyn crate::pipeline::tracker::Recovery>),
         );
         tasks.add(task::TRACKER, tracker_task);
@@ -313,7 +313,7 @@ impl Application {
 
         let phones = Arc::new(PhoneBook::new(&config.phone));
         let router = Router::new(config.clone(), crm.clone(), store.clone(), phones);
-        router.report_to(tracker.clone());
+        router.report_to(Arc::new(tracker.clone()));
         let agi_addr = if config.routing.agi_listen.is_empty() {
             None
         } else {

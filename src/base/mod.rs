@@ -1,6 +1,6 @@
 //! The bottom layer: helpers every other module may use, importing nothing of pbxgate.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod clock;
-pub mod ident;
+pub(crate) mod ident;
 pub mod secret;

@@ -1,8 +1,8 @@
 //! Call tracking: one call model fed by AMI events (see [`model`]), producing live events for
 //! the CRM's pop-ups and finished call records for the history.
 
-pub mod classify;
-pub mod model;
+pub(crate) mod classify;
+pub(crate) mod model;
 pub mod record;
 pub mod webhook;
 

@@ -67,7 +67,7 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
     for p in &problems {
         eprintln!("pbxgate: skipped {p}");
     }
-    let calls = cdr::build(config, &rows, from, to, &tz);
+    let calls = crate::pipeline::recovery::build(config, &rows, from, to, &tz);
     if args.dry_run {
         for c in &calls {
             println!(

@@ -1,12 +1,12 @@
 //! The HTTP server: retailCRM's callbacks, health/readiness, the admin page and its assets.
 
-pub mod callbacks;
+pub(crate) mod callbacks;
 pub mod conn;
-pub mod error;
-pub mod params;
-pub mod pbx;
-pub mod records;
-pub mod status;
+pub(crate) mod error;
+pub(crate) mod params;
+pub(crate) mod pbx;
+pub(crate) mod records;
+pub(crate) mod status;
 
 use std::net::TcpListener;
 use std::rc::Rc;

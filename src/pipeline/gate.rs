@@ -111,11 +111,6 @@ impl Gate {
         }
     }
 
-    /// Calls with a decision that have not finished yet.
-    pub fn tracked(&self) -> usize {
-        self.calls.len()
-    }
-
     /// Rewrites `out` in place: numbers canonical, ignored calls' live events removed, their
     /// records marked.
     pub fn apply(&mut self, out: &mut Vec<Output>) {

@@ -2,9 +2,10 @@
 //! applies the registration rules and decides who is credited, and the live sender publishes
 //! pop-ups through the CRM port. Finished calls go on to the outbox.
 
-pub mod gate;
-pub mod live;
-pub mod rules;
-pub mod tracker;
+pub(crate) mod gate;
+pub(crate) mod live;
+pub mod recovery;
+pub(crate) mod rules;
+pub(crate) mod tracker;
 
 pub use tracker::{CallSink, CallTracker, RecentCalls, TrackerStats};

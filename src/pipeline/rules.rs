@@ -154,10 +154,6 @@ impl Rules {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
     pub fn decide(&self, f: &Facts<'_>) -> Decision {
         for r in &self.rules {
             if r.matches(f) {

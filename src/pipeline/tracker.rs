@@ -132,6 +132,12 @@ pub struct TrackerStats {
     pub events_journaled: std::sync::atomic::AtomicU64,
 }
 
+impl crate::routing::RouteListener for CallTracker {
+    fn routed(&self, phone: &str, code: &str) {
+        self.note_route(phone, code);
+    }
+}
+
 impl CallTracker {
     /// Starts the task. Live events go to `live` (dropped, with a log line, if it is full);
     /// finished calls to `sink`.

@@ -15,9 +15,9 @@
 //! converted (see [`convert`]); the link then points at the mp3, or at the original if the encoder
 //! failed or timed out.
 
-pub mod convert;
-pub mod serve;
-pub mod sniff;
+pub(crate) mod convert;
+pub(crate) mod serve;
+pub(crate) mod sniff;
 
 use std::collections::HashMap;
 use std::io;

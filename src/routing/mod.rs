@@ -120,7 +120,14 @@ struct Inner {
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Lookup>>>>,
     stats: RouteStats,
     /// Told every answer: a missed call is credited to the manager routing chose.
-    tracker: std::sync::OnceLock<crate::pipeline::CallTracker>,
+    listener: std::sync::OnceLock<Arc<dyn RouteListener>>,
+}
+
+/// Who wants to know each extension routing chose (the call tracker: a missed call is credited
+/// to the manager the caller was routed to).
+pub trait RouteListener: Send + Sync + 'static {
+    /// Never waits.
+    fn routed(&self, phone: &str, code: &str);
 }
 
 /// Reports invalid `[routing]` values, naming the key.
@@ -176,14 +183,14 @@ impl Router {
                 cache: Mutex::new(HashMap::new()),
                 inflight: Mutex::new(HashMap::new()),
                 stats: RouteStats::default(),
-                tracker: std::sync::OnceLock::new(),
+                listener: std::sync::OnceLock::new(),
             }),
         }
     }
 
-    /// Tells the call tracker every extension chosen (for crediting missed calls).
-    pub fn report_to(&self, tracker: crate::pipeline::CallTracker) {
-        let _ = self.inner.tracker.set(tracker);
+    /// Tells `listener` (the call tracker, for crediting missed calls) every extension chosen.
+    pub fn report_to(&self, listener: Arc<dyn RouteListener>) {
+        let _ = self.inner.listener.set(listener);
     }
 
     pub fn stats(&self) -> &RouteStats {
@@ -206,8 +213,8 @@ impl Router {
         if route.source == Source::Fallback {
             inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
-        if let (Some(tracker), Some(code)) = (inner.tracker.get(), &route.code) {
-            tracker.note_route(phone, code);
+        if let (Some(listener), Some(code)) = (inner.listener.get(), &route.code) {
+            listener.routed(phone, code);
         }
         tracing::debug!(phone = %crate::base::ident::mask_number(&number.canonical), source = route.source.as_str(),
             code = ?route.code, reason = ?route.reason, "route");

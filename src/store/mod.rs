@@ -11,9 +11,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::base::secret::Secret;
 
-pub mod live;
-pub mod records;
-pub mod watchdog;
+pub(crate) mod live;
+pub(crate) mod records;
+pub(crate) mod watchdog;
 pub use live::LiveStore;
 pub use records::{LinkEntry, LinkId, LinkStore};
 

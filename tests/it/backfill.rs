@@ -1,7 +1,8 @@
 //! Backfill from the real lab's CDR CSV (../shared/ami-captures/cdr/Master.csv).
 
 use pbxgate::calls::Direction;
-use pbxgate::pbx::cdr::{build, read_rows};
+use pbxgate::pbx::cdr::read_rows;
+use pbxgate::pipeline::recovery::build;
 use serde_json::Value;
 
 #[test]

@@ -26,10 +26,6 @@ impl RateLimiter {
         }
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Waits for this caller's slot. Slots are handed out in call order; a caller that gives
     /// up while waiting leaves its slot unused, which only makes the pace more conservative.
     pub async fn acquire(&self) {

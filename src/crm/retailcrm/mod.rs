@@ -3,12 +3,12 @@
 //! them ([`mapping`]), the module registration ([`registration`]) and the port's implementation
 //! ([`adapter`]).
 
-pub mod adapter;
-pub mod client;
-pub mod error;
-pub mod lenient;
-pub mod limiter;
-pub mod mapping;
+pub(crate) mod adapter;
+pub(crate) mod client;
+pub(crate) mod error;
+pub(crate) mod lenient;
+pub(crate) mod limiter;
+pub(crate) mod mapping;
 pub mod registration;
 pub mod wire;
 
