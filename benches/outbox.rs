@@ -128,7 +128,8 @@ async fn main() {
         let outbox = Outbox::new(
             pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
             store.clone(),
-            pbxgate::crm::connect(config.clone(), pbxgate::base::secret::Secret::new("")).unwrap(),
+            pbxgate::crm::connect(config.clone(), pbxgate::base::secret::Secret::new(""), None)
+                .unwrap(),
             config.clone(),
         );
         let n = 4000;

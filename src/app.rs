@@ -233,7 +233,7 @@ impl Application {
             )
         });
         let client_id = store.client_id(&config.crm.client_id).await?;
-        let crm = crate::crm::connect(config.clone(), client_id.clone())?;
+        let crm = crate::crm::connect(config.clone(), client_id.clone(), Some(store.crm_state()?))?;
 
         let mut tasks = Tasks::default();
         let stopping = tokio::sync::watch::Sender::new(false);

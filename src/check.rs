@@ -138,6 +138,7 @@ async fn check_crm(config: &Config) -> CheckLine {
     let crm = match crate::crm::connect(
         std::sync::Arc::new(config.clone()),
         crate::base::secret::Secret::new(""),
+        None,
     ) {
         Ok(c) => c,
         Err(e) => return line(false, format!("CRM client: {e}")),

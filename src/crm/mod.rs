@@ -11,9 +11,18 @@ pub use port::{Crm, CrmFailure, Delivery, Finished, Published, Responsible, User
 
 use crate::base::secret::Secret;
 use crate::config::{Config, CrmKind};
+use crate::store::crm_state::CrmState;
 
-/// The adapter `crm.kind` names, ready to use.
-pub fn connect(config: Arc<Config>, client_id: Secret) -> Result<Arc<dyn Crm>, CrmFailure> {
+/// The adapter `crm.kind` names, ready to use. `state` is where the adapter keeps what it must
+/// remember across restarts (the CRM's ids of calls in progress, tokens); one-shot tools that
+/// only check the CRM pass `None`.
+pub fn connect(
+    config: Arc<Config>,
+    client_id: Secret,
+    state: Option<CrmState>,
+) -> Result<Arc<dyn Crm>, CrmFailure> {
+    // retailCRM keeps nothing between a call's events and its upload: the externalId is ours.
+    let _ = state;
     match config.crm.kind {
         CrmKind::RetailCrm => {
             let crm = retailcrm::RetailCrm::new(config, client_id).map_err(|e| e.failure())?;

@@ -14,7 +14,6 @@
 //!   retrying whole deliveries is the outbox's.
 
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 
 use crate::calls::{CallRecord, LiveEvent};
 
@@ -93,36 +92,8 @@ pub struct DirectoryEntry {
     pub code: String,
 }
 
-/// A manager's availability as the CRM reports it (pauses their queues on the PBX).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UserStatus {
-    Free,
-    Busy,
-    Dinner,
-    Break,
-}
-
-impl UserStatus {
-    pub fn parse(s: &str) -> Option<UserStatus> {
-        match s {
-            "free" => Some(UserStatus::Free),
-            "busy" => Some(UserStatus::Busy),
-            "dinner" => Some(UserStatus::Dinner),
-            "break" => Some(UserStatus::Break),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UserStatus::Free => "free",
-            UserStatus::Busy => "busy",
-            UserStatus::Dinner => "dinner",
-            UserStatus::Break => "break",
-        }
-    }
-}
+/// A manager's availability as the CRM reports it (kept in the store).
+pub use crate::store::UserStatus;
 
 /// The CRM, as the rest of pbxgate sees it. Cheap to share (`Arc<dyn Crm>`).
 pub trait Crm: Send + Sync + 'static {

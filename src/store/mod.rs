@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::base::secret::Secret;
 
+pub mod crm_state;
 pub(crate) mod live;
 pub(crate) mod records;
 pub(crate) mod watchdog;
@@ -115,6 +116,37 @@ fn is_lock_error(e: &std::io::Error) -> bool {
         || e.to_string().contains("could not acquire lock")
 }
 
+/// A manager's availability as the CRM reports it (pauses their queues on the PBX).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    Free,
+    Busy,
+    Dinner,
+    Break,
+}
+
+impl UserStatus {
+    pub fn parse(s: &str) -> Option<UserStatus> {
+        match s {
+            "free" => Some(UserStatus::Free),
+            "busy" => Some(UserStatus::Busy),
+            "dinner" => Some(UserStatus::Dinner),
+            "break" => Some(UserStatus::Break),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserStatus::Free => "free",
+            UserStatus::Busy => "busy",
+            UserStatus::Dinner => "dinner",
+            UserStatus::Break => "break",
+        }
+    }
+}
+
 /// A manager's status as retailCRM last reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -123,7 +155,7 @@ pub struct StoredUserStatus {
     pub v: u32,
     pub user_id: i64,
     pub code: String,
-    pub status: crate::crm::port::UserStatus,
+    pub status: UserStatus,
     /// Unix seconds when this status was set.
     pub since: u64,
 }
@@ -187,6 +219,11 @@ impl Store {
     /// The journal of calls in progress.
     pub fn live(&self) -> Result<LiveStore, StoreError> {
         LiveStore::open(&self.db, self.meta.clone())
+    }
+
+    /// What the CRM adapter keeps across restarts.
+    pub fn crm_state(&self) -> Result<crm_state::CrmState, StoreError> {
+        crm_state::CrmState::open(&self.db)
     }
 
     /// The recording links.
