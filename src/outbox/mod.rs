@@ -616,3 +616,151 @@ impl CallSink for Tee {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The outbox knows a CRM only through the port: a CRM of the test's own, deciding each
+    //! call by its id, shows what becomes of each kind of answer.
+
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+    use futures_util::FutureExt;
+
+    use super::*;
+    use crate::calls::LiveEvent;
+    use crate::crm::port::{CrmFailure, DirectoryEntry, Responsible};
+    use crate::crm::Published;
+    use crate::outbox::store::State;
+
+    /// Answers by the id's last part: `ok`, `dup`, `held`, `bad`, `down`, `key`.
+    #[derive(Default)]
+    struct ScriptedCrm {
+        batches: Mutex<Vec<Vec<String>>>,
+        tx: tokio::sync::watch::Sender<u64>,
+    }
+
+    impl Crm for ScriptedCrm {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn url(&self) -> &str {
+            "scripted:"
+        }
+        fn is_configured(&self) -> bool {
+            true
+        }
+        fn successes(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.tx.subscribe()
+        }
+        fn publish<'a>(&'a self, _: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>> {
+            async { Ok(Published::Sent) }.boxed()
+        }
+        fn batch_limit(&self) -> usize {
+            3
+        }
+        fn deliver<'a>(&'a self, calls: &'a [Finished<'a>]) -> BoxFuture<'a, Vec<Delivery>> {
+            let ids: Vec<String> = calls.iter().map(|c| c.record.external_id.clone()).collect();
+            self.batches.lock().unwrap().push(ids.clone());
+            let out = ids
+                .iter()
+                .map(|id| match id.rsplit('-').next().unwrap_or("") {
+                    "ok" => Delivery::Delivered,
+                    "dup" => Delivery::Duplicate,
+                    "held" => Delivery::Held("no manager".into()),
+                    "bad" => Delivery::Rejected("refused: phone".into()),
+                    "down" => Delivery::RetryLater("CRM unreachable".into()),
+                    _ => Delivery::Blocked("wrong key".into()),
+                })
+                .collect();
+            async move { out }.boxed()
+        }
+        fn shape(&self) -> String {
+            "scripted".into()
+        }
+        fn timezone(&self) -> BoxFuture<'_, jiff::tz::TimeZone> {
+            async { jiff::tz::TimeZone::UTC }.boxed()
+        }
+        fn responsible<'a>(
+            &'a self,
+            _: &'a str,
+            _: bool,
+        ) -> BoxFuture<'a, Result<Option<Responsible>, CrmFailure>> {
+            async { Ok(None) }.boxed()
+        }
+        fn directory(&self) -> Vec<DirectoryEntry> {
+            Vec::new()
+        }
+        fn register(&self) -> BoxFuture<'_, Result<(), CrmFailure>> {
+            async { Ok(()) }.boxed()
+        }
+        fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+            async { Ok("scripted".into()) }.boxed()
+        }
+    }
+
+    async fn outbox_with(ids: &[&str]) -> (Outbox, Arc<ScriptedCrm>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let crm = Arc::new(ScriptedCrm::default());
+        let outbox = Outbox::new(
+            OutboxStore::of(&store).unwrap(),
+            store,
+            crm.clone(),
+            Arc::new(Config::default()),
+        );
+        for id in ids {
+            outbox.enqueue(CallRecord::sample(id)).await.unwrap();
+        }
+        (outbox, crm, dir)
+    }
+
+    fn state(outbox: &Outbox, id: &str) -> Option<State> {
+        outbox.store().state_of(id).unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_call_is_settled_as_the_crm_port_reports_it() {
+        let ids = ["1-ok", "2-dup", "3-held", "4-bad", "5-ok"];
+        let (outbox, crm, _dir) = outbox_with(&ids).await;
+        assert_eq!(outbox.drain().await, Drain::Done);
+        // Batches of at most the adapter's limit.
+        let batches = crm.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [3, 2]);
+        assert_eq!(state(&outbox, "1-ok"), Some(State::Done));
+        assert_eq!(state(&outbox, "2-dup"), Some(State::Done));
+        assert_eq!(state(&outbox, "5-ok"), Some(State::Done));
+        assert_eq!(state(&outbox, "3-held"), Some(State::Dead));
+        assert_eq!(state(&outbox, "4-bad"), Some(State::Dead));
+        let dead = outbox.store().dead(10).unwrap();
+        let held = dead.iter().find(|e| e.id == "3-held").unwrap();
+        assert!(held.held);
+        assert_eq!(
+            held.last_error.as_deref(),
+            Some("held by pbxgate: no manager")
+        );
+        let bad = dead.iter().find(|e| e.id == "4-bad").unwrap();
+        assert!(!bad.held);
+        assert_eq!(bad.last_error.as_deref(), Some("refused: phone"));
+        let s = outbox.status();
+        // A duplicate is done, but was not uploaded by this attempt.
+        assert_eq!((s.pending, s.dead, s.done, s.uploaded_total), (0, 2, 3, 2));
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_keeps_the_calls_and_a_blocking_one_stops_uploading() {
+        let (outbox, _crm, _dir) = outbox_with(&["1-ok", "2-down"]).await;
+        assert_eq!(outbox.drain().await, Drain::Retry("CRM unreachable".into()));
+        assert_eq!(state(&outbox, "1-ok"), Some(State::Done));
+        assert_eq!(state(&outbox, "2-down"), Some(State::Pending));
+        assert_eq!(
+            outbox.status().last_error.as_deref(),
+            Some("CRM unreachable")
+        );
+
+        let (outbox, _crm, _dir) = outbox_with(&["1-key"]).await;
+        assert_eq!(outbox.drain().await, Drain::Blocked("wrong key".into()));
+        assert_eq!(state(&outbox, "1-key"), Some(State::Pending));
+        assert_eq!(outbox.status().blocked.as_deref(), Some("wrong key"));
+    }
+}
