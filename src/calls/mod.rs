@@ -1,5 +1,6 @@
-//! Call tracking: one call model fed by AMI events (see [`model`]), producing live events for
-//! the CRM's pop-ups and finished call records for the history.
+//! The call models, pure: PBX events in (AMI frames for [`model`], posted events for
+//! [`webhook`]), live events for the CRM's pop-ups and finished, CRM-neutral call records
+//! ([`record`]) out. No I/O and no CRM: the pipeline runs them.
 
 pub(crate) mod classify;
 pub(crate) mod model;
