@@ -92,6 +92,24 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
 }
 
+/// `list[i].field: <what> list[first]` for every entry whose key an earlier one has (`first`:
+/// the previous entry with it).
+fn repeated<K: Ord + std::fmt::Display>(
+    problems: &mut Vec<String>,
+    list: &str,
+    field: &str,
+    keys: impl Iterator<Item = K>,
+    what: impl Fn(&K) -> String,
+) {
+    let mut seen = BTreeMap::new();
+    for (i, key) in keys.enumerate() {
+        let text = what(&key);
+        if let Some(first) = seen.insert(key, i) {
+            problems.push(format!("{list}[{i}].{field}: {text} {list}[{first}]"));
+        }
+    }
+}
+
 impl Config {
     /// Runs this module's validation rules and reports all violations, sorted. The phone, rules
     /// and routing sections are checked further by their modules: `check::problems`
@@ -111,31 +129,19 @@ impl Config {
     }
 
     fn check_mappings(&self, problems: &mut Vec<String>) {
-        let mut codes = BTreeMap::new();
-        let mut ids = BTreeMap::new();
-        for (i, u) in self.users.iter().enumerate() {
-            if let Some(first) = codes.insert(u.code.as_str(), i) {
-                problems.push(format!(
-                    "users[{i}].code: extension {} is already given to users[{first}]",
-                    u.code
-                ));
-            }
-            if let Some(first) = ids.insert(u.user_id, i) {
-                problems.push(format!(
-                    "users[{i}].user_id: user {} is already mapped in users[{first}]",
-                    u.user_id
-                ));
-            }
-        }
-        let mut numbers = BTreeMap::new();
-        for (i, p) in self.external_phones.iter().enumerate() {
-            if let Some(first) = numbers.insert(p.number.as_str(), i) {
-                problems.push(format!(
-                    "external_phones[{i}].number: {} is already listed in external_phones[{first}]",
-                    p.number
-                ));
-            }
-        }
+        let (users, phones) = (&self.users, &self.external_phones);
+        let codes = users.iter().map(|u| u.code.as_str());
+        repeated(problems, "users", "code", codes, |c| {
+            format!("extension {c} is already given to")
+        });
+        let ids = users.iter().map(|u| u.user_id);
+        repeated(problems, "users", "user_id", ids, |u| {
+            format!("user {u} is already mapped in")
+        });
+        let numbers = phones.iter().map(|p| p.number.as_str());
+        repeated(problems, "external_phones", "number", numbers, |n| {
+            format!("{n} is already listed in")
+        });
         if self.ami.reconnect_min > self.ami.reconnect_max {
             problems.push("ami.reconnect_min: must not be larger than ami.reconnect_max".into());
         }

@@ -85,68 +85,27 @@ pub struct Services {
     pub open_files: Option<u64>,
 }
 
-/// Everything a handler may need; shared by all workers. Only the handlers read it.
+/// Everything a handler may need; shared by all workers. Only the handlers read it (nothing
+/// outside `http` can get one).
 pub struct AppState {
-    config: Arc<Config>,
-    store: Store,
-    client_id: Secret,
-    crm: Arc<dyn Crm>,
-    registration: RegistrationStatus,
-    ami: AmiClient,
-    click_to_call: ClickToCall,
-    manager_status: ManagerStatus,
-    tracker: CallTracker,
-    outbox: Outbox,
-    router: Router,
-    agi_addr: Option<std::net::SocketAddr>,
-    records: Records,
-    tracker_stats: Arc<TrackerStats>,
-    connections: Arc<conn::ConnLimits>,
-    open_files: Option<u64>,
+    services: Services,
     started: Instant,
 }
 
 impl AppState {
     fn new(services: Services) -> AppState {
-        let Services {
-            config,
-            store,
-            client_id,
-            crm,
-            registration,
-            ami,
-            click_to_call,
-            manager_status,
-            tracker,
-            // Read by the application and tests, not by a handler.
-            recent_calls: _,
-            outbox,
-            router,
-            agi_addr,
-            records,
-            tracker_stats,
-            connections,
-            open_files,
-        } = services;
         AppState {
-            config,
-            store,
-            client_id,
-            crm,
-            registration,
-            ami,
-            click_to_call,
-            manager_status,
-            tracker,
-            outbox,
-            router,
-            agi_addr,
-            records,
-            tracker_stats,
-            connections,
-            open_files,
+            services,
             started: Instant::now(),
         }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.services
     }
 }
 

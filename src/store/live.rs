@@ -7,52 +7,33 @@
 //! Webhook answers flush the store before they say 200; the AMI journal is written and flushed
 //! once a second.
 
+use super::keyed::Keyed;
 use super::StoreError;
 
 const TREE: &str = "live_calls";
 const KEY_LAST_ALIVE: &[u8] = b"tracker_last_alive";
 
-/// Cheap to clone.
+/// Cheap to clone. The journal itself is a [`Keyed`] tree (`put`, `remove`, `all`, `flush`).
 #[derive(Clone)]
 pub struct LiveStore {
-    calls: sled::Tree,
+    calls: Keyed,
     meta: sled::Tree,
+}
+
+impl std::ops::Deref for LiveStore {
+    type Target = Keyed;
+
+    fn deref(&self) -> &Keyed {
+        &self.calls
+    }
 }
 
 impl LiveStore {
     pub(super) fn open(db: &sled::Db, meta: sled::Tree) -> Result<LiveStore, StoreError> {
         Ok(LiveStore {
-            calls: db.open_tree(TREE)?,
+            calls: Keyed::open(db, TREE)?,
             meta,
         })
-    }
-
-    /// Makes every write so far durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.calls.flush_async().await?;
-        Ok(())
-    }
-
-    pub fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.calls.insert(key.as_bytes(), value)?;
-        Ok(())
-    }
-
-    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.calls.remove(key.as_bytes())?;
-        Ok(())
-    }
-
-    /// Every journaled call whose key starts with `prefix`, as (key without the prefix, value).
-    pub fn all(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.calls
-            .scan_prefix(prefix.as_bytes())
-            .map(|item| {
-                let (k, v) = item?;
-                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                Ok((key, v.to_vec()))
-            })
-            .collect()
     }
 
     /// Unix ms when the tracker was last known to run.

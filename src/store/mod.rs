@@ -12,6 +12,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::base::secret::Secret;
 
 pub mod crm_state;
+pub mod keyed;
 pub(crate) mod live;
 pub(crate) mod records;
 pub(crate) mod watchdog;
@@ -223,7 +224,7 @@ impl Store {
 
     /// What the CRM adapter keeps across restarts.
     pub fn crm_state(&self) -> Result<crm_state::CrmState, StoreError> {
-        crm_state::CrmState::open(&self.db)
+        keyed::Keyed::open(&self.db, crm_state::TREE)
     }
 
     /// The recording links.
@@ -371,6 +372,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn what_a_crm_adapter_writes_survives_a_reopen_and_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            let state = store.crm_state().unwrap();
+            state.put("call:pbx-1", b"CRM-42").unwrap();
+            state.put("call:pbx-2", b"CRM-43").unwrap();
+            state.remove("call:pbx-2").unwrap();
+            state.flush().await.unwrap();
+            // The live-call journal is another tree: same keys, no clash.
+            store.live().unwrap().put("call:pbx-1", b"journal").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let state = store.crm_state().unwrap();
+        assert_eq!(
+            state.get("call:pbx-1").unwrap().as_deref(),
+            Some(&b"CRM-42"[..])
+        );
+        assert_eq!(state.get("call:pbx-2").unwrap(), None);
+        assert_eq!(store.live().unwrap().all("call:").unwrap().len(), 1);
+    }
 
     #[tokio::test]
     async fn client_id_is_generated_once_and_survives_reopen() {
