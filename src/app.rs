@@ -454,7 +454,7 @@ impl Application {
         let (served, failed) = tokio::select! {
             served = &mut server => (served, None),
             failed = tasks.failure() => {
-                // Stop taking requests; those in flight finish (actix bounds it too).
+                // Stop taking requests; those in flight finish (the server bounds it too).
                 let stop = handle.stop(true);
                 let served = match tokio::time::timeout(STEP_LIMIT + Duration::from_secs(3), async {
                     stop.await;
