@@ -473,6 +473,7 @@ impl Application {
         };
         tracing::info!("stopping");
         // Between batches, the uploader returns; what is pending stays queued.
+        state.outbox.stop_after_batch();
         stopping.send_replace(true);
         // Inputs: nothing new reaches the call models.
         state.ami.stop();

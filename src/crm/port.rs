@@ -119,8 +119,8 @@ pub trait Crm: Send + Sync + 'static {
     /// Delivers finished calls; one [`Delivery`] per call, in order.
     fn deliver<'a>(&'a self, calls: &'a [Finished<'a>]) -> BoxFuture<'a, Vec<Delivery>>;
 
-    /// The settings that shape what a delivered call looks like to this CRM: when they change,
-    /// calls held or refused before are tried again.
+    /// The settings that shape what a delivered call looks like to this CRM (numbers included):
+    /// when they change, calls held or refused before are tried again.
     fn shape(&self) -> String;
 
     /// The time zone of the CRM account (call times in it; also how recordings are dated).

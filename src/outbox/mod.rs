@@ -34,7 +34,8 @@ use crate::store::{Store, StoreError};
 pub enum Drain {
     /// Everything ready was uploaded.
     Done,
-    /// No API key, or the module is inactive/frozen: nothing was tried.
+    /// No API key, the module is inactive/frozen, or pbxgate is stopping: nothing (more) was
+    /// tried.
     Paused(&'static str),
     /// A transient failure: try again later.
     Retry(String),
@@ -93,15 +94,17 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// Scheduler loop iterations.
     wakeups: std::sync::atomic::AtomicU64,
+    /// Set at shutdown: a drain returns before its next batch.
+    stopping: std::sync::atomic::AtomicBool,
     /// What dead records are judged under: a change gives them another try.
     fingerprint: String,
 }
 
 /// A fingerprint of the settings that decide what a call record looks like to the CRM: ours
-/// (calls, numbers) and the adapter's.
+/// (`[calls]`) and the adapter's.
 pub fn config_fingerprint(config: &Config, crm: &dyn Crm) -> String {
     use sha2::Digest;
-    let decisive = format!("{:?}|{:?}|{}", config.calls, config.phone, crm.shape());
+    let decisive = format!("{:?}|{}", config.calls, crm.shape());
     let digest = sha2::Sha256::digest(decisive.as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -159,6 +162,7 @@ impl Outbox {
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 wakeups: std::sync::atomic::AtomicU64::new(0),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 fingerprint,
             }),
         }
@@ -174,6 +178,11 @@ impl Outbox {
         self.inner.store.flush().await?;
         self.inner.enqueued.notify_one();
         Ok(outcome)
+    }
+
+    /// Shutdown: a drain under way returns after the batch in flight (the rest stays queued).
+    pub fn stop_after_batch(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Something changed that may allow uploading (module activity, an operator's retry).
@@ -389,6 +398,9 @@ impl Outbox {
             .clamp(1, inner.crm.batch_limit().max(1));
         let mut after = None;
         loop {
+            if inner.stopping.load(Ordering::Relaxed) {
+                return Drain::Paused("stopping");
+            }
             let now = now_ms();
             // Reading the queue and looking at recording files block: off the async workers.
             let this = self.clone();
@@ -471,7 +483,7 @@ impl Outbox {
             })
             .collect();
         let outcomes = inner.crm.deliver(&finished).await;
-        let (mut done, mut fresh, mut stop) = (Vec::new(), 0u64, None);
+        let (mut done, mut aside, mut fresh, mut stop) = (Vec::new(), Vec::new(), 0u64, None);
         for (e, outcome) in batch.into_iter().zip(outcomes) {
             match outcome {
                 Delivery::Delivered => {
@@ -483,14 +495,12 @@ impl Outbox {
                     let mut held = e;
                     held.last_error = Some(format!("held by pbxgate: {why}"));
                     held.held = true;
-                    held.config = Some(inner.fingerprint.clone());
-                    inner.store.set_aside(held)?;
+                    aside.push(held);
                 }
                 Delivery::Rejected(why) => {
                     let mut dead = e;
                     dead.last_error = Some(why);
-                    dead.config = Some(inner.fingerprint.clone());
-                    inner.store.set_aside(dead)?;
+                    aside.push(dead);
                 }
                 Delivery::RetryLater(why) => {
                     stop.get_or_insert(Stop::Retry(why));
@@ -498,6 +508,7 @@ impl Outbox {
                 Delivery::Blocked(why) => stop = Some(Stop::Blocked(why)),
             }
         }
+        // What the CRM took is recorded first: a store failure below re-sends nothing.
         if !done.is_empty() {
             inner.store.mark_done(&done)?;
             inner.store.flush().await?;
@@ -505,6 +516,10 @@ impl Outbox {
             p.uploaded_total += fresh;
             p.last_success_at = Some(now_ms());
             tracing::debug!(calls = done.len(), "call history uploaded");
+        }
+        for mut e in aside {
+            e.config = Some(inner.fingerprint.clone());
+            inner.store.set_aside(e)?;
         }
         stop.map_or(Ok(()), Err)
     }
@@ -745,6 +760,46 @@ mod tests {
         let s = outbox.status();
         // A duplicate is done, but was not uploaded by this attempt.
         assert_eq!((s.pending, s.dead, s.done, s.uploaded_total), (0, 2, 3, 2));
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_drain_stops_before_its_next_batch() {
+        let (outbox, crm, _dir) = outbox_with(&["1-ok", "2-ok", "3-ok", "4-ok"]).await;
+        outbox.stop_after_batch();
+        assert_eq!(outbox.drain().await, Drain::Paused("stopping"));
+        assert!(crm.batches.lock().unwrap().is_empty());
+        assert_eq!(outbox.status().pending, 4);
+    }
+
+    #[test]
+    fn dead_calls_fingerprinted_by_the_previous_version_are_not_revived() {
+        use sha2::Digest;
+        let mut config = Config::default();
+        config.crm.site = "shop".into();
+        config.users.push(crate::config::UserCode {
+            user_id: 7,
+            code: "101".into(),
+        });
+        let config = Arc::new(config);
+        let crm = crate::crm::retailcrm::RetailCrm::new(
+            config.clone(),
+            crate::base::secret::Secret::new(""),
+        )
+        .unwrap();
+        // How the fingerprint was made before the CRM port.
+        let before = format!(
+            "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
+            config.calls,
+            config.users,
+            config.external_phones,
+            config.phone,
+            config.crm.url,
+            config.crm.site,
+            config.crm.module_code,
+        );
+        let digest = sha2::Sha256::digest(before.as_bytes());
+        let before: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(config_fingerprint(&config, &crm), before);
     }
 
     #[tokio::test]

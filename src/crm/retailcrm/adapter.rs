@@ -195,10 +195,12 @@ impl Crm for RetailCrm {
     }
 
     fn shape(&self) -> String {
+        // In this order since the first fingerprints were stored: another order would give
+        // every dead call another try at the next start.
         let c = &self.config;
         format!(
-            "{:?}|{:?}|{}|{}|{}",
-            c.users, c.external_phones, c.crm.url, c.crm.site, c.crm.module_code
+            "{:?}|{:?}|{:?}|{}|{}|{}",
+            c.users, c.external_phones, c.phone, c.crm.url, c.crm.site, c.crm.module_code
         )
     }
 
