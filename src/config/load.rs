@@ -109,8 +109,13 @@ impl Config {
         let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::one(format!("TOML syntax: {}", e.message()))
         })?;
-        let defaults = toml::Table::try_from(Config::default())
+        let mut defaults = toml::Table::try_from(Config::default())
             .map_err(|e| ConfigError::one(format!("internal: defaults do not serialise: {e}")))?;
+        // `[hooks]` has no default entries: its variables are typed by a template.
+        defaults.insert(
+            "hooks".into(),
+            toml::Value::Table(super::hooks::env_template()),
+        );
 
         let mut problems = Vec::new();
         let overrides: BTreeMap<String, String> = env

@@ -22,6 +22,7 @@ mod click_to_call;
 mod crm;
 mod directory;
 mod history;
+mod hooks;
 mod http;
 mod load;
 mod log;
@@ -40,6 +41,7 @@ pub use click_to_call::ClickToCallConfig;
 pub use crm::{CrmConfig, CrmKind};
 pub use directory::{ExternalPhone, UserCode};
 pub use history::HistoryConfig;
+pub use hooks::{HookConfig, HooksConfig, HOOK_POINTS};
 pub use http::HttpConfig;
 pub use load::{ConfigError, Origin, DEFAULT_PATH, ENV_PREFIX};
 pub use log::LogConfig;
@@ -90,6 +92,8 @@ pub struct Config {
     pub external_phones: Vec<ExternalPhone>,
     /// Which calls reach the CRM: evaluated in order, the first match wins, default register.
     pub rules: Vec<RuleConfig>,
+    /// `[hooks.<point>]`: the integrator's programs called at fixed points of a call's life.
+    pub hooks: HooksConfig,
 }
 
 /// `list[i].field: <what> list[first]` for every entry whose key an earlier one has (`first`:
@@ -129,6 +133,7 @@ impl Config {
     }
 
     fn check_mappings(&self, problems: &mut Vec<String>) {
+        self.hooks.problems(problems);
         let (users, phones) = (&self.users, &self.external_phones);
         let codes = users.iter().map(|u| u.code.as_str());
         repeated(problems, "users", "code", codes, |c| {
