@@ -275,12 +275,14 @@ impl Application {
         let records_key = store.records_secret(&config.records.secret).await?;
         let records = Records::new(&config, store.records()?, records_key);
         tasks.spawn(task::RECORDS, records.clone().run_maintenance());
+        let hooks = crate::hooks::Hooks::new(&config.hooks, reqwest::Client::new());
         let outbox = Outbox::with_records(
             crate::outbox::store::OutboxStore::of(&store)?,
             store.clone(),
             crm.clone(),
             config.clone(),
             Some(records.clone()),
+            hooks.clone(),
         );
         let mut stop = stopping.subscribe();
         tasks.spawn(
@@ -349,6 +351,7 @@ impl Application {
             agi_addr,
             records,
             tracker_stats,
+            hooks,
             connections,
             open_files,
         };

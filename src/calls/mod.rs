@@ -3,6 +3,7 @@
 //! ([`record`]) out. No I/O and no CRM: the pipeline runs them.
 
 pub(crate) mod classify;
+pub mod full;
 pub(crate) mod model;
 pub mod record;
 pub mod webhook;

@@ -253,7 +253,7 @@ mod tests {
     fn the_commented_examples_in_the_shipped_config_are_valid() {
         let text =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-        let example = regex::Regex::new(r"^# (\[\[|[a-z_]+ = )").unwrap();
+        let example = regex::Regex::new(r"^# (\[\[|\[[a-z_.]+\]$|[a-z_]+ = )").unwrap();
         let uncommented: String = text
             .lines()
             .map(|l| {
@@ -270,6 +270,7 @@ mod tests {
         assert_eq!(c.routing.r#static.len(), 2);
         assert_eq!(c.rules.len(), 2);
         assert_eq!(c.users.len(), 1);
+        assert_eq!(c.hooks.0.len(), 1);
     }
 
     #[test]

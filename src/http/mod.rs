@@ -79,6 +79,8 @@ pub struct Services {
     /// Recording links and the files behind them.
     pub records: Records,
     pub tracker_stats: Arc<TrackerStats>,
+    /// The customisation hooks (their counts, for `/ready`).
+    pub hooks: crate::hooks::Hooks,
     /// How many client connections may be open, and are.
     pub connections: Arc<conn::ConnLimits>,
     /// The soft open-files limit in force (raised to the hard limit at start).

@@ -109,6 +109,8 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
             "cached": state.router.cached(),
             "fastAgi": state.agi_addr.map(|a| a.to_string()),
         },
+        // Per configured customisation point: how its hook calls ended.
+        "hooks": state.hooks.stats(),
     });
     if store_ok {
         HttpResponse::Ok().json(body)

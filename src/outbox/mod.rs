@@ -24,8 +24,10 @@ use crate::base::clock::now_ms;
 use crate::calls::CallRecord;
 use crate::config::{Assignee, Config};
 use crate::crm::{Crm, Delivery, Finished};
+use crate::hooks::Hooks;
 use crate::outbox::store::{Enqueued, Envelope, OutboxStore};
-use crate::pipeline::CallSink;
+use crate::phone::PhoneBook;
+use crate::pipeline::{points, CallSink};
 use crate::records::Records;
 use crate::store::{Store, StoreError};
 
@@ -87,6 +89,10 @@ struct Inner {
     recheck_at: Mutex<Option<i64>>,
     /// Recording links for `recordUrl` (None: uploaded without).
     records: Option<Records>,
+    /// The customisation points a record passes before it goes to the CRM.
+    hooks: Hooks,
+    /// Numbers in every form, for the hooks' `call_full` (only built when a hook is configured).
+    phones: std::sync::OnceLock<PhoneBook>,
     progress: Mutex<Progress>,
     /// One drain at a time (the scheduler, an operator's or a test's).
     draining: tokio::sync::Mutex<()>,
@@ -134,7 +140,8 @@ impl Outbox {
         crm: Arc<dyn Crm>,
         config: Arc<Config>,
     ) -> Outbox {
-        Self::with_records(store, activity, crm, config, None)
+        let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
+        Self::with_records(store, activity, crm, config, None, hooks)
     }
 
     /// With `records`, calls carry a signed `recordUrl` (made durably before the upload), and a
@@ -145,6 +152,7 @@ impl Outbox {
         crm: Arc<dyn Crm>,
         config: Arc<Config>,
         records: Option<Records>,
+        hooks: Hooks,
     ) -> Outbox {
         let fingerprint = config_fingerprint(&config, crm.as_ref());
         Outbox {
@@ -158,6 +166,8 @@ impl Outbox {
                 ready: Notify::new(),
                 recheck_at: Mutex::new(None),
                 records,
+                hooks,
+                phones: std::sync::OnceLock::new(),
                 progress: Mutex::default(),
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
@@ -469,11 +479,20 @@ impl Outbox {
         let inner = &self.inner;
         let unassigned = inner.config.calls.unassigned();
         // Recorded before `calls.unassigned_code` was set: it applies now.
-        let records: Vec<CallRecord> = batch
-            .iter()
-            .map(|e| with_unassigned(&e.record, unassigned.as_ref()))
-            .collect();
-        let urls: Vec<Option<String>> = records.iter().map(|r| self.record_url(r)).collect();
+        let hooks = &inner.hooks;
+        let phones = inner
+            .phones
+            .get_or_init(|| PhoneBook::new(&inner.config.phone));
+        // The batch's hooks run side by side; the batch waits for them (each has its timeout).
+        let (records, urls): (Vec<CallRecord>, Vec<Option<String>>) =
+            futures_util::future::join_all(batch.iter().map(|e| {
+                let r = with_unassigned(&e.record, unassigned.as_ref());
+                let url = self.record_url(&r);
+                points::call_params(hooks, phones, r, url)
+            }))
+            .await
+            .into_iter()
+            .unzip();
         let finished: Vec<Finished<'_>> = records
             .iter()
             .zip(&urls)

@@ -14,6 +14,7 @@ mod call_tracking;
 mod cli;
 mod click_to_call;
 mod crm_client;
+mod hook_points;
 mod hooks;
 mod http_api;
 mod http_limits;

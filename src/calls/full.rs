@@ -1,0 +1,162 @@
+//! `call_full`: a finished call as customisation hooks receive it, in the structure the
+//! integrators of the reference connectors know (a main channel, every conversation keyed by
+//! its channel's Uniqueid, numbers in every form, the result as a SIP status).
+//!
+//! Times are the PBX host's local time, `YYYY-MM-DD HH:MM:SS`, with `0001-01-01 00:00:00` for
+//! what did not happen. What pbxgate does not know (the CRM's entity and deal, the Bitrix24
+//! registration) is `null`.
+
+use serde_json::{json, Map, Value};
+
+use super::record::{CallRecord, ChannelKind};
+use crate::base::clock::Millis;
+use crate::phone::PhoneBook;
+
+/// The text of an unset time.
+pub const NO_TIME: &str = "0001-01-01 00:00:00";
+
+/// `call_full` for a finished call.
+pub fn call_full(r: &CallRecord, phones: &PhoneBook, tz: &jiff::tz::TimeZone) -> Value {
+    let time = |at: Option<Millis>| local_time(at, tz);
+    let trunk = r.trunk.as_deref();
+    let number = |raw: Option<&str>| match raw.filter(|n| !n.is_empty()) {
+        Some(raw) => {
+            let n = phones.normalize(raw, trunk);
+            json!({
+                "original": n.original,
+                "base": n.base,
+                "custom": n.canonical,
+                "variants": n.variants,
+                "is_local": n.internal,
+            })
+        }
+        None => Value::Null,
+    };
+    let (id, name, kind, start, answer, end) = match &r.main_channel {
+        Some(m) => (
+            m.id.as_str(),
+            m.name.as_str(),
+            m.kind,
+            Some(m.start),
+            m.answer,
+            m.end,
+        ),
+        None => (
+            r.linkedid.as_str(),
+            "",
+            ChannelKind::from(r.direction),
+            Some(r.start),
+            r.answer,
+            Some(r.end),
+        ),
+    };
+    let channel = json!({
+        "id": id,
+        "name": name,
+        "type": kind,
+        "is_primary": true,
+        "state": "ended",
+        "start_time": time(start),
+        "answer_time": time(answer),
+        "end_time": time(end),
+        "from": number(r.from_number.as_deref()),
+        "to": number(r.to_number.as_deref()),
+        "trunk": r.trunk.as_ref().map_or(Value::Null, |t| json!({"original": t})),
+        "was_answered": r.answer.is_some(),
+    });
+    let mut conversations = Map::new();
+    for (i, c) in r.conversations.iter().enumerate() {
+        let key = if c.channel.is_empty() {
+            format!("{}.{i}", r.linkedid)
+        } else {
+            c.channel.clone()
+        };
+        let user = c.extension.as_ref().map_or(Value::Null, |code| {
+            json!({"code": code, "user_id": if r.code.as_ref() == Some(code) { json!(r.user_id) } else { Value::Null }})
+        });
+        conversations.insert(
+            key.clone(),
+            json!({
+                "channel": {
+                    "id": key,
+                    "name": c.channel_name,
+                    "type": kind,
+                    "is_primary": false,
+                    "state": "ended",
+                    "start_time": time(Some(c.start)),
+                    "answer_time": time(c.answer),
+                    "end_time": time(c.end),
+                    "was_answered": c.answer.is_some(),
+                },
+                "is_parked": c.parked,
+                "user": user,
+            }),
+        );
+    }
+    let user = match (&r.code, r.user_id) {
+        (None, None) => Value::Null,
+        (code, user_id) => json!({"code": code, "user_id": user_id}),
+    };
+    json!({
+        "active_conversation_id": "",
+        "channel": channel,
+        "conversations": conversations,
+        "user": user,
+        "entity": null,
+        "deal": null,
+        "registration": null,
+        "is_ivr": false,
+        "record": "",
+        "result": r.outcome.sip_code(),
+    })
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in `tz`, or [`NO_TIME`].
+pub fn local_time(at: Option<Millis>, tz: &jiff::tz::TimeZone) -> String {
+    at.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|| NO_TIME.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PhoneConfig;
+
+    #[test]
+    fn a_finished_call_in_the_call_full_structure() {
+        let mut r = CallRecord::sample("pbx-1");
+        r.trunk = Some("PJSIP/trunk".into());
+        let phones = PhoneBook::new(&PhoneConfig::default());
+        let full = call_full(&r, &phones, &jiff::tz::TimeZone::UTC);
+        let ch = &full["channel"];
+        assert_eq!(ch["is_primary"], true);
+        assert_eq!(ch["state"], "ended");
+        assert_eq!(ch["type"], "incoming");
+        assert_eq!(ch["start_time"].as_str().unwrap().len(), 19);
+        assert_eq!(ch["from"]["original"], r.from_number.clone().unwrap());
+        assert_eq!(ch["from"]["is_local"], false);
+        assert!(ch["from"]["variants"].as_array().is_some());
+        assert_eq!(ch["to"], Value::Null);
+        assert_eq!(ch["trunk"]["original"], "PJSIP/trunk");
+        assert_eq!(full["result"], r.outcome.sip_code());
+        assert_eq!(full["entity"], Value::Null);
+        assert_eq!(
+            full["conversations"].as_object().unwrap().len(),
+            r.conversations.len()
+        );
+    }
+
+    #[test]
+    fn unset_times_read_as_the_zero_date() {
+        assert_eq!(local_time(None, &jiff::tz::TimeZone::UTC), NO_TIME);
+        assert_eq!(
+            local_time(Some(0), &jiff::tz::TimeZone::UTC),
+            "1970-01-01 00:00:00"
+        );
+    }
+}
