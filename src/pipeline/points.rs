@@ -44,17 +44,17 @@ fn result_name(o: Outcome) -> &'static str {
     }
 }
 
+const OUTCOMES: [Outcome; 6] = [
+    Outcome::Answered,
+    Outcome::NoAnswer,
+    Outcome::Busy,
+    Outcome::Failed,
+    Outcome::NotAllowed,
+    Outcome::Unknown,
+];
+
 fn outcome_named(name: &str) -> Option<Outcome> {
-    [
-        Outcome::Answered,
-        Outcome::NoAnswer,
-        Outcome::Busy,
-        Outcome::Failed,
-        Outcome::NotAllowed,
-        Outcome::Unknown,
-    ]
-    .into_iter()
-    .find(|o| result_name(*o) == name)
+    OUTCOMES.into_iter().find(|o| result_name(*o) == name)
 }
 
 /// `process_call_params`: the record (and its recording link) as the hook leaves them.
@@ -130,14 +130,7 @@ mod tests {
 
     #[test]
     fn every_result_has_a_name_and_back() {
-        for o in [
-            Outcome::Answered,
-            Outcome::NoAnswer,
-            Outcome::Busy,
-            Outcome::Failed,
-            Outcome::NotAllowed,
-            Outcome::Unknown,
-        ] {
+        for o in OUTCOMES {
             assert_eq!(outcome_named(result_name(o)), Some(o));
         }
         assert_eq!(outcome_named("declined"), None);
