@@ -102,3 +102,35 @@ async fn a_failing_hook_leaves_the_call_as_it_was_and_is_counted() {
         "{ready}"
     );
 }
+
+#[tokio::test]
+async fn the_shipped_phone_format_hook_puts_national_numbers_in_international_form() {
+    const TOKEN: &str = "hook-token-0123456789";
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hooks/phone_format.py");
+    let app = lab_app(|c| {
+        hook(c, "process_call_params", &script);
+        c.pbx.token = pbxgate::base::secret::Secret::new(TOKEN);
+    })
+    .await;
+    let r = app
+        .http
+        .post(app.url("/pbx/events"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!([
+            {"call_id": "nat1", "event": "start", "direction": "in", "phone": "89991234567", "extension": "101"},
+            {"call_id": "nat1", "event": "answer", "extension": "101"},
+            {"call_id": "nat1", "event": "hangup"}
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let call = uploaded(&app, "lab-nat1").await;
+    assert_eq!(call["phone"], "+79991234567", "{call}");
+    let ready = app.ready().await;
+    assert_eq!(
+        ready["hooks"]["process_call_params"]["changed"], 1,
+        "{ready}"
+    );
+}
