@@ -233,7 +233,13 @@ impl Application {
             )
         });
         let client_id = store.client_id(&config.crm.client_id).await?;
-        let crm = crate::crm::connect(config.clone(), client_id.clone(), Some(store.crm_state()?))?;
+        let hooks = crate::hooks::Hooks::new(&config.hooks, reqwest::Client::new());
+        let crm = crate::crm::connect(
+            config.clone(),
+            client_id.clone(),
+            Some(store.crm_state()?),
+            hooks.clone(),
+        )?;
 
         let mut tasks = Tasks::default();
         let stopping = tokio::sync::watch::Sender::new(false);
@@ -275,7 +281,6 @@ impl Application {
         let records_key = store.records_secret(&config.records.secret).await?;
         let records = Records::new(&config, store.records()?, records_key);
         tasks.spawn(task::RECORDS, records.clone().run_maintenance());
-        let hooks = crate::hooks::Hooks::new(&config.hooks, reqwest::Client::new());
         let outbox = Outbox::with_records(
             crate::outbox::store::OutboxStore::of(&store)?,
             store.clone(),

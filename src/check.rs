@@ -147,6 +147,7 @@ async fn check_crm(config: &Config) -> CheckLine {
         std::sync::Arc::new(config.clone()),
         crate::base::secret::Secret::new(""),
         None,
+        crate::hooks::Hooks::none(),
     ) {
         Ok(c) => c,
         Err(e) => return line(false, format!("CRM client: {e}")),

@@ -11,21 +11,25 @@ pub use port::{Crm, CrmFailure, Delivery, Finished, Published, Responsible, User
 
 use crate::base::secret::Secret;
 use crate::config::{Config, CrmKind};
+use crate::hooks::Hooks;
 use crate::store::crm_state::CrmState;
 
 /// The adapter `crm.kind` names, ready to use. `state` is where the adapter keeps what it must
 /// remember across restarts (the CRM's ids of calls in progress, tokens); one-shot tools that
-/// only check the CRM pass `None`.
+/// only check the CRM pass `None`. `hooks` are the adapter's own customisation points.
 pub fn connect(
     config: Arc<Config>,
     client_id: Secret,
     state: Option<CrmState>,
+    hooks: Hooks,
 ) -> Result<Arc<dyn Crm>, CrmFailure> {
     // retailCRM keeps nothing between a call's events and its upload: the externalId is ours.
     let _ = state;
     match config.crm.kind {
         CrmKind::RetailCrm => {
-            let crm = retailcrm::RetailCrm::new(config, client_id).map_err(|e| e.failure())?;
+            let crm = retailcrm::RetailCrm::new(config, client_id)
+                .map_err(|e| e.failure())?
+                .with_hooks(hooks);
             Ok(Arc::new(crm))
         }
     }

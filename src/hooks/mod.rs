@@ -35,6 +35,32 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::config::HooksConfig;
 
+pub mod phone_points;
+
+/// Where in a call's life a point is called (`call_stage` in its input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// An extension starts ringing (inbound) or the customer is dialled (outbound).
+    ConversationRequested,
+    /// Someone answered.
+    ConversationAccepted,
+    /// One conversation of the call ended (a transfer goes on).
+    ConversationEnded,
+    /// The call is over.
+    CallEnded,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::ConversationRequested => "conversation_requested",
+            Stage::ConversationAccepted => "conversation_accepted",
+            Stage::ConversationEnded => "conversation_ended",
+            Stage::CallEnded => "call_ended",
+        }
+    }
+}
+
 /// The most a hook may answer (stdout or response body).
 pub const MAX_OUTPUT: usize = 1024 * 1024;
 /// How much of a failed program's stderr the log line carries.
@@ -225,6 +251,11 @@ impl Hooks {
         Hooks {
             inner: Arc::new(Inner { points, http }),
         }
+    }
+
+    /// No hook anywhere (one-shot tools, tests).
+    pub fn none() -> Hooks {
+        Hooks::new(&HooksConfig::default(), reqwest::Client::new())
     }
 
     pub fn is_configured(&self, point: &str) -> bool {

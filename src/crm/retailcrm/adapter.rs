@@ -15,6 +15,7 @@ use super::{registration, CrmClient, CrmError};
 use crate::base::secret::Secret;
 use crate::calls::LiveEvent;
 use crate::config::Config;
+use crate::hooks::Hooks;
 use crate::crm::port::{
     Crm, CrmFailure, Delivery, DirectoryEntry, FailureKind, Finished, Published, Responsible,
 };
@@ -26,6 +27,8 @@ pub struct RetailCrm {
     /// The module's clientId, presented back by retailCRM in its callbacks.
     client_id: Secret,
     tz: OnceCell<jiff::tz::TimeZone>,
+    /// retailCRM's own customisation points (`process_call_event_params`, `process_upload_params`).
+    hooks: Hooks,
 }
 
 impl RetailCrm {
@@ -43,7 +46,14 @@ impl RetailCrm {
             config,
             client_id,
             tz: OnceCell::new(),
+            hooks: Hooks::none(),
         }
+    }
+
+    /// The customisation points this adapter calls.
+    pub fn with_hooks(mut self, hooks: Hooks) -> RetailCrm {
+        self.hooks = hooks;
+        self
     }
 
     /// The API client underneath (the CLI's and the tests' direct calls).
