@@ -266,6 +266,8 @@ impl Application {
         // Call tracking: live events to the CRM through a bounded queue, finished calls to the
         // history sink (kept in memory for now).
         let (live_tx, live_rx) = tokio::sync::mpsc::channel(1024);
+        // What `need_registration` answered, shared by the live path and the history.
+        let verdicts = crate::pipeline::registration_points::Verdicts::default();
         let tracker_stats = Arc::new(TrackerStats::default());
         tasks.spawn(
             task::LIVE,
@@ -275,6 +277,11 @@ impl Application {
                 store.clone(),
                 config.clone(),
                 tracker_stats.clone(),
+                Some(crate::pipeline::live::LiveHooks {
+                    hooks: hooks.clone(),
+                    verdicts: verdicts.clone(),
+                    phones: PhoneBook::new(&config.phone),
+                }),
             ),
         );
         let recent_calls = RecentCalls::new(200);
@@ -288,6 +295,7 @@ impl Application {
             config.clone(),
             Some(records.clone()),
             hooks.clone(),
+            verdicts.clone(),
         );
         let mut stop = stopping.subscribe();
         tasks.spawn(
@@ -296,10 +304,10 @@ impl Application {
                 let _ = stop.wait_for(|s| *s).await;
             }),
         );
-        let sink = Tee(vec![
+        let sink = verdicts.sink(Arc::new(Tee(vec![
             Arc::new(outbox.clone()),
             Arc::new(recent_calls.clone()),
-        ]);
+        ])));
         let (tracker, tracker_task) = CallTracker::start(
             &config,
             ami.clone(),

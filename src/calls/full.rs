@@ -8,18 +8,16 @@
 
 use serde_json::{json, Map, Value};
 
-use super::record::{CallRecord, ChannelKind};
+use super::record::{CallRecord, ChannelKind, Direction, LiveEvent};
 use crate::base::clock::Millis;
 use crate::phone::PhoneBook;
 
 /// The text of an unset time.
 pub const NO_TIME: &str = "0001-01-01 00:00:00";
 
-/// `call_full` for a finished call.
-pub fn call_full(r: &CallRecord, phones: &PhoneBook, tz: &jiff::tz::TimeZone) -> Value {
-    let time = |at: Option<Millis>| local_time(at, tz);
-    let trunk = r.trunk.as_deref();
-    let number = |raw: Option<&str>| match raw.filter(|n| !n.is_empty()) {
+/// A number in every form, or null.
+fn number(phones: &PhoneBook, raw: Option<&str>, trunk: Option<&str>) -> Value {
+    match raw.filter(|n| !n.is_empty()) {
         Some(raw) => {
             let n = phones.normalize(raw, trunk);
             json!({
@@ -31,7 +29,102 @@ pub fn call_full(r: &CallRecord, phones: &PhoneBook, tz: &jiff::tz::TimeZone) ->
             })
         }
         None => Value::Null,
+    }
+}
+
+/// `call_full` for a call in progress, from one of its live events (stamped `at`): what is
+/// known then. The main channel's `id` is the call's key (its Linkedid for AMI calls), `state`
+/// `ringing`, `dialing` or `ended`; `conversations` has one entry per extension named by the
+/// event (`<key>.<n>`, not yet answered); `user` is null until the call is credited.
+pub fn call_full_live(e: &LiveEvent, at: Millis, phones: &PhoneBook, tz: &jiff::tz::TimeZone) -> Value {
+    let id = e.external_id();
+    let key = id.split_once('-').map_or(id, |(_, k)| k);
+    let time = |at: Option<Millis>| local_time(at, tz);
+    let (kind, state, from, to, trunk, codes, result, answered) = match e {
+        LiveEvent::Ringing { phone, did, codes, trunk, .. } => (
+            ChannelKind::Incoming,
+            "ringing",
+            Some(phone.as_str()),
+            did.as_deref(),
+            trunk.as_deref(),
+            codes,
+            0,
+            false,
+        ),
+        LiveEvent::Dialing { phone, codes, trunk, .. } => (
+            ChannelKind::Outgoing,
+            "dialing",
+            codes.first().map(String::as_str),
+            Some(phone.as_str()),
+            trunk.as_deref(),
+            codes,
+            0,
+            false,
+        ),
+        LiveEvent::Hangup { phone, direction, codes, outcome, .. } => {
+            let (from, to) = match direction {
+                Direction::Out => (codes.first().map(String::as_str), Some(phone.as_str())),
+                _ => (Some(phone.as_str()), codes.first().map(String::as_str)),
+            };
+            let answered = *outcome == super::record::Outcome::Answered;
+            (ChannelKind::from(*direction), "ended", from, to, None, codes, outcome.sip_code(), answered)
+        }
     };
+    let ended = state == "ended";
+    let mut conversations = Map::new();
+    for (i, code) in codes.iter().enumerate() {
+        let key = format!("{key}.{i}");
+        conversations.insert(
+            key.clone(),
+            json!({
+                "channel": {
+                    "id": key,
+                    "name": "",
+                    "type": kind,
+                    "is_primary": false,
+                    "state": state,
+                    "start_time": time(Some(at)),
+                    "answer_time": NO_TIME,
+                    "end_time": if ended { time(Some(at)) } else { NO_TIME.to_string() },
+                    "was_answered": false,
+                },
+                "is_parked": false,
+                "user": {"code": code, "user_id": null},
+            }),
+        );
+    }
+    json!({
+        "active_conversation_id": "",
+        "channel": {
+            "id": key,
+            "name": "",
+            "type": kind,
+            "is_primary": true,
+            "state": state,
+            "start_time": if ended { NO_TIME.to_string() } else { time(Some(at)) },
+            "answer_time": NO_TIME,
+            "end_time": if ended { time(Some(at)) } else { NO_TIME.to_string() },
+            "from": number(phones, from, trunk),
+            "to": number(phones, to, trunk),
+            "trunk": trunk.map_or(Value::Null, |t| json!({"original": t})),
+            "was_answered": answered,
+        },
+        "conversations": conversations,
+        "user": null,
+        "entity": null,
+        "deal": null,
+        "registration": null,
+        "is_ivr": false,
+        "record": "",
+        "result": result,
+    })
+}
+
+/// `call_full` for a finished call.
+pub fn call_full(r: &CallRecord, phones: &PhoneBook, tz: &jiff::tz::TimeZone) -> Value {
+    let time = |at: Option<Millis>| local_time(at, tz);
+    let trunk = r.trunk.as_deref();
+    let number = |raw: Option<&str>| number(phones, raw, trunk);
     let (id, name, kind, start, answer, end) = match &r.main_channel {
         Some(m) => (
             m.id.as_str(),
@@ -149,6 +242,31 @@ mod tests {
             full["conversations"].as_object().unwrap().len(),
             r.conversations.len()
         );
+    }
+
+    #[test]
+    fn a_ringing_call_in_the_call_full_structure() {
+        let phones = PhoneBook::new(&PhoneConfig::default());
+        let e = LiveEvent::Ringing {
+            external_id: "pbx-1795264721.70".into(),
+            phone: "+79161234567".into(),
+            did: Some("+74951112233".into()),
+            codes: vec!["101".into(), "102".into()],
+            trunk: Some("PJSIP/trunk".into()),
+        };
+        let full = call_full_live(&e, 1_795_264_721_000, &phones, &jiff::tz::TimeZone::UTC);
+        let ch = &full["channel"];
+        assert_eq!(ch["id"], "1795264721.70");
+        assert_eq!(ch["type"], "incoming");
+        assert_eq!(ch["state"], "ringing");
+        assert_eq!(ch["from"]["original"], "+79161234567");
+        assert_eq!(ch["to"]["original"], "+74951112233");
+        assert_eq!(ch["end_time"], NO_TIME);
+        assert_ne!(ch["start_time"], NO_TIME);
+        let conv = full["conversations"].as_object().unwrap();
+        assert_eq!(conv.len(), 2);
+        assert_eq!(conv["1795264721.70.1"]["user"]["code"], "102");
+        assert_eq!(full["result"], 0);
     }
 
     #[test]

@@ -258,6 +258,11 @@ impl Hooks {
         Hooks::new(&HooksConfig::default(), reqwest::Client::new())
     }
 
+    /// Whether any point has a hook.
+    pub fn any_configured(&self) -> bool {
+        !self.inner.points.is_empty()
+    }
+
     pub fn is_configured(&self, point: &str) -> bool {
         self.inner.points.contains_key(point)
     }

@@ -27,6 +27,10 @@ use crate::crm::{Crm, Delivery, Finished};
 use crate::hooks::Hooks;
 use crate::outbox::store::{Enqueued, Envelope, OutboxStore};
 use crate::phone::PhoneBook;
+use crate::calls::full::call_full;
+use crate::hooks::phone_points::{client_phone, user_phone, PROCESS_CLIENT_PHONE, PROCESS_USER_PHONE};
+use crate::hooks::Stage;
+use crate::pipeline::registration_points::{need_registration, post_registration, Verdicts, NEED_REGISTRATION};
 use crate::pipeline::{points, CallSink};
 use crate::records::Records;
 use crate::store::{Store, StoreError};
@@ -61,6 +65,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Set while uploading is stopped for a reason only an operator can fix.
     pub blocked: Option<String>,
+    /// Calls `need_registration` kept from the CRM when their history was due (done, not sent).
+    pub not_registered: u64,
     /// How often the upload scheduler woke up (a number that races shows a busy loop).
     pub scheduler_wakeups: u64,
 }
@@ -73,6 +79,7 @@ struct Progress {
     last_success_at: Option<i64>,
     last_error: Option<String>,
     blocked: Option<String>,
+    not_registered: u64,
 }
 
 struct Inner {
@@ -91,6 +98,8 @@ struct Inner {
     records: Option<Records>,
     /// The customisation points a record passes before it goes to the CRM.
     hooks: Hooks,
+    /// What `need_registration` answered for calls (shared with the live path).
+    verdicts: Verdicts,
     /// Numbers in every form, for the hooks' `call_full` (only built when a hook is configured).
     phones: std::sync::OnceLock<PhoneBook>,
     progress: Mutex<Progress>,
@@ -141,7 +150,7 @@ impl Outbox {
         config: Arc<Config>,
     ) -> Outbox {
         let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
-        Self::with_records(store, activity, crm, config, None, hooks)
+        Self::with_records(store, activity, crm, config, None, hooks, Verdicts::default())
     }
 
     /// With `records`, calls carry a signed `recordUrl` (made durably before the upload), and a
@@ -153,6 +162,7 @@ impl Outbox {
         config: Arc<Config>,
         records: Option<Records>,
         hooks: Hooks,
+        verdicts: Verdicts,
     ) -> Outbox {
         let fingerprint = config_fingerprint(&config, crm.as_ref());
         Outbox {
@@ -167,6 +177,7 @@ impl Outbox {
                 recheck_at: Mutex::new(None),
                 records,
                 hooks,
+                verdicts,
                 phones: std::sync::OnceLock::new(),
                 progress: Mutex::default(),
                 draining: tokio::sync::Mutex::new(()),
@@ -219,6 +230,7 @@ impl Outbox {
             last_success_at: p.last_success_at,
             last_error: p.last_error.clone(),
             blocked: p.blocked.clone(),
+            not_registered: p.not_registered,
             scheduler_wakeups: self.inner.wakeups.load(Ordering::Relaxed),
         }
     }
@@ -484,29 +496,39 @@ impl Outbox {
             .phones
             .get_or_init(|| PhoneBook::new(&inner.config.phone));
         // The batch's hooks run side by side; the batch waits for them (each has its timeout).
-        let (records, urls): (Vec<CallRecord>, Vec<Option<String>>) =
-            futures_util::future::join_all(batch.iter().map(|e| {
-                let r = with_unassigned(&e.record, unassigned.as_ref());
-                let url = self.record_url(&r);
-                points::call_params(hooks, phones, r, url)
-            }))
-            .await
-            .into_iter()
-            .unzip();
-        let finished: Vec<Finished<'_>> = records
+        let prepared: Vec<Option<(CallRecord, Option<String>)>> =
+            futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|e| self.through_points(with_unassigned(&e.record, unassigned.as_ref()))),
+            )
+            .await;
+        let finished: Vec<Finished<'_>> = prepared
             .iter()
-            .zip(&urls)
+            .flatten()
             .map(|(record, url)| Finished {
                 record,
                 record_url: url.as_deref(),
             })
             .collect();
-        let outcomes = inner.crm.deliver(&finished).await;
+        let mut outcomes = inner.crm.deliver(&finished).await.into_iter();
         let (mut done, mut aside, mut fresh, mut stop) = (Vec::new(), Vec::new(), 0u64, None);
-        for (e, outcome) in batch.into_iter().zip(outcomes) {
+        let mut not_registered = 0u64;
+        for (e, prepared) in batch.into_iter().zip(&prepared) {
+            let Some((record, _)) = prepared else {
+                tracing::info!(id = %e.id, "need_registration: the call's history is not sent to the CRM");
+                not_registered += 1;
+                done.push(e);
+                continue;
+            };
+            // The adapter answers once per call it was given.
+            let outcome = outcomes
+                .next()
+                .unwrap_or_else(|| Delivery::RetryLater("the CRM adapter gave no answer for a call".into()));
             match outcome {
                 Delivery::Delivered => {
                     fresh += 1;
+                    post_registration(hooks, || call_full(record, phones, &jiff::tz::TimeZone::system()), Stage::CallEnded);
                     done.push(e);
                 }
                 Delivery::Duplicate => done.push(e),
@@ -533,6 +555,7 @@ impl Outbox {
             inner.store.flush().await?;
             let mut p = inner.progress.lock().unwrap_or_else(|p| p.into_inner());
             p.uploaded_total += fresh;
+            p.not_registered += not_registered;
             p.last_success_at = Some(now_ms());
             tracing::debug!(calls = done.len(), "call history uploaded");
         }
@@ -593,6 +616,44 @@ impl Outbox {
             }
             None => true,
         }
+    }
+
+    /// A record through the points before it goes to the CRM: None when `need_registration`
+    /// keeps it from the CRM (asked here when no live answer is known), else the record and its
+    /// recording link as `process_client_phone`, `process_user_phone` and `process_call_params`
+    /// leave them.
+    async fn through_points(&self, mut r: CallRecord) -> Option<(CallRecord, Option<String>)> {
+        let inner = &self.inner;
+        let hooks = &inner.hooks;
+        if !hooks.any_configured() {
+            let url = self.record_url(&r);
+            return Some((r, url));
+        }
+        let phones = inner
+            .phones
+            .get_or_init(|| PhoneBook::new(&inner.config.phone));
+        let tz = jiff::tz::TimeZone::system();
+        let register = match inner.verdicts.get(&r.external_id) {
+            Some(yes) => yes,
+            None if hooks.is_configured(NEED_REGISTRATION) => {
+                let yes = need_registration(hooks, call_full(&r, phones, &tz), Stage::CallEnded).await;
+                inner.verdicts.set(&r.external_id, yes);
+                yes
+            }
+            None => true,
+        };
+        if !register {
+            return None;
+        }
+        if hooks.is_configured(PROCESS_CLIENT_PHONE) || hooks.is_configured(PROCESS_USER_PHONE) {
+            let full = call_full(&r, phones, &tz);
+            r.customer_number = client_phone(hooks, &r.customer_number, &full, Stage::CallEnded).await;
+            if let Some(code) = &r.code {
+                r.code = Some(user_phone(hooks, code, &full, Stage::CallEnded).await);
+            }
+        }
+        let url = self.record_url(&r);
+        Some(points::call_params(hooks, phones, r, url).await)
     }
 
     /// The link the CRM plays the recording from (made by the drain before the upload).

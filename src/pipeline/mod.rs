@@ -5,6 +5,7 @@
 pub(crate) mod gate;
 pub(crate) mod live;
 pub(crate) mod points;
+pub mod registration_points;
 pub mod recovery;
 pub(crate) mod rules;
 pub(crate) mod tracker;
