@@ -36,12 +36,23 @@ fn number(phones: &PhoneBook, raw: Option<&str>, trunk: Option<&str>) -> Value {
 /// known then. The main channel's `id` is the call's key (its Linkedid for AMI calls), `state`
 /// `ringing`, `dialing` or `ended`; `conversations` has one entry per extension named by the
 /// event (`<key>.<n>`, not yet answered); `user` is null until the call is credited.
-pub fn call_full_live(e: &LiveEvent, at: Millis, phones: &PhoneBook, tz: &jiff::tz::TimeZone) -> Value {
+pub fn call_full_live(
+    e: &LiveEvent,
+    at: Millis,
+    phones: &PhoneBook,
+    tz: &jiff::tz::TimeZone,
+) -> Value {
     let id = e.external_id();
     let key = id.split_once('-').map_or(id, |(_, k)| k);
     let time = |at: Option<Millis>| local_time(at, tz);
     let (kind, state, from, to, trunk, codes, result, answered) = match e {
-        LiveEvent::Ringing { phone, did, codes, trunk, .. } => (
+        LiveEvent::Ringing {
+            phone,
+            did,
+            codes,
+            trunk,
+            ..
+        } => (
             ChannelKind::Incoming,
             "ringing",
             Some(phone.as_str()),
@@ -51,7 +62,12 @@ pub fn call_full_live(e: &LiveEvent, at: Millis, phones: &PhoneBook, tz: &jiff::
             0,
             false,
         ),
-        LiveEvent::Dialing { phone, codes, trunk, .. } => (
+        LiveEvent::Dialing {
+            phone,
+            codes,
+            trunk,
+            ..
+        } => (
             ChannelKind::Outgoing,
             "dialing",
             codes.first().map(String::as_str),
@@ -61,13 +77,28 @@ pub fn call_full_live(e: &LiveEvent, at: Millis, phones: &PhoneBook, tz: &jiff::
             0,
             false,
         ),
-        LiveEvent::Hangup { phone, direction, codes, outcome, .. } => {
+        LiveEvent::Hangup {
+            phone,
+            direction,
+            codes,
+            outcome,
+            ..
+        } => {
             let (from, to) = match direction {
                 Direction::Out => (codes.first().map(String::as_str), Some(phone.as_str())),
                 _ => (Some(phone.as_str()), codes.first().map(String::as_str)),
             };
             let answered = *outcome == super::record::Outcome::Answered;
-            (ChannelKind::from(*direction), "ended", from, to, None, codes, outcome.sip_code(), answered)
+            (
+                ChannelKind::from(*direction),
+                "ended",
+                from,
+                to,
+                None,
+                codes,
+                outcome.sip_code(),
+                answered,
+            )
         }
     };
     let ended = state == "ended";

@@ -21,16 +21,20 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::base::clock::now_ms;
+use crate::calls::full::call_full;
 use crate::calls::CallRecord;
 use crate::config::{Assignee, Config};
 use crate::crm::{Crm, Delivery, Finished};
+use crate::hooks::phone_points::{
+    client_phone, user_phone, PROCESS_CLIENT_PHONE, PROCESS_USER_PHONE,
+};
 use crate::hooks::Hooks;
+use crate::hooks::Stage;
 use crate::outbox::store::{Enqueued, Envelope, OutboxStore};
 use crate::phone::PhoneBook;
-use crate::calls::full::call_full;
-use crate::hooks::phone_points::{client_phone, user_phone, PROCESS_CLIENT_PHONE, PROCESS_USER_PHONE};
-use crate::hooks::Stage;
-use crate::pipeline::registration_points::{need_registration, post_registration, Verdicts, NEED_REGISTRATION};
+use crate::pipeline::registration_points::{
+    need_registration, post_registration, Verdicts, NEED_REGISTRATION,
+};
 use crate::pipeline::{points, CallSink};
 use crate::records::Records;
 use crate::store::{Store, StoreError};
@@ -150,7 +154,15 @@ impl Outbox {
         config: Arc<Config>,
     ) -> Outbox {
         let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
-        Self::with_records(store, activity, crm, config, None, hooks, Verdicts::default())
+        Self::with_records(
+            store,
+            activity,
+            crm,
+            config,
+            None,
+            hooks,
+            Verdicts::default(),
+        )
     }
 
     /// With `records`, calls carry a signed `recordUrl` (made durably before the upload), and a
@@ -496,13 +508,12 @@ impl Outbox {
             .phones
             .get_or_init(|| PhoneBook::new(&inner.config.phone));
         // The batch's hooks run side by side; the batch waits for them (each has its timeout).
-        let prepared: Vec<Option<(CallRecord, Option<String>)>> =
-            futures_util::future::join_all(
-                batch
-                    .iter()
-                    .map(|e| self.through_points(with_unassigned(&e.record, unassigned.as_ref()))),
-            )
-            .await;
+        let prepared: Vec<Option<(CallRecord, Option<String>)>> = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|e| self.through_points(with_unassigned(&e.record, unassigned.as_ref()))),
+        )
+        .await;
         let finished: Vec<Finished<'_>> = prepared
             .iter()
             .flatten()
@@ -522,13 +533,17 @@ impl Outbox {
                 continue;
             };
             // The adapter answers once per call it was given.
-            let outcome = outcomes
-                .next()
-                .unwrap_or_else(|| Delivery::RetryLater("the CRM adapter gave no answer for a call".into()));
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Delivery::RetryLater("the CRM adapter gave no answer for a call".into())
+            });
             match outcome {
                 Delivery::Delivered => {
                     fresh += 1;
-                    post_registration(hooks, || call_full(record, phones, &jiff::tz::TimeZone::system()), Stage::CallEnded);
+                    post_registration(
+                        hooks,
+                        || call_full(record, phones, &jiff::tz::TimeZone::system()),
+                        Stage::CallEnded,
+                    );
                     done.push(e);
                 }
                 Delivery::Duplicate => done.push(e),
@@ -633,21 +648,19 @@ impl Outbox {
             .phones
             .get_or_init(|| PhoneBook::new(&inner.config.phone));
         let tz = jiff::tz::TimeZone::system();
-        let register = match inner.verdicts.get(&r.external_id) {
-            Some(yes) => yes,
-            None if hooks.is_configured(NEED_REGISTRATION) => {
-                let yes = need_registration(hooks, call_full(&r, phones, &tz), Stage::CallEnded).await;
-                inner.verdicts.set(&r.external_id, yes);
-                yes
-            }
-            None => true,
+        let register = if hooks.is_configured(NEED_REGISTRATION) {
+            let ask = || need_registration(hooks, call_full(&r, phones, &tz), Stage::CallEnded);
+            inner.verdicts.decide(&r.external_id, ask).await
+        } else {
+            true
         };
         if !register {
             return None;
         }
         if hooks.is_configured(PROCESS_CLIENT_PHONE) || hooks.is_configured(PROCESS_USER_PHONE) {
             let full = call_full(&r, phones, &tz);
-            r.customer_number = client_phone(hooks, &r.customer_number, &full, Stage::CallEnded).await;
+            r.customer_number =
+                client_phone(hooks, &r.customer_number, &full, Stage::CallEnded).await;
             if let Some(code) = &r.code {
                 r.code = Some(user_phone(hooks, code, &full, Stage::CallEnded).await);
             }
@@ -840,6 +853,67 @@ mod tests {
         let s = outbox.status();
         // A duplicate is done, but was not uploaded by this attempt.
         assert_eq!((s.pending, s.dead, s.done, s.uploaded_total), (0, 2, 3, 2));
+    }
+
+    #[tokio::test]
+    async fn need_registration_is_asked_at_call_ended_only_for_calls_without_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("asked.json");
+        let mut config = Config::default();
+        let answer = r#"{"state": "success", "data": {"result": false}}"#;
+        config.hooks.0.insert(
+            NEED_REGISTRATION.into(),
+            crate::config::HookConfig {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("cat >> '{}'; echo '{answer}'", seen.display()),
+                ],
+                url: String::new(),
+                timeout: Duration::from_secs(10),
+            },
+        );
+        let config = Arc::new(config);
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let crm = Arc::new(ScriptedCrm::default());
+        let verdicts = Verdicts::default();
+        // The live path already had the first call's answer.
+        verdicts.set("1-ok", true);
+        let outbox = Outbox::with_records(
+            OutboxStore::of(&store).unwrap(),
+            store,
+            crm.clone(),
+            config.clone(),
+            None,
+            Hooks::new(&config.hooks, reqwest::Client::new()),
+            verdicts.clone(),
+        );
+        for id in ["1-ok", "2-ok"] {
+            outbox.enqueue(CallRecord::sample(id)).await.unwrap();
+        }
+        assert_eq!(outbox.drain().await, Drain::Done);
+        assert_eq!(
+            crm.batches.lock().unwrap().clone(),
+            vec![vec!["1-ok".to_string()]]
+        );
+        assert_eq!(state(&outbox, "2-ok"), Some(State::Done));
+        let s = outbox.status();
+        assert_eq!(
+            (s.pending, s.done, s.uploaded_total, s.not_registered),
+            (0, 2, 1, 1)
+        );
+        let asked: Vec<serde_json::Value> = std::fs::read_to_string(&seen)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!(asked[0]["call_stage"], "call_ended");
+        assert_eq!(
+            asked[0]["call_full"]["channel"]["id"],
+            CallRecord::sample("2-ok").linkedid
+        );
+        assert_eq!(verdicts.get("2-ok"), Some(false));
     }
 
     #[tokio::test]

@@ -179,9 +179,8 @@ impl Sender {
         let id = e.external_id().to_string();
         let points = async {
             if register.is_none() && h.hooks.is_configured(NEED_REGISTRATION) {
-                let yes = need_registration(&h.hooks, full.clone(), stage).await;
-                h.verdicts.set(&id, yes);
-                *register = Some(yes);
+                let ask = || need_registration(&h.hooks, full.clone(), stage);
+                *register = Some(h.verdicts.decide(&id, ask).await);
             }
             if *register == Some(false) {
                 return;
@@ -204,7 +203,7 @@ impl Sender {
             // Once the CRM was told of a call, its history follows (registered by default).
             if register.is_none() && h.hooks.is_configured(NEED_REGISTRATION) {
                 h.verdicts.set(&id, true);
-                *register = Some(true);
+                *register = h.verdicts.get(&id);
             }
             return Some(e);
         }

@@ -5,8 +5,8 @@
 pub(crate) mod gate;
 pub(crate) mod live;
 pub(crate) mod points;
-pub mod registration_points;
 pub mod recovery;
+pub mod registration_points;
 pub(crate) mod rules;
 pub(crate) mod tracker;
 

@@ -52,34 +52,57 @@ pub fn post_registration(hooks: &Hooks, call_full: impl FnOnce() -> Value, stage
 }
 
 /// What `need_registration` answered, per call (`externalId`), shared by the live path and
-/// the history. Bounded: the oldest answers are forgotten first (a forgotten call is asked
-/// again when its history goes out).
+/// the history: the first to ask for a call asks the hook, whoever comes while it runs waits
+/// for that answer, and it holds for the call. Bounded: the oldest calls are forgotten first
+/// (a forgotten call is asked again when its history goes out).
 #[derive(Clone, Default)]
 pub struct Verdicts {
     inner: Arc<Mutex<Kept>>,
 }
 
+type Verdict = Arc<tokio::sync::OnceCell<bool>>;
+
 #[derive(Default)]
 struct Kept {
-    by_id: HashMap<String, bool>,
+    by_id: HashMap<String, Verdict>,
     order: VecDeque<String>,
 }
 
 impl Verdicts {
+    /// The answer for the call if one is known (no waiting).
     pub fn get(&self, id: &str) -> Option<bool> {
-        self.lock().by_id.get(id).copied()
+        self.lock().by_id.get(id).and_then(|c| c.get().copied())
     }
 
+    /// The call's answer: the one given, the one being asked (waited for), or `ask`'s. If
+    /// the caller stops waiting while `ask` runs, the next caller asks again.
+    pub async fn decide<F>(&self, id: &str, ask: impl FnOnce() -> F) -> bool
+    where
+        F: std::future::Future<Output = bool>,
+    {
+        let cell = self.cell(id);
+        *cell.get_or_init(ask).await
+    }
+
+    /// Settles the call's answer unless it has one.
     pub fn set(&self, id: &str, register: bool) {
+        let _ = self.cell(id).set(register);
+    }
+
+    fn cell(&self, id: &str) -> Verdict {
         let mut k = self.lock();
-        if k.by_id.insert(id.to_string(), register).is_none() {
-            k.order.push_back(id.to_string());
-            while k.order.len() > KEPT {
-                if let Some(old) = k.order.pop_front() {
-                    k.by_id.remove(&old);
-                }
+        if let Some(c) = k.by_id.get(id) {
+            return c.clone();
+        }
+        let cell = Verdict::default();
+        k.by_id.insert(id.to_string(), cell.clone());
+        k.order.push_back(id.to_string());
+        while k.order.len() > KEPT {
+            if let Some(old) = k.order.pop_front() {
+                k.by_id.remove(&old);
             }
         }
+        cell
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
@@ -125,8 +148,38 @@ mod tests {
         assert_eq!(v.get("0"), None);
         assert_eq!(v.get("1"), Some(false));
         assert_eq!(v.get(&KEPT.to_string()), Some(KEPT % 2 == 0));
-        // A second answer for a call keeps the first one's place.
+        // The first answer holds.
         v.set("1", true);
-        assert_eq!(v.get("1"), Some(true));
+        assert_eq!(v.get("1"), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_call_is_asked_once_and_a_second_caller_waits_for_the_answer() {
+        let v = Verdicts::default();
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let first = v.decide("c", || async {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = wait.await;
+            false
+        });
+        let second = async {
+            // Asked while the first is under way: its own question is never put.
+            let answer = v
+                .decide("c", || async {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    true
+                })
+                .await;
+            answer
+        };
+        let release = async {
+            tokio::task::yield_now().await;
+            let _ = go.send(());
+        };
+        let (a, b, ()) = tokio::join!(first, second, release);
+        assert_eq!((a, b), (false, false));
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(v.get("c"), Some(false));
     }
 }

@@ -15,6 +15,7 @@ mod cli;
 mod click_to_call;
 mod crm_client;
 mod hook_points;
+mod hook_registration;
 mod hooks;
 mod http_api;
 mod http_limits;
