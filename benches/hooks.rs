@@ -1,9 +1,16 @@
 //! Hook round trips: a command hook (a real child process per call) and an HTTP hook (a
 //! keep-alive server on loopback in this process), `process_call_params`-shaped input with a
 //! `call_full`, one call at a time, then calls per second through the command hook with 8
-//! calls in flight. Prints p50/p90/p99/max. Run with `scripts/bench-hooks.sh`.
+//! calls in flight; then the history end to end: DRAIN (default 5,000) queued calls through
+//! the outbox, `process_call_params` and the retailCRM adapter to the fake CRM (which enforces
+//! the 40 rps telephony limit: 2,000 calls/s at most), without and with the command hook.
+//! Prints p50/p90/p99/max and calls/s. Run with `scripts/bench-hooks.sh`.
 //! Goals: command hook p99 ≤ 5 ms, HTTP hook p99 ≤ 1 ms.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pbxgate::config::{HookConfig, HooksConfig};
@@ -111,6 +118,46 @@ async fn round_trips(hooks: &Hooks, n: usize) -> Vec<Duration> {
     times
 }
 
+/// Drains `n` queued calls through the outbox to the fake CRM; calls/s.
+async fn history(n: usize, hook: Option<HookConfig>) -> f64 {
+    let crm = support::fake_crm::FakeCrm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::test_config(&crm.url, &dir);
+    if let Some(h) = hook {
+        config.hooks.0.insert("process_call_params".into(), h);
+    }
+    let config = Arc::new(config);
+    let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
+    let store = pbxgate::store::Store::open(&dir.path().join("db")).unwrap();
+    let port = pbxgate::crm::connect(
+        config.clone(),
+        pbxgate::base::secret::Secret::new(""),
+        None,
+        hooks.clone(),
+    )
+    .unwrap();
+    let outbox = pbxgate::outbox::Outbox::with_records(
+        pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
+        store,
+        port,
+        config,
+        None,
+        hooks,
+        pbxgate::pipeline::registration_points::Verdicts::default(),
+    );
+    for i in 0..n {
+        let mut r = support::call_record(&format!("hook-{i:06}"), support::T0 + i as i64);
+        r.linkedid = format!("1795264400.{i}");
+        outbox.store().insert(r).unwrap();
+    }
+    outbox.store().flush().await.unwrap();
+    let started = Instant::now();
+    assert_eq!(outbox.drain().await, pbxgate::outbox::Drain::Done);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(crm.uploaded_ids().len(), n);
+    n as f64 / secs
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("CALLS")
@@ -174,5 +221,24 @@ async fn main() {
     );
     let stats = command.stats();
     println!("counts: {stats:?}");
+
+    let drain: usize = std::env::var("DRAIN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
+    let bare = history(drain, None).await;
+    let hooked = history(
+        drain,
+        Some(HookConfig {
+            command: vec!["/bin/sh".into(), script.display().to_string()],
+            url: String::new(),
+            timeout,
+        }),
+    )
+    .await;
+    println!(
+        "history end to end, {drain} calls to the fake CRM: {bare:.0} calls/s without a hook, \
+         {hooked:.0} calls/s through a process_call_params command hook"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
