@@ -136,7 +136,7 @@ impl RetailCrm {
     }
 
     /// Before the upload, durably: the missed calls of the batch are owed a task (unless one
-    /// was created already). A call the CRM had before, without this mark, gets none.
+    /// was created already), so that a crash between the upload and the task loses nothing.
     async fn owe_tasks(&self, records: impl Iterator<Item = &CallRecord>) {
         let Some(state) = self.task_state() else {
             return;
