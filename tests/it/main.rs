@@ -26,6 +26,6 @@ mod outbox;
 mod records;
 mod registration;
 mod restarts;
-mod retailcrm_tasks;
+pub(crate) mod retailcrm_tasks;
 mod routing;
 mod rules;
