@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
-use super::checks::{backoff, client_id, http_url, module_code, problem, request_timeout, timezone};
+use super::checks::{
+    backoff, client_id, http_url, module_code, problem, request_timeout, timezone,
+};
 use crate::base::secret::Secret;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]

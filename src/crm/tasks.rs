@@ -34,7 +34,10 @@ const DUE_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 /// failed. Calls refused by policy (`not allowed`) and calls of unknown outcome get none.
 pub fn is_missed(r: &CallRecord) -> bool {
     r.direction == Direction::In
-        && matches!(r.outcome, Outcome::NoAnswer | Outcome::Busy | Outcome::Failed)
+        && matches!(
+            r.outcome,
+            Outcome::NoAnswer | Outcome::Busy | Outcome::Failed
+        )
 }
 
 /// A task about to be created.

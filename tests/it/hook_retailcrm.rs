@@ -131,7 +131,10 @@ async fn process_upload_params_changes_what_reaches_the_crm_but_not_into_somethi
     assert_eq!(input["recordUrl"], Value::Null);
     assert_eq!(input["call_full"]["channel"]["id"], "pbx-u1");
     let ready = app.ready().await;
-    assert_eq!(ready["hooks"]["process_upload_params"]["changed"], 1, "{ready}");
+    assert_eq!(
+        ready["hooks"]["process_upload_params"]["changed"], 1,
+        "{ready}"
+    );
 }
 
 #[tokio::test]
@@ -145,7 +148,10 @@ async fn process_upload_params_may_not_change_the_external_id() {
     assert!(!calls.contains_key("other"), "{calls:?}");
     assert_eq!(calls["pbx-u2"]["site"], "shop1");
     let ready = app.ready().await;
-    assert_eq!(ready["hooks"]["process_upload_params"]["failed"], 1, "{ready}");
+    assert_eq!(
+        ready["hooks"]["process_upload_params"]["failed"], 1,
+        "{ready}"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,9 @@ use pbxgate::outbox::Drain;
 use pbxgate::store::Store;
 use serde_json::Value;
 
-use crate::support::{call_record, capture_body, finished, lab_app, test_config, FakeCrm, TestApp, T0};
+use crate::support::{
+    call_record, capture_body, finished, lab_app, test_config, FakeCrm, TestApp, T0,
+};
 
 const TASKS: &str = "/api/v5/tasks/create";
 const UPLOAD: &str = "/api/v5/telephony/calls/upload";
@@ -89,7 +91,10 @@ async fn a_missed_inbound_call_becomes_one_task_for_its_manager_after_the_call()
 async fn answered_calls_get_no_task_and_missed_ones_in_the_same_batch_do() {
     let app = manual_app(|c| c.crm.missed_call_tasks = true).await;
     let outbox = &app.state.outbox;
-    outbox.enqueue(call_record("pbx-answered", T0)).await.unwrap();
+    outbox
+        .enqueue(call_record("pbx-answered", T0))
+        .await
+        .unwrap();
     outbox.enqueue(missed("pbx-missed")).await.unwrap();
     let mut busy_out = missed("pbx-out-busy");
     busy_out.direction = pbxgate::calls::Direction::Out;

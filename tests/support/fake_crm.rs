@@ -888,11 +888,17 @@ fn task_create(st: &mut State, form: &BTreeMap<String, String>) -> (u16, Value) 
     }
     match task.get("performerId") {
         None | Some(Value::Null) => {
-            errors.insert("performerId".into(), json!("This value should not be blank."));
+            errors.insert(
+                "performerId".into(),
+                json!("This value should not be blank."),
+            );
         }
         Some(v) => match v.as_i64() {
             None => {
-                errors.insert("performerId".into(), json!("This value should be of type int."));
+                errors.insert(
+                    "performerId".into(),
+                    json!("This value should be of type int."),
+                );
             }
             Some(id) if !st.users.contains(&id) => {
                 errors.insert("performerId".into(), json!("User not found."));

@@ -89,7 +89,10 @@ pub async fn upload_params(hooks: &Hooks, call: Call, call_full: impl FnOnce() -
         call_full(),
         Stage::CallEnded,
     );
-    match hooks.call(PROCESS_UPLOAD_PARAMS, input, UPLOAD_FIELDS).await {
+    match hooks
+        .call(PROCESS_UPLOAD_PARAMS, input, UPLOAD_FIELDS)
+        .await
+    {
         HookResult::Changed(data) => {
             let id = call.external_id.clone();
             apply(PROCESS_UPLOAD_PARAMS, &id, &call, data, upload_problem)
@@ -110,7 +113,11 @@ fn input_of<T: Serialize>(
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
     };
-    for name in fields.iter().map(|(n, _)| *n).chain(read_only.iter().copied()) {
+    for name in fields
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(read_only.iter().copied())
+    {
         map.entry(name).or_insert(Value::Null);
     }
     map.insert("call_full".into(), call_full);
