@@ -1,12 +1,14 @@
 //! `[crm]`: which CRM (`kind`), the retailCRM account, the module registered in it, and the
-//! client's timeouts, rate limits and retries.
+//! client's timeouts, rate limits and retries, and the follow-up tasks of missed calls.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
-use super::checks::{backoff, client_id, http_url, module_code, request_timeout, timezone};
+use super::checks::{
+    backoff, client_id, http_url, module_code, problem, request_timeout, timezone,
+};
 use crate::base::secret::Secret;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
@@ -50,6 +52,33 @@ pub struct CrmConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "backoff"))]
     pub retry_max: Duration,
+    /// An inbound call nobody answered becomes a follow-up task in the CRM (once per call).
+    pub missed_call_tasks: bool,
+    /// The CRM user the tasks are for; 0: the call's manager (its user, or the user of its
+    /// extension in `[[users]]`).
+    #[validate(range(min = 0, message = "must be 0 (the call's manager) or a CRM user id"))]
+    pub missed_call_task_performer: i64,
+    /// The task's text; `{phone}` is the customer's number.
+    #[validate(custom(function = "task_text"))]
+    pub missed_call_task_text: String,
+    /// How long after the call ended the task is due.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "task_due"))]
+    pub missed_call_task_due: Duration,
+}
+
+fn task_text(value: &str) -> Result<(), validator::ValidationError> {
+    if value.trim().is_empty() || value.chars().count() > 1000 {
+        return Err(problem("must be 1 to 1000 characters, not only spaces"));
+    }
+    Ok(())
+}
+
+fn task_due(value: &Duration) -> Result<(), validator::ValidationError> {
+    if *value > Duration::from_secs(30 * 24 * 3600) {
+        return Err(problem("must be at most 30 days (720h)"));
+    }
+    Ok(())
 }
 
 /// The CRM adapters pbxgate has.
@@ -80,6 +109,10 @@ impl Default for CrmConfig {
             max_retries: 4,
             retry_base: Duration::from_millis(250),
             retry_max: Duration::from_secs(10),
+            missed_call_tasks: false,
+            missed_call_task_performer: 0,
+            missed_call_task_text: "Missed call from {phone}".into(),
+            missed_call_task_due: Duration::from_secs(3600),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod port;
 pub mod registration;
 pub mod retailcrm;
+pub mod tasks;
 
 use std::sync::Arc;
 
@@ -23,13 +24,13 @@ pub fn connect(
     state: Option<CrmState>,
     hooks: Hooks,
 ) -> Result<Arc<dyn Crm>, CrmFailure> {
-    // retailCRM keeps nothing between a call's events and its upload: the externalId is ours.
-    let _ = state;
     match config.crm.kind {
         CrmKind::RetailCrm => {
+            // The follow-up tasks of missed calls are kept there, to create each once.
             let crm = retailcrm::RetailCrm::new(config, client_id)
                 .map_err(|e| e.failure())?
-                .with_hooks(hooks);
+                .with_hooks(hooks)
+                .with_state(state);
             Ok(Arc::new(crm))
         }
     }

@@ -87,6 +87,10 @@ struct State {
     slow: HashMap<String, Duration>,
     /// externalId → how many times it was uploaded (duplicates included).
     upload_counts: BTreeMap<String, usize>,
+    /// Tasks created through `tasks/create`, in order (each with its `id`).
+    tasks: Vec<Value>,
+    /// While set, `tasks/create` answers 503 (the other methods work).
+    tasks_down: bool,
 }
 
 pub struct FakeCrm {
@@ -311,6 +315,28 @@ impl FakeCrm {
         self.lock().statuses.clone()
     }
 
+    /// Tasks created so far (`tasks/create`), each as received plus its `id`.
+    pub fn tasks(&self) -> Vec<Value> {
+        self.lock().tasks.clone()
+    }
+
+    /// While `down`, `tasks/create` fails transiently (503, the rate-limit answer).
+    pub fn set_tasks_down(&self, down: bool) {
+        self.lock().tasks_down = down;
+    }
+
+    /// Waits (at most `within`) until `n` tasks exist; the tasks then.
+    pub async fn wait_for_tasks(&self, n: usize, within: Duration) -> Vec<Value> {
+        let mut rx = self.seen.subscribe();
+        let state = self.state.clone();
+        let _ = tokio::time::timeout(
+            within,
+            rx.wait_for(|_| state.lock().unwrap().tasks.len() >= n),
+        )
+        .await;
+        self.tasks()
+    }
+
     pub async fn stop(&self) {
         self.handle.stop(false).await;
     }
@@ -500,6 +526,7 @@ fn handle(
         }
         ("POST", ["api", "v5", "telephony", "call", "event"]) => call_event(st, form),
         ("POST", ["api", "v5", "telephony", "calls", "upload"]) => calls_upload(st, form),
+        ("POST", ["api", "v5", "tasks", "create"]) => task_create(st, form),
         ("POST", ["api", "v5", "users", id, "status"]) => {
             let Ok(id) = id.parse::<i64>() else {
                 return error(404, "Not found");
@@ -812,4 +839,103 @@ fn calls_upload(st: &mut State, form: &BTreeMap<String, String>) -> (u16, Value)
         200,
         json!({"success": true, "processedCallsCount": processed, "duplicateCalls": duplicates}),
     )
+}
+
+/// `Y-m-d H:i`.
+fn is_task_datetime(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b' ',
+            13 => *c == b':',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// The fields of a task retailCRM's clients send (`Task` of the PHP client).
+const TASK_FIELDS: &[&str] = &[
+    "text",
+    "commentary",
+    "datetime",
+    "performerId",
+    "customer",
+    "order",
+    "phone",
+    "phoneSite",
+    "complete",
+];
+
+fn task_create(st: &mut State, form: &BTreeMap<String, String>) -> (u16, Value) {
+    if st.tasks_down {
+        return error(503, "Service temporary unavailable");
+    }
+    let task = match json_field(form, "task") {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let Some(fields) = task.as_object() else {
+        return validation(json!({"task": "This value should be of type object."}));
+    };
+    let mut errors = serde_json::Map::new();
+    for key in fields.keys() {
+        if !TASK_FIELDS.contains(&key.as_str()) {
+            errors.insert(key.clone(), json!("This field was not expected."));
+        }
+    }
+    if !has_text(&task, "text") {
+        errors.insert("text".into(), json!("This value should not be blank."));
+    }
+    match task.get("performerId") {
+        None | Some(Value::Null) => {
+            errors.insert(
+                "performerId".into(),
+                json!("This value should not be blank."),
+            );
+        }
+        Some(v) => match v.as_i64() {
+            None => {
+                errors.insert(
+                    "performerId".into(),
+                    json!("This value should be of type int."),
+                );
+            }
+            Some(id) if !st.users.contains(&id) => {
+                errors.insert("performerId".into(), json!("User not found."));
+            }
+            Some(_) => {}
+        },
+    }
+    if task
+        .get("datetime")
+        .is_some_and(|d| !d.as_str().is_some_and(is_task_datetime))
+    {
+        errors.insert(
+            "datetime".into(),
+            json!("This value is not a valid datetime (Y-m-d H:i)."),
+        );
+    }
+    for key in ["commentary", "phone", "phoneSite"] {
+        if task.get(key).is_some_and(|v| !v.is_string()) {
+            errors.insert(key.into(), json!("This value should be of type string."));
+        }
+    }
+    if let Some(c) = task.get("customer") {
+        let by_id = c.get("id").is_some_and(Value::is_i64);
+        let by_external = c.get("externalId").is_some_and(Value::is_string);
+        if !(by_id || by_external) {
+            errors.insert(
+                "customer".into(),
+                json!("Customer must be given by id or externalId."),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return validation(Value::Object(errors));
+    }
+    let id = st.tasks.len() as i64 + 1;
+    let mut stored = task.clone();
+    stored["id"] = json!(id);
+    st.tasks.push(stored);
+    (201, json!({"success": true, "id": id}))
 }

@@ -1,24 +1,62 @@
 //! retailCRM behind the CRM port: live events are `telephony/call/event`, finished calls go
 //! to `telephony/calls/upload` in batches of at most 50 (a batch refused for its content is
 //! halved until the refused calls are found; the others go through), the responsible manager
-//! is `telephony/manager`, registration is the integration module.
+//! is `telephony/manager`, registration is the integration module. With
+//! `crm.missed_call_tasks`, an inbound call nobody answered becomes one `tasks/create` task,
+//! created after the call was taken, once (markers in the adapter's state tree).
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
+use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::mapping::{to_call, to_call_event};
-use super::wire::{Call, MAX_CALLS_PER_UPLOAD};
+use super::points;
+use super::wire::{Call, Task, MAX_CALLS_PER_UPLOAD};
 use super::{registration, CrmClient, CrmError};
 use crate::base::secret::Secret;
-use crate::calls::LiveEvent;
+use crate::calls::full::call_full;
+use crate::calls::{CallRecord, LiveEvent};
 use crate::config::Config;
 use crate::crm::port::{
     Crm, CrmFailure, Delivery, DirectoryEntry, FailureKind, Finished, Published, Responsible,
 };
+use crate::crm::tasks::{self, PROCESS_TASK_CREATION_PARAMS};
 use crate::hooks::Hooks;
+use crate::phone::PhoneBook;
+use crate::store::crm_state::CrmState;
+
+/// The state tree's key of a call's follow-up task: `owed` until retailCRM took the task,
+/// then `done`.
+fn task_key(external_id: &str) -> String {
+    format!("task:{external_id}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskMark {
+    Owed,
+    Done,
+}
+
+impl TaskMark {
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            TaskMark::Owed => b"owed",
+            TaskMark::Done => b"done",
+        }
+    }
+}
+
+/// What became of a call's follow-up task.
+enum TaskOutcome {
+    /// Created, or not to be created (the hook said so, nobody to give it to, refused for
+    /// good): never tried again.
+    Settled,
+    /// A transient failure: the call is reported for a retry, the task stays owed.
+    Retry(String),
+}
 
 /// The retailCRM adapter. Cheap to share.
 pub struct RetailCrm {
@@ -27,8 +65,13 @@ pub struct RetailCrm {
     /// The module's clientId, presented back by retailCRM in its callbacks.
     client_id: Secret,
     tz: OnceCell<jiff::tz::TimeZone>,
-    /// retailCRM's own customisation points (`process_call_event_params`, `process_upload_params`).
+    /// retailCRM's own customisation points (`process_call_event_params`,
+    /// `process_upload_params`) and `process_task_creation_params`.
     hooks: Hooks,
+    /// Where the follow-up tasks' markers are kept; `None` (one-shot tools): no tasks.
+    state: Option<CrmState>,
+    /// For `call_full`.
+    phones: PhoneBook,
 }
 
 impl RetailCrm {
@@ -43,11 +86,19 @@ impl RetailCrm {
     pub fn with_client(client: CrmClient, config: Arc<Config>, client_id: Secret) -> RetailCrm {
         RetailCrm {
             client,
-            config,
             client_id,
             tz: OnceCell::new(),
             hooks: Hooks::none(),
+            state: None,
+            phones: PhoneBook::new(&config.phone),
+            config,
         }
+    }
+
+    /// Where the adapter remembers what must survive a restart (the follow-up tasks).
+    pub fn with_state(mut self, state: Option<CrmState>) -> RetailCrm {
+        self.state = state;
+        self
     }
 
     /// The customisation points this adapter calls.
@@ -59,6 +110,179 @@ impl RetailCrm {
     /// The API client underneath (the CLI's and the tests' direct calls).
     pub fn client(&self) -> &CrmClient {
         &self.client
+    }
+
+    /// The state tree, when missed calls become tasks.
+    fn task_state(&self) -> Option<&CrmState> {
+        if !self.config.crm.missed_call_tasks {
+            return None;
+        }
+        if self.state.is_none() {
+            tracing::debug!("no state tree: no follow-up tasks from this process");
+        }
+        self.state.as_ref()
+    }
+
+    fn task_mark(state: &CrmState, id: &str) -> Option<TaskMark> {
+        match state.get(&task_key(id)) {
+            Ok(Some(v)) if v == TaskMark::Done.bytes() => Some(TaskMark::Done),
+            Ok(Some(_)) => Some(TaskMark::Owed),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "cannot read the follow-up task's marker");
+                None
+            }
+        }
+    }
+
+    /// Before the upload, durably: the missed calls of the batch are owed a task (unless one
+    /// was created already), so that a crash between the upload and the task loses nothing.
+    async fn owe_tasks(&self, records: impl Iterator<Item = &CallRecord>) {
+        let Some(state) = self.task_state() else {
+            return;
+        };
+        let mut wrote = false;
+        for r in records.filter(|r| tasks::is_missed(r)) {
+            if Self::task_mark(state, &r.external_id).is_none() {
+                match state.put(&task_key(&r.external_id), TaskMark::Owed.bytes()) {
+                    Ok(()) => wrote = true,
+                    Err(e) => {
+                        tracing::warn!(id = %r.external_id, error = %e, "cannot record the follow-up task as owed")
+                    }
+                }
+            }
+        }
+        if wrote {
+            if let Err(e) = state.flush().await {
+                tracing::warn!(error = %e, "cannot flush the follow-up tasks' markers");
+            }
+        }
+    }
+
+    /// After the upload: the tasks owed by the calls the CRM took, side by side. A task that
+    /// failed for a transient reason turns its call's delivery into a retry (the re-upload is a
+    /// duplicate; the task stays owed). The markers are flushed before the deliveries are
+    /// reported.
+    async fn create_tasks(
+        &self,
+        calls: &[Finished<'_>],
+        at: &[usize],
+        items: &[Call],
+        out: &mut [Option<Delivery>],
+        tz: &jiff::tz::TimeZone,
+        local: &jiff::tz::TimeZone,
+    ) {
+        let Some(state) = self.task_state() else {
+            return;
+        };
+        let due: Vec<(usize, &Call)> = at
+            .iter()
+            .zip(items)
+            .filter(|(i, _)| tasks::is_missed(calls[**i].record))
+            .filter_map(|(i, item)| {
+                let mark = Self::task_mark(state, &item.external_id);
+                let owed = match &out[*i] {
+                    Some(Delivery::Delivered) => mark != Some(TaskMark::Done),
+                    Some(Delivery::Duplicate) => mark == Some(TaskMark::Owed),
+                    _ => false,
+                };
+                owed.then_some((*i, item))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let outcomes = join_all(
+            due.iter()
+                .map(|(i, item)| self.missed_call_task(calls[*i].record, item, tz, local)),
+        )
+        .await;
+        for ((i, item), outcome) in due.into_iter().zip(outcomes) {
+            let id = &item.external_id;
+            let mark = match outcome {
+                TaskOutcome::Settled => TaskMark::Done,
+                TaskOutcome::Retry(why) => {
+                    tracing::warn!(%id, reason = %why, "follow-up task not created yet; the call will be retried");
+                    out[i] = Some(Delivery::RetryLater(format!("follow-up task: {why}")));
+                    TaskMark::Owed
+                }
+            };
+            if let Err(e) = state.put(&task_key(id), mark.bytes()) {
+                tracing::warn!(%id, error = %e, "cannot record the follow-up task's marker");
+            }
+        }
+        if let Err(e) = state.flush().await {
+            tracing::error!(error = %e, "cannot flush the follow-up tasks' markers: a restart may create some again");
+        }
+    }
+
+    /// The retailCRM user a missed call's task is for by default: the call's user, else the
+    /// user of its extension (`[[users]]`, the codes retailCRM maps to users).
+    fn manager_of(&self, item: &Call) -> Option<i64> {
+        item.user_id.or_else(|| {
+            let code = item.code.as_deref()?;
+            self.config
+                .users
+                .iter()
+                .find(|u| u.code == code)
+                .and_then(|u| i64::try_from(u.user_id).ok())
+        })
+    }
+
+    /// Builds the task of one missed call (through `process_task_creation_params`) and
+    /// creates it.
+    async fn missed_call_task(
+        &self,
+        record: &CallRecord,
+        item: &Call,
+        tz: &jiff::tz::TimeZone,
+        local: &jiff::tz::TimeZone,
+    ) -> TaskOutcome {
+        let id = item.external_id.as_str();
+        let draft = tasks::draft(&self.config.crm, record, &item.phone, self.manager_of(item));
+        let full = if self.hooks.is_configured(PROCESS_TASK_CREATION_PARAMS) {
+            call_full(record, &self.phones, local)
+        } else {
+            Value::Null
+        };
+        let Some(task) = tasks::task_creation_params(&self.hooks, draft, &full, id).await else {
+            return TaskOutcome::Settled;
+        };
+        let Some(performer_id) = task.responsible_id else {
+            tracing::warn!(%id, code = ?item.code,
+                "no follow-up task for this missed call: no retailCRM user for it (no user id, \
+                 its extension is not in [[users]]); set crm.missed_call_task_performer");
+            return TaskOutcome::Settled;
+        };
+        let wire = Task {
+            text: task.text,
+            commentary: task.commentary,
+            datetime: Some(
+                task.due
+                    .to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M")
+                    .to_string(),
+            ),
+            performer_id,
+            phone: task.phone,
+        };
+        match self.client.tasks_create(&wire).await {
+            Ok(answer) => {
+                tracing::info!(%id, task = ?answer.id, performer_id, "follow-up task created for a missed call");
+                TaskOutcome::Settled
+            }
+            Err(e) if e.is_retriable() => TaskOutcome::Retry(e.to_string()),
+            Err(e @ CrmError::Decode { .. }) => {
+                // retailCRM said yes in a form we did not understand: taken as created, since
+                // creating it again could give the manager two tasks.
+                tracing::warn!(%id, error = %e, "follow-up task: answer not understood; taken as created");
+                TaskOutcome::Settled
+            }
+            Err(e) => {
+                tracing::error!(%id, error = %e, "follow-up task refused by retailCRM; not retried");
+                TaskOutcome::Settled
+            }
+        }
     }
 
     /// Uploads calls that retailCRM should take; on a validation error, halves the batch to
@@ -160,6 +384,7 @@ impl Crm for RetailCrm {
     fn publish<'a>(&'a self, event: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>> {
         async move {
             let event = to_call_event(&self.config, event);
+            let event = points::call_event_params(&self.hooks, event).await;
             let answer = self.client.call_event(&event).await.map_err(|e| e.failure())?;
             if !answer.not_exist_codes.is_empty() {
                 tracing::warn!(codes = ?answer.not_exist_codes, "retailCRM knows no users with these extension codes");
@@ -176,11 +401,19 @@ impl Crm for RetailCrm {
     fn deliver<'a>(&'a self, calls: &'a [Finished<'a>]) -> BoxFuture<'a, Vec<Delivery>> {
         async move {
             let tz = self.timezone().await;
+            let local = jiff::tz::TimeZone::system();
+            // The batch's hooks run side by side; the batch waits for them (each has its timeout).
+            let items = join_all(calls.iter().map(|f| {
+                let call = to_call(&self.config, f.record, f.record_url, &tz);
+                points::upload_params(&self.hooks, call, || {
+                    call_full(f.record, &self.phones, &local)
+                })
+            }))
+            .await;
             let mut out: Vec<Option<Delivery>> = vec![None; calls.len()];
             let mut sendable = Vec::with_capacity(calls.len());
             let mut at = Vec::with_capacity(calls.len());
-            for (i, f) in calls.iter().enumerate() {
-                let call = to_call(&self.config, f.record, f.record_url, &tz);
+            for (i, (f, call)) in calls.iter().zip(items).enumerate() {
                 match call.problem() {
                     Some(why) => {
                         tracing::warn!(id = %f.record.external_id, reason = %why, "call held: retailCRM would reject it");
@@ -193,9 +426,12 @@ impl Crm for RetailCrm {
                 }
             }
             if !sendable.is_empty() {
-                for (i, d) in at.into_iter().zip(self.upload(&sendable).await) {
-                    out[i] = Some(d);
+                self.owe_tasks(at.iter().map(|i| calls[*i].record)).await;
+                for (i, d) in at.iter().zip(self.upload(&sendable).await) {
+                    out[*i] = Some(d);
                 }
+                self.create_tasks(calls, &at, &sendable, &mut out, &tz, &local)
+                    .await;
             }
             out.into_iter()
                 .map(|d| d.unwrap_or(Delivery::RetryLater("not attempted".into())))

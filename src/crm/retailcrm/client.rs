@@ -165,6 +165,12 @@ impl CrmClient {
         .await
     }
 
+    /// `POST /api/v5/tasks/create`: a follow-up task; its id in the CRM.
+    pub async fn tasks_create(&self, task: &Task) -> Result<TaskCreateResponse, CrmError> {
+        self.post("/api/v5/tasks/create", &[("task", to_json(task)?)])
+            .await
+    }
+
     /// `POST /api/v5/users/{id}/status`.
     pub async fn user_status(&self, user_id: i64, status: UserStatus) -> Result<(), CrmError> {
         let path = format!("/api/v5/users/{user_id}/status");

@@ -9,6 +9,7 @@ pub(crate) mod error;
 pub(crate) mod lenient;
 pub(crate) mod limiter;
 pub(crate) mod mapping;
+pub mod points;
 pub mod registration;
 pub mod wire;
 

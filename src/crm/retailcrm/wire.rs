@@ -402,6 +402,32 @@ pub struct CallsUploadResponse {
 }
 
 // ---------------------------------------------------------------------------------------------
+// tasks/create
+
+/// A task as `tasks/create` takes it (form field `task`, a JSON object).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commentary: Option<String>,
+    /// `Y-m-d H:i` in the account's time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datetime: Option<String>,
+    pub performer_id: i64,
+    /// The customer's number (retailCRM shows it with the task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+}
+
+/// `tasks/create` answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TaskCreateResponse {
+    #[serde(default, deserialize_with = "lenient::opt_id")]
+    pub id: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // users/{id}/status, credentials
 
 pub use crate::crm::port::UserStatus;
@@ -458,6 +484,22 @@ mod tests {
         assert_eq!(
             v,
             json!({"phone": "+79990001122", "type": "hangup", "codes": ["101"], "hangupStatus": "no answered"})
+        );
+    }
+
+    #[test]
+    fn task_uses_wire_names_and_omits_nulls() {
+        let t = Task {
+            text: "Missed call from +79990001122".into(),
+            commentary: None,
+            datetime: Some("2026-11-21 14:00".into()),
+            performer_id: 7,
+            phone: Some("+79990001122".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            json!({"text": "Missed call from +79990001122", "datetime": "2026-11-21 14:00",
+                   "performerId": 7, "phone": "+79990001122"})
         );
     }
 
