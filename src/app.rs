@@ -320,14 +320,25 @@ impl Application {
         );
         tasks.add(task::TRACKER, tracker_task);
 
-        let click_to_call = ClickToCall::new(config.clone(), ami.clone(), Some(tracker.clone()));
+        let click_to_call = ClickToCall::new(
+            config.clone(),
+            ami.clone(),
+            Some(tracker.clone()),
+            hooks.clone(),
+        );
         tasks.spawn(task::CLICK_TO_CALL, click_to_call.clone().log_outcomes());
         let (manager_status, worker) =
             ManagerStatus::start(config.clone(), store.clone(), ami.clone());
         tasks.add(task::MANAGER_STATUS, worker);
 
         let phones = Arc::new(PhoneBook::new(&config.phone));
-        let router = Router::new(config.clone(), crm.clone(), store.clone(), phones);
+        let router = Router::new(
+            config.clone(),
+            crm.clone(),
+            store.clone(),
+            phones,
+            hooks.clone(),
+        );
         router.report_to(Arc::new(tracker.clone()));
         let agi_addr = if config.routing.agi_listen.is_empty() {
             None

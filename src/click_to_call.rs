@@ -3,13 +3,22 @@
 //!
 //! Protections: the same (extension, number) within `click_to_call.dedupe_window` is answered but
 //! dialled once (users double-click); per-extension and global limits per minute answer 429.
+//!
+//! `process_originate_params`, called once the request passed those checks and before the
+//! Originate, sees the Originate's fields ([`OriginateParams`]) with the request (`code`,
+//! `phone`, `user_id`, `external_phone`, `call_id`, read-only) and may change any of them, or
+//! refuse the call (`refuse`: the reason, answered to the CRM as the error). A hook that fails
+//! leaves the default fields: the call still goes out, later by at most the hook's timeout.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Map, Value};
+
 use crate::base::ident::{mask_number, ExtensionCode, PhoneNumber};
 use crate::config::Config;
+use crate::hooks::{FieldKind, HookResult, Hooks, Stage};
 use crate::pbx::ami::{Action, AmiClient, AmiError, AmiEvent};
 use crate::pipeline::CallTracker;
 
@@ -17,6 +26,44 @@ use crate::pipeline::CallTracker;
 pub const CHANNEL_ID_PREFIX: &str = "pbxgate-c2c-";
 /// How long an originate is remembered to match its OriginateResponse.
 const REMEMBER_FOR: Duration = Duration::from_secs(300);
+
+pub const PROCESS_ORIGINATE_PARAMS: &str = "process_originate_params";
+
+const ORIGINATE_PARAMS: &[(&str, FieldKind)] = &[
+    ("channel", FieldKind::String),
+    ("context", FieldKind::String),
+    ("exten", FieldKind::String),
+    ("caller_id", FieldKind::String),
+    ("timeout", FieldKind::Integer),
+    ("variables", FieldKind::StringMap),
+    ("refuse", FieldKind::String),
+];
+
+/// The ring time a hook may give the manager's phone, in milliseconds.
+pub const ORIGINATE_TIMEOUT_MS: std::ops::RangeInclusive<i64> = 1_000..=600_000;
+/// Longest channel, context, extension or caller id a hook may give.
+const MAX_PARAM: usize = 256;
+/// Longest refusal reason answered to the CRM (longer is cut).
+const MAX_REASON: usize = 200;
+
+/// The fields of the Originate a hook sees and may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginateParams {
+    /// The manager's leg, from `ami.originate_channel`.
+    pub channel: String,
+    /// Where the customer is dialled once the manager answers (`ami.outbound_context`).
+    pub context: String,
+    /// The number dialled in `context`: the customer's.
+    pub exten: String,
+    /// The `CallerID` header as a whole (`"name" <number>`): what the manager's phone shows.
+    pub caller_id: String,
+    /// How long the manager's phone rings, in milliseconds (`Timeout`; `ami.originate_timeout`).
+    pub timeout_ms: u64,
+    /// Channel variables set besides pbxgate's own `__PBXGATE_*` (which are always set and
+    /// cannot be replaced): none unless a hook adds some; `__NAME` is inherited by every
+    /// channel of the call.
+    pub variables: BTreeMap<String, String>,
+}
 
 /// A click-to-call request, its fields already checked by whoever received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +98,9 @@ pub enum ClickToCallError {
     /// No AMI link to send the Originate on.
     #[error("PBX unavailable: {0}")]
     Unavailable(#[source] AmiError),
+    /// `process_originate_params` refused the call; the hook's reason.
+    #[error("{0}")]
+    Declined(String),
 }
 
 impl From<AmiError> for ClickToCallError {
@@ -87,15 +137,22 @@ pub struct ClickToCall {
     ami: AmiClient,
     /// Told about each call before it is placed, so the call model attributes it.
     tracker: Option<CallTracker>,
+    hooks: Hooks,
     state: Arc<Mutex<Limiter>>,
 }
 
 impl ClickToCall {
-    pub fn new(config: Arc<Config>, ami: AmiClient, tracker: Option<CallTracker>) -> ClickToCall {
+    pub fn new(
+        config: Arc<Config>,
+        ami: AmiClient,
+        tracker: Option<CallTracker>,
+        hooks: Hooks,
+    ) -> ClickToCall {
         ClickToCall {
             config,
             ami,
             tracker,
+            hooks,
             state: Arc::new(Mutex::new(Limiter {
                 recent: HashMap::new(),
                 per_extension: HashMap::new(),
@@ -105,34 +162,176 @@ impl ClickToCall {
         }
     }
 
-    /// The Originate for a request (public for tests and documentation).
-    pub fn originate_action(&self, req: &MakeCall, call_id: &str) -> Action {
+    /// The Originate's fields for a request, before any hook.
+    pub fn default_params(&self, req: &MakeCall) -> OriginateParams {
         let ami = &self.config.ami;
         let channel = ami
             .originate_channel
             .replace("{code}", req.code.as_str())
             .replace("{ami.internal_context}", &ami.internal_context)
             .replace("{context}", &ami.internal_context);
-        let mut action = Action::new("Originate")
-            .header("Channel", channel)
-            .header("Context", &ami.outbound_context)
-            .header("Exten", req.phone.as_str())
-            .header("Priority", "1")
-            .header("CallerID", format!("\"{}\" <{}>", req.phone, req.phone))
-            .header("Timeout", ami.originate_timeout.as_millis().to_string())
-            .header("Async", "true")
-            .header("ChannelId", call_id)
-            // `__` makes the variables inherited by every channel the call creates.
-            .header("Variable", "__PBXGATE_C2C=1")
-            .header("Variable", format!("__PBXGATE_CALL_ID={call_id}"))
-            .header("Variable", format!("__PBXGATE_USER_ID={}", req.user_id))
-            .header("Variable", format!("__PBXGATE_CODE={}", req.code));
-        if let Some(ext) = &req.external_phone {
-            action = action.header("Variable", format!("__PBXGATE_EXTERNAL_PHONE={ext}"));
+        OriginateParams {
+            channel,
+            context: ami.outbound_context.clone(),
+            exten: req.phone.as_str().to_string(),
+            caller_id: format!("\"{}\" <{}>", req.phone, req.phone),
+            timeout_ms: u64::try_from(ami.originate_timeout.as_millis()).unwrap_or(u64::MAX),
+            variables: BTreeMap::new(),
         }
-        action
     }
 
+    /// The Originate for a request with the default fields (public for tests and
+    /// documentation).
+    pub fn originate_action(&self, req: &MakeCall, call_id: &str) -> Action {
+        originate(&self.default_params(req), req, call_id)
+    }
+
+    /// `process_originate_params`: the fields as the hook leaves them, or its refusal.
+    async fn customize(
+        &self,
+        req: &MakeCall,
+        call_id: &str,
+        params: OriginateParams,
+    ) -> Result<OriginateParams, String> {
+        if !self.hooks.is_configured(PROCESS_ORIGINATE_PARAMS) {
+            return Ok(params);
+        }
+        let input = json!({
+            "call_full": null,
+            "call_stage": Stage::ConversationRequested.as_str(),
+            "channel": params.channel,
+            "context": params.context,
+            "exten": params.exten,
+            "caller_id": params.caller_id,
+            "timeout": params.timeout_ms,
+            "variables": params.variables,
+            "code": req.code.as_str(),
+            "phone": req.phone.as_str(),
+            "user_id": req.user_id,
+            "external_phone": req.external_phone.as_ref().map(|p| p.as_str()),
+            "call_id": call_id,
+        });
+        match self
+            .hooks
+            .call(PROCESS_ORIGINATE_PARAMS, input, ORIGINATE_PARAMS)
+            .await
+        {
+            HookResult::Changed(data) => apply_hook(&data, params),
+            _ => Ok(params),
+        }
+    }
+}
+
+/// The Originate action of `params` for `req`, with pbxgate's own variables.
+fn originate(params: &OriginateParams, req: &MakeCall, call_id: &str) -> Action {
+    let mut action = Action::new("Originate")
+        .header("Channel", &params.channel)
+        .header("Context", &params.context)
+        .header("Exten", &params.exten)
+        .header("Priority", "1")
+        .header("CallerID", &params.caller_id)
+        .header("Timeout", params.timeout_ms.to_string())
+        .header("Async", "true")
+        .header("ChannelId", call_id)
+        // `__` makes the variables inherited by every channel the call creates.
+        .header("Variable", "__PBXGATE_C2C=1")
+        .header("Variable", format!("__PBXGATE_CALL_ID={call_id}"))
+        .header("Variable", format!("__PBXGATE_USER_ID={}", req.user_id))
+        .header("Variable", format!("__PBXGATE_CODE={}", req.code));
+    if let Some(ext) = &req.external_phone {
+        action = action.header("Variable", format!("__PBXGATE_EXTERNAL_PHONE={ext}"));
+    }
+    for (name, value) in &params.variables {
+        action = action.header("Variable", format!("{name}={value}"));
+    }
+    action
+}
+
+/// What a `process_originate_params` hook answered, checked, applied to `params`; a
+/// non-empty `refuse` is the refusal. A value that does not pass its check is logged and the
+/// default kept for that field.
+fn apply_hook(
+    data: &Map<String, Value>,
+    mut params: OriginateParams,
+) -> Result<OriginateParams, String> {
+    let point = PROCESS_ORIGINATE_PARAMS;
+    if let Some(reason) = data.get("refuse").and_then(Value::as_str) {
+        let reason = plain(reason, MAX_REASON);
+        if !reason.is_empty() {
+            return Err(reason);
+        }
+    }
+    for (field, target) in [
+        ("channel", &mut params.channel),
+        ("context", &mut params.context),
+        ("exten", &mut params.exten),
+        ("caller_id", &mut params.caller_id),
+    ] {
+        let Some(value) = data.get(field).and_then(Value::as_str) else {
+            continue;
+        };
+        let value = value.trim();
+        if value.is_empty() || value.len() > MAX_PARAM || value.chars().any(char::is_control) {
+            tracing::warn!(
+                hook = point,
+                field,
+                "must be 1 to {MAX_PARAM} bytes without control characters; the default kept"
+            );
+        } else {
+            *target = value.to_string();
+        }
+    }
+    if let Some(ms) = data.get("timeout").and_then(Value::as_i64) {
+        match u64::try_from(ms) {
+            Ok(ms) if ORIGINATE_TIMEOUT_MS.contains(&(ms as i64)) => params.timeout_ms = ms,
+            _ => tracing::warn!(
+                hook = point,
+                field = "timeout",
+                "must be {} to {} milliseconds; the default kept",
+                ORIGINATE_TIMEOUT_MS.start(),
+                ORIGINATE_TIMEOUT_MS.end()
+            ),
+        }
+    }
+    if let Some(vars) = data.get("variables").and_then(Value::as_object) {
+        params.variables = vars
+            .iter()
+            .filter_map(|(name, value)| {
+                let value = value.as_str().unwrap_or_default();
+                let ok = variable_name_ok(name) && !value.chars().any(char::is_control);
+                if !ok {
+                    tracing::warn!(hook = point, variable = %plain(name, 80),
+                        "not a variable pbxgate sets (a name of letters, digits and '_', not PBXGATE_*, a value without control characters); left out");
+                }
+                ok.then(|| (name.clone(), value.to_string()))
+            })
+            .collect();
+    }
+    Ok(params)
+}
+
+/// A channel variable's name a hook may set: letters, digits and `_` (an optional `_`/`__`
+/// prefix for inheritance), at most 80, not one of pbxgate's own (`PBXGATE_*`).
+fn variable_name_ok(name: &str) -> bool {
+    let bare = name.trim_start_matches('_');
+    name.len() <= 80
+        && name.len() - bare.len() <= 2
+        && bare.starts_with(|c: char| c.is_ascii_alphabetic())
+        && bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !bare.to_ascii_uppercase().starts_with("PBXGATE_")
+}
+
+/// `text` on one line (control characters as spaces), trimmed, at most `max` characters.
+fn plain(text: &str, max: usize) -> String {
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    line.trim().to_string()
+}
+
+impl ClickToCall {
     /// Deduplicates, rate-limits and originates.
     pub async fn call(&self, req: MakeCall) -> Result<Outcome, ClickToCallError> {
         let key = (
@@ -190,6 +389,23 @@ impl ClickToCall {
                 .unwrap_or(0),
             rand::random::<u32>()
         );
+        let params = match self
+            .customize(&req, &call_id, self.default_params(&req))
+            .await
+        {
+            Ok(params) => params,
+            Err(reason) => {
+                // Nothing rang: a click after the hook changed its mind is asked again.
+                self.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recent
+                    .remove(&key);
+                tracing::info!(user_id = req.user_id, code = %req.code, phone = %masked, %reason,
+                    "click-to-call refused by process_originate_params");
+                return Err(ClickToCallError::Declined(reason));
+            }
+        };
         if let Some(tracker) = &self.tracker {
             let hint = crate::calls::ClickToCall {
                 code: req.code.as_str().to_string(),
@@ -199,7 +415,7 @@ impl ClickToCall {
             };
             tracker.expect_click_to_call(&call_id, hint).await;
         }
-        let result = self.ami.send(self.originate_action(&req, &call_id)).await;
+        let result = self.ami.send(originate(&params, &req, &call_id)).await;
         match result {
             Ok(reply) => {
                 tracing::info!(user_id = req.user_id, code = %req.code, phone = %masked, call_id = %call_id,
@@ -282,5 +498,74 @@ pub fn originate_reason(reason: &str) -> &'static str {
         "5" => "busy",
         "8" => "congestion or rejected",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> OriginateParams {
+        OriginateParams {
+            channel: "Local/101@from-internal".into(),
+            context: "from-internal".into(),
+            exten: "+79991234567".into(),
+            caller_id: "\"+79991234567\" <+79991234567>".into(),
+            timeout_ms: 30_000,
+            variables: BTreeMap::new(),
+        }
+    }
+
+    fn data(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_hook_changes_only_valid_fields() {
+        let p = apply_hook(
+            &data(json!({
+                "channel": " PJSIP/101 ",
+                "exten": "",
+                "caller_id": "a\nb",
+                "timeout": 15000,
+                "variables": {"__SHOP": "1", "X-Y": "2", "__PBXGATE_CODE": "999", "OK": "a\rb", "___A": "3"},
+            })),
+            defaults(),
+        )
+        .unwrap();
+        assert_eq!(p.channel, "PJSIP/101");
+        assert_eq!(p.exten, defaults().exten);
+        assert_eq!(p.caller_id, defaults().caller_id);
+        assert_eq!(p.timeout_ms, 15_000);
+        assert_eq!(
+            p.variables,
+            BTreeMap::from([("__SHOP".to_string(), "1".to_string())])
+        );
+        for bad in [0, 999, 600_001, -5] {
+            let p = apply_hook(&data(json!({"timeout": bad})), defaults()).unwrap();
+            assert_eq!(p.timeout_ms, 30_000, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_non_empty_refusal_wins() {
+        assert_eq!(
+            apply_hook(
+                &data(json!({"refuse": " not\nnow ", "exten": "1"})),
+                defaults()
+            ),
+            Err("not now".to_string())
+        );
+        assert_eq!(
+            apply_hook(&data(json!({"refuse": "  "})), defaults()),
+            Ok(defaults())
+        );
+        let long = "x".repeat(500);
+        assert_eq!(
+            apply_hook(&data(json!({ "refuse": long })), defaults())
+                .unwrap_err()
+                .len(),
+            MAX_REASON
+        );
     }
 }

@@ -127,7 +127,8 @@ pub fn json_error_body<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
     ))
 }
 
-/// Rate limits answer 429 (the extension's naming `code`); what the PBX did answers 502/504/503.
+/// Rate limits answer 429 (the extension's naming `code`); what the PBX did answers 502/504/503;
+/// a call `process_originate_params` refused answers 403 with the hook's reason as `errorMsg`.
 impl From<crate::click_to_call::ClickToCallError> for ApiError {
     fn from(e: crate::click_to_call::ClickToCallError) -> Self {
         use crate::click_to_call::ClickToCallError as E;
@@ -139,6 +140,7 @@ impl From<crate::click_to_call::ClickToCallError> for ApiError {
             E::Refused(_) => StatusCode::BAD_GATEWAY,
             E::Timeout => StatusCode::GATEWAY_TIMEOUT,
             E::Disconnected | E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Declined(_) => StatusCode::FORBIDDEN,
         };
         ApiError::new(status, e.to_string())
     }

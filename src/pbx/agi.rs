@@ -4,8 +4,9 @@
 //! blank line, then waits for commands, one per line, each answered by a line such as
 //! `200 result=1` (or `HANGUP` when the caller hung up; further lines may follow it). We read the
 //! environment, route the caller (`agi_callerid`) and the dialled number (`agi_dnid`, else
-//! `agi_extension`), set `PBXGATE_ROUTE` (the extension, or empty) and `PBXGATE_ROUTE_SOURCE`
-//! with `SET VARIABLE`, and close the connection, which ends the AGI cleanly.
+//! `agi_extension`), set `PBXGATE_ROUTE` (the extension, or empty), `PBXGATE_ROUTE_SOURCE` and,
+//! when a hook gave one, `PBXGATE_ROUTE_NAME` (a caller-id name) with `SET VARIABLE`, and close
+//! the connection, which ends the AGI cleanly.
 //!
 //! A client cannot hurt the server: lines are limited in length and number, the environment must
 //! arrive within `routing.agi_timeout`, every answer within the same time, and connections beyond
@@ -172,10 +173,14 @@ async fn handle(stream: TcpStream, router: &Router, timeout: Duration) -> Result
     // One command at a time: Asterisk reads commands through a buffered stream and waits for
     // its socket to be readable before each, so a second command sent before the first answer
     // may sit unread in its buffer.
-    for (name, value) in [
+    let mut vars = vec![
         ("PBXGATE_ROUTE", code.as_str()),
         ("PBXGATE_ROUTE_SOURCE", route.source.as_str()),
-    ] {
+    ];
+    if let Some(name) = &route.name {
+        vars.push(("PBXGATE_ROUTE_NAME", name.as_str()));
+    }
+    for (name, value) in vars {
         let cmd = format!("SET VARIABLE {name} {}\n", quote(value));
         w.write_all(cmd.as_bytes()).await?;
         let answer = tokio::time::timeout(timeout, async {

@@ -12,6 +12,16 @@
 //!
 //! Anything else (CRM down, slow, no API key, a manager without an extension) answers
 //! `routing.fallback_code`.
+//!
+//! Customisation points (see [`Hooks`]):
+//! - `process_client_phone` rewrites the caller's number before `telephony/manager` carries it
+//!   (once per lookup; the cache stays keyed by the number as the PBX gave it);
+//! - `customize_autodistribution` sees every answer, static, cached, fresh or fallback (its
+//!   decision may depend on the time of day, so a cached answer is no reason to skip it), and
+//!   may give another extension (`number`), nobody (an empty string or null: the fallback) or a
+//!   caller-id name (`name`, at most [`MAX_ROUTE_NAME`] characters). Its time counts against
+//!   `routing.timeout`, measured from the request: when the deadline passes first, or the hook
+//!   fails, routing's own answer stands (the fallback when the CRM was what ran out the time).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,14 +30,31 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Serialize;
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::base::ident::ExtensionCode;
 use crate::config::{Config, RoutingConfig};
 use crate::crm::Crm;
+use crate::hooks::phone_points::client_phone;
+use crate::hooks::{FieldKind, HookResult, Hooks, Stage};
 use crate::phone::{anchored, any_variant_matches, Number, PhoneBook};
 use crate::store::Store;
+
+pub const CUSTOMIZE_AUTODISTRIBUTION: &str = "customize_autodistribution";
+/// Longest caller-id name a hook may give (what phones show; longer names are cut).
+pub const MAX_ROUTE_NAME: usize = 20;
+
+const AUTODISTRIBUTION: &[(&str, FieldKind)] = &[
+    ("number", FieldKind::OptString),
+    ("name", FieldKind::OptString),
+];
+
+/// The fallback reasons that mean the lookup itself failed (`error` at the hook).
+const LOOKUP_FAILED: &str = "the CRM lookup failed";
+const LOOKUP_LATE: &str = "the CRM did not answer in time";
+const NO_API_KEY: &str = "crm.api_key is empty";
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,6 +64,8 @@ pub enum Source {
     Crm,
     Cache,
     Fallback,
+    /// `customize_autodistribution` chose the extension.
+    Hook,
 }
 
 impl Source {
@@ -46,6 +75,7 @@ impl Source {
             Source::Crm => "crm",
             Source::Cache => "cache",
             Source::Fallback => "fallback",
+            Source::Hook => "hook",
         }
     }
 }
@@ -64,6 +94,9 @@ pub struct Route {
     /// Why the fallback was answered (for logs and the JSON form).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// A caller-id name for the extension's phone (given by `customize_autodistribution`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A manager as the CRM named him.
@@ -103,6 +136,10 @@ pub struct RouteStats {
     pub crm_failures: AtomicU64,
     pub late_answers: AtomicU64,
     pub fallbacks: AtomicU64,
+    /// Answers `customize_autodistribution` changed.
+    pub hook_changes: AtomicU64,
+    /// Hook calls cut off by `routing.timeout` (routing's own answer was given).
+    pub hook_late: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -115,6 +152,7 @@ struct Inner {
     crm: Arc<dyn Crm>,
     store: Store,
     phones: Arc<PhoneBook>,
+    hooks: Hooks,
     statics: Vec<StaticEntry>,
     cache: Mutex<HashMap<String, Cached>>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Lookup>>>>,
@@ -162,6 +200,7 @@ impl Router {
         crm: Arc<dyn Crm>,
         store: Store,
         phones: Arc<PhoneBook>,
+        hooks: Hooks,
     ) -> Router {
         let statics = config
             .routing
@@ -179,6 +218,7 @@ impl Router {
                 crm,
                 store,
                 phones,
+                hooks,
                 statics,
                 cache: Mutex::new(HashMap::new()),
                 inflight: Mutex::new(HashMap::new()),
@@ -203,13 +243,15 @@ impl Router {
     }
 
     /// Who should answer a call from `phone` to `did`. Never takes longer than
-    /// `routing.timeout` (plus local work).
+    /// `routing.timeout` (plus local work), hooks included.
     pub async fn route(&self, phone: &str, did: Option<&str>) -> Route {
+        let started = Instant::now();
         let inner = &self.inner;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
         let number = inner.phones.normalize(phone, None);
         let did = did.map(|d| inner.phones.normalize(d, None));
         let route = self.decide(&number, did.as_ref()).await;
+        let route = self.customize(route, &number, did.as_ref(), started).await;
         if route.source == Source::Fallback {
             inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
@@ -231,6 +273,7 @@ impl Router {
                 source: Source::Static,
                 manager_status: None,
                 reason: None,
+                name: None,
             };
         }
         if !number.is_external() {
@@ -248,20 +291,105 @@ impl Router {
             };
         }
         if !inner.crm.is_configured() {
-            return self.fallback("crm.api_key is empty", None);
+            return self.fallback(NO_API_KEY, None);
         }
         let mut rx = self.lookup(key);
         let deadline = inner.config.routing.timeout;
         let answer = match tokio::time::timeout(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(answer)) => answer.clone(),
             Ok(Err(_)) => Some(Lookup::Failed),
-            Err(_) => return self.fallback("the CRM did not answer in time", None),
+            Err(_) => return self.fallback(LOOKUP_LATE, None),
         };
         match answer {
             Some(Lookup::Found(m)) => self.to_route(m, Source::Crm),
             Some(Lookup::Nobody) => self.fallback("no responsible manager", None),
-            Some(Lookup::Failed) | None => self.fallback("the CRM lookup failed", None),
+            Some(Lookup::Failed) | None => self.fallback(LOOKUP_FAILED, None),
         }
+    }
+
+    /// `customize_autodistribution`: routing's answer as the hook leaves it, within what
+    /// remains of `routing.timeout` since `started`.
+    async fn customize(
+        &self,
+        route: Route,
+        number: &Number,
+        did: Option<&Number>,
+        started: Instant,
+    ) -> Route {
+        let inner = &self.inner;
+        if !inner.hooks.is_configured(CUSTOMIZE_AUTODISTRIBUTION) {
+            return route;
+        }
+        static LATE_LOG: crate::telemetry::RateLimit =
+            crate::telemetry::RateLimit::new(Duration::from_secs(10));
+        let late = || {
+            inner.stats.hook_late.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = LATE_LOG.check() {
+                tracing::warn!(
+                    hook = CUSTOMIZE_AUTODISTRIBUTION,
+                    suppressed,
+                    "no answer from the hook within routing.timeout: routing's answer is given"
+                );
+            }
+        };
+        let left = inner
+            .config
+            .routing
+            .timeout
+            .saturating_sub(started.elapsed());
+        if left.is_zero() {
+            late();
+            return route;
+        }
+        let input = autodistribution_input(&route, number, did);
+        let call = inner
+            .hooks
+            .call(CUSTOMIZE_AUTODISTRIBUTION, input, AUTODISTRIBUTION);
+        let data = match tokio::time::timeout(left, call).await {
+            Ok(HookResult::Changed(data)) => data,
+            Ok(_) => return route,
+            Err(_) => {
+                late();
+                return route;
+            }
+        };
+        let customized = self.apply_autodistribution(route.clone(), &data);
+        if customized != route {
+            inner.stats.hook_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        customized
+    }
+
+    /// What `customize_autodistribution` answered, checked, applied to `route`.
+    fn apply_autodistribution(&self, mut route: Route, data: &Map<String, Value>) -> Route {
+        let chosen = chosen_code(&route).map(str::to_string);
+        if let Some(value) = data.get("number") {
+            let code = value.as_str().map(str::trim).unwrap_or_default();
+            if code.is_empty() {
+                if route.source != Source::Fallback {
+                    route = self.fallback("the hook chose nobody", None);
+                }
+            } else if !ExtensionCode::is_valid(code) {
+                tracing::warn!(
+                    hook = CUSTOMIZE_AUTODISTRIBUTION,
+                    "number {}; routing's answer kept",
+                    ExtensionCode::RULE
+                );
+            } else if chosen.as_deref() != Some(code) {
+                route = Route {
+                    code: Some(code.to_string()),
+                    user_id: None,
+                    source: Source::Hook,
+                    manager_status: None,
+                    reason: None,
+                    name: None,
+                };
+            }
+        }
+        if let Some(value) = data.get("name") {
+            route.name = value.as_str().and_then(route_name);
+        }
+        route
     }
 
     fn static_route(&self, number: &Number, did: Option<&Number>) -> Option<String> {
@@ -286,6 +414,7 @@ impl Router {
             source: Source::Fallback,
             manager_status: status,
             reason: Some(reason),
+            name: None,
         }
     }
 
@@ -326,6 +455,7 @@ impl Router {
                 source,
                 manager_status: status,
                 reason: None,
+                name: None,
             },
             None => {
                 let mut r = self.fallback("the manager has no extension", status);
@@ -386,9 +516,16 @@ impl Router {
             let inner = &this.inner;
             inner.stats.crm_lookups.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
+            let asked = client_phone(
+                &inner.hooks,
+                &key,
+                &Value::Null,
+                Stage::ConversationRequested,
+            )
+            .await;
             let answer = match inner
                 .crm
-                .responsible(&key, inner.config.routing.ignore_status)
+                .responsible(&asked, inner.config.routing.ignore_status)
                 .await
             {
                 Ok(r) => {
@@ -437,6 +574,75 @@ impl Router {
     }
 }
 
+/// The extension routing chose itself (none when it fell back).
+fn chosen_code(route: &Route) -> Option<&str> {
+    match route.source {
+        Source::Fallback => None,
+        _ => route.code.as_deref(),
+    }
+}
+
+/// `customize_autodistribution`'s input: what routing decided and what it knew.
+fn autodistribution_input(route: &Route, number: &Number, did: Option<&Number>) -> Value {
+    let chosen = chosen_code(route);
+    let user = match (route.user_id, chosen) {
+        (None, None) => Value::Null,
+        (id, code) => json!({"id": id, "code": code}),
+    };
+    let error = route
+        .reason
+        .filter(|r| [LOOKUP_FAILED, LOOKUP_LATE, NO_API_KEY].contains(r))
+        .unwrap_or_default();
+    json!({
+        "call_full": null,
+        "call_stage": Stage::ConversationRequested.as_str(),
+        "number": chosen.unwrap_or_default(),
+        "name": "",
+        "from": number.canonical,
+        "did": did.map(|d| d.canonical.as_str()).unwrap_or_default(),
+        "source": route.source.as_str(),
+        "user": user,
+        "entity": null,
+        "error": error,
+    })
+}
+
+/// A caller-id name as a hook gave it: one line, trimmed, at most [`MAX_ROUTE_NAME`]
+/// characters (longer is cut); empty is none.
+fn route_name(name: &str) -> Option<String> {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let clean = clean.trim();
+    if clean.chars().count() > MAX_ROUTE_NAME {
+        tracing::warn!(
+            hook = CUSTOMIZE_AUTODISTRIBUTION,
+            "name longer than {MAX_ROUTE_NAME} characters; cut"
+        );
+    }
+    let cut: String = clean.chars().take(MAX_ROUTE_NAME).collect();
+    let cut = cut.trim_end();
+    (!cut.is_empty()).then(|| cut.to_string())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_names_are_one_line_and_cut() {
+        assert_eq!(route_name("  VIP  "), Some("VIP".into()));
+        assert_eq!(route_name("a\nb"), Some("a b".into()));
+        assert_eq!(route_name("   "), None);
+        assert_eq!(
+            route_name("Очень важный клиент номер один"),
+            Some("Очень важный клиент".into())
+        );
+        assert_eq!(route_name(&"x".repeat(25)), Some("x".repeat(20)));
+    }
 }
