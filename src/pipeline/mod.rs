@@ -8,5 +8,6 @@ pub(crate) mod points;
 pub mod recovery;
 pub(crate) mod rules;
 pub(crate) mod tracker;
+pub(crate) mod trial;
 
 pub use tracker::{CallSink, CallTracker, RecentCalls, TrackerStats};
