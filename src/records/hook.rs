@@ -86,3 +86,71 @@ pub fn decide(
         Err(why) => (found.to_path_buf(), Some((answered.to_string(), why))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::sniff::samples::wav_header;
+
+    fn sound() -> Vec<u8> {
+        let mut data = wav_header(1, 100);
+        data.resize(144, 1);
+        data
+    }
+
+    #[test]
+    fn only_a_file_with_sound_inside_the_directory_passes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        let dir = root.join("monitor");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.wav"), sound()).unwrap();
+        std::fs::write(dir.join("sub/b.wav"), sound()).unwrap();
+        std::fs::write(dir.join("empty.wav"), wav_header(1, 0)).unwrap();
+        std::fs::write(root.join("outside.wav"), sound()).unwrap();
+        std::os::unix::fs::symlink(root.join("outside.wav"), dir.join("out.wav")).unwrap();
+        std::os::unix::fs::symlink(dir.join("sub/b.wav"), dir.join("in.wav")).unwrap();
+
+        assert_eq!(check(&dir, "a.wav"), Ok(dir.join("a.wav")));
+        let absolute = dir.join("sub/b.wav").display().to_string();
+        assert_eq!(check(&dir, &absolute), Ok(dir.join("sub/b.wav")));
+        assert_eq!(check(&dir, "sub/../a.wav"), Ok(dir.join("a.wav")));
+        // A symlink that stays inside resolves to its target.
+        assert_eq!(check(&dir, "in.wav"), Ok(dir.join("sub/b.wav")));
+
+        let up = "../".repeat(dir.components().count());
+        for (answer, why) in [
+            (format!("{up}etc/passwd"), Refused::Outside),
+            ("/etc/passwd".to_string(), Refused::Outside),
+            ("../outside.wav".to_string(), Refused::Outside),
+            (
+                root.join("outside.wav").display().to_string(),
+                Refused::Outside,
+            ),
+            ("out.wav".to_string(), Refused::Outside),
+            ("sub".to_string(), Refused::NotAFile),
+            (".".to_string(), Refused::NotAFile),
+            ("missing.wav".to_string(), Refused::Missing),
+            ("a.wav\0".to_string(), Refused::Missing),
+            ("  ".to_string(), Refused::Empty),
+            ("empty.wav".to_string(), Refused::NoSound),
+        ] {
+            assert_eq!(check(&dir, &answer), Err(why), "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_path_in_the_answer_or_with_a_refused_one_the_file_found_stays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap();
+        let found = dir.join("found.wav");
+        std::fs::write(&found, sound()).unwrap();
+        assert_eq!(decide(&dir, &found, &Map::new()), (found.clone(), None));
+        let mut data = Map::new();
+        data.insert("path".into(), "/etc/passwd".into());
+        assert_eq!(
+            decide(&dir, &found, &data),
+            (found, Some(("/etc/passwd".to_string(), Refused::Outside)))
+        );
+    }
+}

@@ -1148,6 +1148,52 @@ mod tests {
         assert_eq!(&head, b"RIFF");
     }
 
+    #[tokio::test]
+    async fn the_file_a_hook_chose_is_kept_with_the_link_across_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap().join("monitor");
+        std::fs::create_dir(&dir).unwrap();
+        let mut config = Config::default();
+        config.records.dir = dir.clone();
+        config.hooks.0.insert(
+            hook::PROCESS_RECORD_FILE_PATH.into(),
+            crate::config::HookConfig {
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    r#"cat >/dev/null; echo '{"state":"success","data":{"path":"mixed.wav"}}'"#
+                        .into(),
+                ],
+                url: String::new(),
+                timeout: Duration::from_secs(10),
+            },
+        );
+        let key = || Secret::new("0123456789abcdef0123456789abcdef");
+        let mut sound = wav_header(1, 100);
+        sound.resize(144, 1);
+        std::fs::write(dir.join("in-1.wav"), &sound).unwrap();
+        std::fs::write(dir.join("mixed.wav"), &sound).unwrap();
+        let r = record("pbx-h1", vec![dir.join("in-1.wav").display().to_string()]);
+        let url = {
+            let store = Store::open(&tmp.path().join("db")).unwrap();
+            let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
+            let records = Records::with_hooks(&config, store.records().unwrap(), key(), hooks);
+            let url = records.ensure_link(&r, &jiff::tz::TimeZone::UTC).await;
+            let counts = records.inner.hooks.stats()[hook::PROCESS_RECORD_FILE_PATH];
+            assert_eq!(counts.changed, 1);
+            url.unwrap().expect("linked")
+        };
+        // Another process, without the hook: the link still serves the file it chose.
+        let store = Store::open(&tmp.path().join("db")).unwrap();
+        let records = Records::new(&config, store.records().unwrap(), key());
+        let resolved = records.resolve(name_of(&url), unix_now()).unwrap();
+        assert_eq!(resolved.file, dir.join("mixed.wav"));
+        assert_eq!(
+            resolved.entry.path,
+            dir.join("mixed.wav").display().to_string()
+        );
+    }
+
     #[test]
     fn missing_directory_links_nothing() {
         let f = fixture(|c| c.records.dir = PathBuf::from("/nonexistent/pbxgate/monitor"));
