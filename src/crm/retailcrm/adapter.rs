@@ -15,10 +15,10 @@ use super::{registration, CrmClient, CrmError};
 use crate::base::secret::Secret;
 use crate::calls::LiveEvent;
 use crate::config::Config;
-use crate::hooks::Hooks;
 use crate::crm::port::{
     Crm, CrmFailure, Delivery, DirectoryEntry, FailureKind, Finished, Published, Responsible,
 };
+use crate::hooks::Hooks;
 
 /// The retailCRM adapter. Cheap to share.
 pub struct RetailCrm {
