@@ -128,8 +128,13 @@ async fn main() {
         let outbox = Outbox::new(
             pbxgate::outbox::store::OutboxStore::of(&store).unwrap(),
             store.clone(),
-            pbxgate::crm::connect(config.clone(), pbxgate::base::secret::Secret::new(""), None)
-                .unwrap(),
+            pbxgate::crm::connect(
+                config.clone(),
+                pbxgate::base::secret::Secret::new(""),
+                None,
+                pbxgate::hooks::Hooks::none(),
+            )
+            .unwrap(),
             config.clone(),
         );
         let n = 4000;
