@@ -286,7 +286,7 @@ impl Application {
         );
         let recent_calls = RecentCalls::new(200);
         let records_key = store.records_secret(&config.records.secret).await?;
-        let records = Records::new(&config, store.records()?, records_key);
+        let records = Records::with_hooks(&config, store.records()?, records_key, hooks.clone());
         tasks.spawn(task::RECORDS, records.clone().run_maintenance());
         let outbox = Outbox::with_records(
             crate::outbox::store::OutboxStore::of(&store)?,

@@ -1,7 +1,9 @@
-//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill]`.
-//! Only `main.rs` uses it; the operator commands that own a module are `outbox` and `backfill`.
+//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill|hooks]`.
+//! Only `main.rs` uses it; the operator commands that own a module are `outbox`, `backfill` and
+//! `hooks`.
 
 mod backfill;
+mod hooks;
 mod outbox;
 
 use std::path::PathBuf;
@@ -43,6 +45,11 @@ pub enum Command {
     },
     /// Queue past calls from Asterisk's CDR CSV (cdr-csv/Master.csv) for upload.
     Backfill(backfill::BackfillArgs),
+    /// Develop a customisation hook: run it on a stored or replayed call.
+    Hooks {
+        #[command(subcommand)]
+        command: hooks::HooksCommand,
+    },
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -98,6 +105,7 @@ pub fn main() -> ExitCode {
             }
             Command::Outbox { command } => outbox::run(&config, command).await,
             Command::Backfill(args) => backfill::run(&config, &args).await,
+            Command::Hooks { command } => hooks::run(&config, command).await,
         }
     })
 }

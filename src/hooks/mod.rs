@@ -167,6 +167,15 @@ pub enum HookResult {
     Default(HookFailure),
 }
 
+/// One call of a hook made to see what it does ([`Hooks::trial`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    /// What the hook answered (stdout or the response body, as text), or why it gave nothing.
+    pub raw: Result<String, HookFailure>,
+    /// What the point makes of it.
+    pub result: HookResult,
+}
+
 /// One point's counts, as `/ready` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct HookCounts {
@@ -276,19 +285,49 @@ impl Hooks {
         input: Value,
         fields: &[(&str, FieldKind)],
     ) -> HookResult {
-        let Some(hook) = self.inner.points.get(point) else {
-            return HookResult::NotConfigured;
-        };
-        let outcome = match input {
+        match self.attempt(point, input, fields).await {
+            Some((_, result)) => result,
+            None => HookResult::NotConfigured,
+        }
+    }
+
+    /// One call of the hook of `point` as [`Hooks::call`] makes it (logged and counted the same
+    /// way), with what the hook answered before it was judged: for developing a hook. None when
+    /// the point has no hook.
+    pub async fn trial(
+        &self,
+        point: &str,
+        input: Value,
+        fields: &[(&str, FieldKind)],
+    ) -> Option<Trial> {
+        let (raw, result) = self.attempt(point, input, fields).await?;
+        Some(Trial {
+            raw: raw.map(|body| String::from_utf8_lossy(&body).into_owned()),
+            result,
+        })
+    }
+
+    /// Runs the hook and judges its answer: the raw answer (or why there is none) and the result.
+    async fn attempt(
+        &self,
+        point: &str,
+        input: Value,
+        fields: &[(&str, FieldKind)],
+    ) -> Option<(Result<Vec<u8>, HookFailure>, HookResult)> {
+        let hook = self.inner.points.get(point)?;
+        let raw = match input {
             Value::Object(mut map) => {
                 map.insert("point".into(), Value::String(point.to_string()));
                 self.run(point, Value::Object(map)).await
             }
             _ => Err(HookFailure::BadInput),
         };
-        let result = outcome.and_then(|body| accept(&body, fields));
+        let judged = match &raw {
+            Ok(body) => accept(body, fields),
+            Err(failure) => Err(failure.clone()),
+        };
         let c = &hook.counters;
-        match result {
+        let result = match judged {
             Ok(data) => {
                 let counter = if data.is_empty() {
                     &c.unchanged
@@ -309,7 +348,8 @@ impl Hooks {
                     "hook failed: the default applies");
                 HookResult::Default(failure)
             }
-        }
+        };
+        Some((raw, result))
     }
 
     /// Counts per configured point and outcome.

@@ -558,6 +558,25 @@ impl OutboxStore {
         })
     }
 
+    /// A record still held (pending or dead) by externalId, with its state; a done record is
+    /// not kept (only its id, as [`State::Done`] with no envelope).
+    pub fn find(&self, id: &str) -> Result<Option<(State, Option<Envelope>)>, StoreError> {
+        let Some(v) = self.ids.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let entry: IdEntry = decode("outbox_ids", &v)?;
+        let (tree, name) = match entry.state {
+            State::Pending => (&self.pending, "outbox_pending"),
+            State::Dead => (&self.dead, "outbox_dead"),
+            State::Done => return Ok(Some((State::Done, None))),
+        };
+        let envelope = match tree.get(entry.seq.to_be_bytes())? {
+            Some(bytes) => Some(decode(name, &bytes)?),
+            None => None,
+        };
+        Ok(Some((entry.state, envelope)))
+    }
+
     /// Forgets done ids older than `older_than_ms` (the retention); returns how many. Reads
     /// only the expired end of `outbox_done_at`, in transactions of at most 512 ids.
     pub fn purge_done(&self, older_than_ms: i64) -> Result<u64, StoreError> {

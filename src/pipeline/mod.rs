@@ -9,5 +9,6 @@ pub mod recovery;
 pub mod registration_points;
 pub(crate) mod rules;
 pub(crate) mod tracker;
+pub(crate) mod trial;
 
 pub use tracker::{CallSink, CallTracker, RecentCalls, TrackerStats};

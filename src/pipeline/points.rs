@@ -8,7 +8,7 @@
 //! (`answered`, `no answer`, `busy`, `failed`, `not allowed`, `unknown`), `duration`,
 //! `duration_waiting` (seconds), `record_url`, `external_phone`.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::calls::full::call_full;
 use crate::calls::{CallRecord, Direction, Outcome};
@@ -26,7 +26,7 @@ pub const WIRED: &[&str] = &[
     crate::hooks::phone_points::PROCESS_USER_PHONE,
 ];
 
-const CALL_PARAMS: &[(&str, FieldKind)] = &[
+pub(crate) const CALL_PARAMS: &[(&str, FieldKind)] = &[
     ("direction", FieldKind::String),
     ("phone", FieldKind::String),
     ("code", FieldKind::OptString),
@@ -67,14 +67,27 @@ fn outcome_named(name: &str) -> Option<Outcome> {
 pub async fn call_params(
     hooks: &Hooks,
     phones: &PhoneBook,
-    mut r: CallRecord,
-    mut record_url: Option<String>,
+    r: CallRecord,
+    record_url: Option<String>,
 ) -> (CallRecord, Option<String>) {
     if !hooks.is_configured(PROCESS_CALL_PARAMS) {
         return (r, record_url);
     }
-    let input = json!({
-        "call_full": call_full(&r, phones, &jiff::tz::TimeZone::system()),
+    let input = call_params_input(phones, &r, record_url.as_deref());
+    match hooks.call(PROCESS_CALL_PARAMS, input, CALL_PARAMS).await {
+        HookResult::Changed(data) => apply_call_params(r, record_url, &data),
+        _ => (r, record_url),
+    }
+}
+
+/// The input of `process_call_params` for a record and its recording link.
+pub(crate) fn call_params_input(
+    phones: &PhoneBook,
+    r: &CallRecord,
+    record_url: Option<&str>,
+) -> Value {
+    json!({
+        "call_full": call_full(r, phones, &jiff::tz::TimeZone::system()),
         "call_stage": "call_ended",
         "direction": if r.direction == Direction::In { "in" } else { "out" },
         "phone": r.customer_number,
@@ -85,13 +98,17 @@ pub async fn call_params(
         "duration_waiting": r.wait_seconds,
         "record_url": record_url,
         "external_phone": r.external_phone,
-    });
-    let HookResult::Changed(data) = hooks.call(PROCESS_CALL_PARAMS, input, CALL_PARAMS).await
-    else {
-        return (r, record_url);
-    };
+    })
+}
+
+/// The record and link with the fields a `process_call_params` hook changed.
+pub(crate) fn apply_call_params(
+    mut r: CallRecord,
+    mut record_url: Option<String>,
+    data: &Map<String, Value>,
+) -> (CallRecord, Option<String>) {
     let text = |v: &Value| v.as_str().map(str::to_string);
-    for (field, value) in &data {
+    for (field, value) in data {
         let id = &r.external_id;
         match field.as_str() {
             "direction" => match value.as_str() {

@@ -14,8 +14,15 @@
 //! every request. When `records.convert = "mp3"`, the outbox holds a call until its recording is
 //! converted (see [`convert`]); the link then points at the mp3, or at the original if the encoder
 //! failed or timed out.
+//!
+//! A `process_record_file_path` hook ([`hook`]) may name another file for the link, once, just
+//! before the link is made: the same checks apply to its answer, and the file it chose is the
+//! one the link stores (and signs), so it is served across restarts without asking it again.
+//! With `records.convert = "mp3"` the file found is converted beforehand; a file the hook
+//! chose is served as it is, or as its `.mp3` copy if one exists beside it.
 
 pub(crate) mod convert;
+pub mod hook;
 pub(crate) mod serve;
 pub(crate) mod sniff;
 
@@ -35,8 +42,11 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::base::secret::Secret;
+use crate::calls::full::call_full;
 use crate::calls::{CallRecord, Outcome};
-use crate::config::{Config, RecordsConfig};
+use crate::config::{Config, PhoneConfig, RecordsConfig};
+use crate::hooks::{HookResult, Hooks};
+use crate::phone::PhoneBook;
 use crate::store::records::LINK_ID_LEN;
 use crate::store::{unix_now, LinkEntry, LinkId, LinkStore, StoreError};
 
@@ -113,6 +123,10 @@ struct Inner {
     running: AtomicU64,
     converted: AtomicU64,
     failures: AtomicU64,
+    hooks: Hooks,
+    phone: PhoneConfig,
+    /// For the hook's `call_full`, made when first needed.
+    phones: OnceLock<PhoneBook>,
 }
 
 /// Cheap to clone.
@@ -124,6 +138,11 @@ pub struct Records {
 impl Records {
     /// `key` is `records.secret` or the one generated in the store ([`crate::store::Store::records_secret`]).
     pub fn new(config: &Config, links: LinkStore, key: Secret) -> Records {
+        Records::with_hooks(config, links, key, Hooks::none())
+    }
+
+    /// As [`Records::new`], asking `hooks`' `process_record_file_path` for the file to link.
+    pub fn with_hooks(config: &Config, links: LinkStore, key: Secret, hooks: Hooks) -> Records {
         let records = Records {
             inner: Arc::new(Inner {
                 config: config.records.clone(),
@@ -137,6 +156,9 @@ impl Records {
                 running: AtomicU64::new(0),
                 converted: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                hooks,
+                phone: config.phone.clone(),
+                phones: OnceLock::new(),
             }),
         };
         // Says once at startup whether recordings will be linked.
@@ -167,21 +189,7 @@ impl Records {
     /// A recording path from a call (absolute, or relative to `records.dir`) as a canonical
     /// regular file inside `records.dir`; None for anything else.
     fn locate(&self, raw: &str) -> Option<PathBuf> {
-        let dir = self.dir()?;
-        if raw.is_empty() || raw.contains('\0') {
-            return None;
-        }
-        let canonical = std::fs::canonicalize(dir.join(raw)).ok()?;
-        if !(canonical.starts_with(dir) && canonical.is_file()) {
-            return None;
-        }
-        // Links store paths as text: a name that is not UTF-8 could never be found again.
-        if canonical.to_str().is_none() {
-            tracing::warn!(path = %convert::mask_digit_runs(&canonical.to_string_lossy()),
-                "a recording whose path is not UTF-8 is not linked");
-            return None;
-        }
-        Some(canonical)
+        locate_in(self.dir()?, raw)
     }
 
     /// A stored (canonical) path, checked again: still canonical, inside the directory, a file.
@@ -192,19 +200,9 @@ impl Records {
             .then_some(canonical)
     }
 
-    /// The recording a call's link is made for: the first one that is a file inside the directory.
-    /// The recording to link: only answered calls have one, and only a file that holds sound
-    /// (a call that never connected leaves a header-only WAV).
+    /// The recording a call's link is made for (see [`recording_in`]).
     fn choose(&self, record: &CallRecord) -> Option<PathBuf> {
-        if record.outcome != Outcome::Answered {
-            return None;
-        }
-        record
-            .recordings
-            .iter()
-            .filter(|r| !is_url(r))
-            .filter_map(|r| self.locate(r))
-            .find(|p| sniff::holds_audio(p))
+        recording_in(self.dir()?, record)
     }
 
     /// For the outbox, before it uploads a call whose recording has settled: with conversion on,
@@ -299,26 +297,79 @@ impl Records {
     }
 
     /// The call's link, made (not yet flushed) if it has none and a recording can be linked, as
-    /// if at unix second `now`. Returns the link and whether it was made now.
+    /// if at unix second `now`. Returns the link and whether it was made now. The hook is not
+    /// asked here ([`Records::ensure_links`] asks it).
     pub fn link_at(
         &self,
         record: &CallRecord,
         tz: &jiff::tz::TimeZone,
         now: u64,
     ) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
+        self.link_file(record, tz, now, None)
+    }
+
+    /// Whether the call, past `records.keep_days` at unix second `now`, gets no link.
+    fn past_retention(&self, record: &CallRecord, now: u64) -> bool {
+        let keep_days = i64::from(self.inner.config.keep_days);
+        let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
+        keep_days > 0 && record.start.saturating_add(keep_days * DAY_MS) <= now_ms
+    }
+
+    /// The recording a link would be made for now: None when the call has a link (or an
+    /// unreadable one), or cannot have one.
+    fn to_link(&self, record: &CallRecord, now: u64) -> Option<PathBuf> {
+        if !matches!(self.inner.links.for_call(&record.external_id), Ok(None)) {
+            return None;
+        }
+        if self.past_retention(record, now) {
+            return None;
+        }
+        self.choose(record)
+    }
+
+    /// `process_record_file_path`: the file the call's link is made for, `found` unless the
+    /// hook named another that passes [`hook::check`].
+    async fn ask_hook(&self, record: &CallRecord, found: PathBuf) -> PathBuf {
+        let inner = &self.inner;
+        let phones = inner.phones.get_or_init(|| PhoneBook::new(&inner.phone));
+        let full = call_full(record, phones, &jiff::tz::TimeZone::system());
+        let input = hook::input(&found, full, &record.external_id);
+        let point = hook::PROCESS_RECORD_FILE_PATH;
+        let HookResult::Changed(data) = inner.hooks.call(point, input, hook::FIELDS).await else {
+            return found;
+        };
+        let Some(dir) = self.dir() else {
+            return found;
+        };
+        let (path, refused) = hook::decide(dir, &found, &data);
+        if let Some((answered, why)) = refused {
+            tracing::warn!(hook = point, call = %record.external_id,
+                path = %convert::mask_digit_runs(&answered), reason = %why,
+                "the hook's recording path is not used; the file found is linked");
+        }
+        path
+    }
+
+    /// [`Records::link_at`], linking `picked` (checked already) instead of the file found.
+    fn link_file(
+        &self,
+        record: &CallRecord,
+        tz: &jiff::tz::TimeZone,
+        now: u64,
+        picked: Option<PathBuf>,
+    ) -> Result<Option<(LinkId, LinkEntry, bool)>, StoreError> {
         match self.inner.links.for_call(&record.external_id) {
             Ok(Some((id, entry))) => return Ok(Some((id, entry, false))),
             Ok(None) => {}
             Err(e) => return unreadable_link(&record.external_id, e),
         }
-        let Some(path) = self.choose(record) else {
+        let Some(found) = self.choose(record) else {
             return Ok(None);
         };
-        let keep_days = i64::from(self.inner.config.keep_days);
-        let now_ms = i64::try_from(now).unwrap_or(i64::MAX).saturating_mul(1000);
-        if keep_days > 0 && record.start.saturating_add(keep_days * DAY_MS) <= now_ms {
+        if self.past_retention(record, now) {
             return Ok(None);
         }
+        let path = picked.unwrap_or_else(|| found.clone());
         let served = (self.inner.config.convert == "mp3")
             .then(|| convert::converted_path(&path))
             .filter(|c| c.is_file())
@@ -348,21 +399,39 @@ impl Records {
             Ok(made) => made,
             Err(e) => return unreadable_link(&record.external_id, e),
         };
-        self.lock_conversions().remove(&path);
+        self.lock_conversions().remove(&found);
         Ok(Some(made))
     }
 
     /// Makes the links of these calls (those that can have one) and flushes them: after this,
-    /// [`Records::url_for`] gives each call's URL and the URL survives a crash.
+    /// [`Records::url_for`] gives each call's URL and the URL survives a crash. A call about to
+    /// get its link is first shown to the `process_record_file_path` hook (the calls' hooks run
+    /// side by side).
     pub async fn ensure_links<'a>(
         &self,
         records: impl IntoIterator<Item = &'a CallRecord>,
         tz: &jiff::tz::TimeZone,
     ) -> Result<(), StoreError> {
         let now = unix_now();
+        let records: Vec<&CallRecord> = records.into_iter().collect();
+        let picks: Vec<Option<PathBuf>> = if self
+            .inner
+            .hooks
+            .is_configured(hook::PROCESS_RECORD_FILE_PATH)
+        {
+            futures_util::future::join_all(records.iter().map(|r| async move {
+                match self.to_link(r, now) {
+                    Some(found) => Some(self.ask_hook(r, found).await),
+                    None => None,
+                }
+            }))
+            .await
+        } else {
+            vec![None; records.len()]
+        };
         let mut linked = false;
-        for record in records {
-            linked |= self.link_at(record, tz, now)?.is_some();
+        for (record, picked) in records.into_iter().zip(picks) {
+            linked |= self.link_file(record, tz, now, picked)?.is_some();
         }
         // Also when every link was there already: one made by an earlier attempt that failed
         // before its flush is not durable yet. Cheap when nothing is left to write.
@@ -565,6 +634,40 @@ fn unreadable_link(
         }
         e => Err(e),
     }
+}
+
+/// A recording path from a call (absolute, or relative to `dir`, the canonical `records.dir`) as
+/// a canonical regular file inside `dir`; None for anything else.
+fn locate_in(dir: &Path, raw: &str) -> Option<PathBuf> {
+    if raw.is_empty() || raw.contains('\0') {
+        return None;
+    }
+    let canonical = std::fs::canonicalize(dir.join(raw)).ok()?;
+    if !(canonical.starts_with(dir) && canonical.is_file()) {
+        return None;
+    }
+    // Links store paths as text: a name that is not UTF-8 could never be found again.
+    if canonical.to_str().is_none() {
+        tracing::warn!(path = %convert::mask_digit_runs(&canonical.to_string_lossy()),
+            "a recording whose path is not UTF-8 is not linked");
+        return None;
+    }
+    Some(canonical)
+}
+
+/// The recording a call's link is made for, in `dir` (the canonical `records.dir`): only
+/// answered calls have one, and only the first of its files inside the directory that holds
+/// sound (a call that never connected leaves a header-only WAV).
+pub fn recording_in(dir: &Path, record: &CallRecord) -> Option<PathBuf> {
+    if record.outcome != Outcome::Answered {
+        return None;
+    }
+    record
+        .recordings
+        .iter()
+        .filter(|r| !is_url(r))
+        .filter_map(|r| locate_in(dir, r))
+        .find(|p| sniff::holds_audio(p))
 }
 
 /// Opens a file for reading only if it is a regular file: not through a symlink in the last
@@ -1043,6 +1146,52 @@ mod tests {
         let mut head = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).unwrap();
         assert_eq!(&head, b"RIFF");
+    }
+
+    #[tokio::test]
+    async fn the_file_a_hook_chose_is_kept_with_the_link_across_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap().join("monitor");
+        std::fs::create_dir(&dir).unwrap();
+        let mut config = Config::default();
+        config.records.dir = dir.clone();
+        config.hooks.0.insert(
+            hook::PROCESS_RECORD_FILE_PATH.into(),
+            crate::config::HookConfig {
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    r#"cat >/dev/null; echo '{"state":"success","data":{"path":"mixed.wav"}}'"#
+                        .into(),
+                ],
+                url: String::new(),
+                timeout: Duration::from_secs(10),
+            },
+        );
+        let key = || Secret::new("0123456789abcdef0123456789abcdef");
+        let mut sound = wav_header(1, 100);
+        sound.resize(144, 1);
+        std::fs::write(dir.join("in-1.wav"), &sound).unwrap();
+        std::fs::write(dir.join("mixed.wav"), &sound).unwrap();
+        let r = record("pbx-h1", vec![dir.join("in-1.wav").display().to_string()]);
+        let url = {
+            let store = Store::open(&tmp.path().join("db")).unwrap();
+            let hooks = Hooks::new(&config.hooks, reqwest::Client::new());
+            let records = Records::with_hooks(&config, store.records().unwrap(), key(), hooks);
+            let url = records.ensure_link(&r, &jiff::tz::TimeZone::UTC).await;
+            let counts = records.inner.hooks.stats()[hook::PROCESS_RECORD_FILE_PATH];
+            assert_eq!(counts.changed, 1);
+            url.unwrap().expect("linked")
+        };
+        // Another process, without the hook: the link still serves the file it chose.
+        let store = Store::open(&tmp.path().join("db")).unwrap();
+        let records = Records::new(&config, store.records().unwrap(), key());
+        let resolved = records.resolve(name_of(&url), unix_now()).unwrap();
+        assert_eq!(resolved.file, dir.join("mixed.wav"));
+        assert_eq!(
+            resolved.entry.path,
+            dir.join("mixed.wav").display().to_string()
+        );
     }
 
     #[test]
