@@ -95,14 +95,6 @@ pub fn config_warnings(config: &Config) -> Vec<String> {
                 .to_string(),
         );
     }
-    for point in config.hooks.0.keys() {
-        if !crate::pipeline::points::WIRED.contains(&point.as_str()) {
-            w.push(format!(
-                "hooks.{point}: this point is not called yet (pbxgate calls {}); the hook is ignored",
-                crate::pipeline::points::WIRED.join(", ")
-            ));
-        }
-    }
     w
 }
 

@@ -18,7 +18,8 @@ use crate::hooks::{FieldKind, HookResult, Hooks, Stage};
 
 pub const PROCESS_TASK_CREATION_PARAMS: &str = "process_task_creation_params";
 
-const TASK_PARAMS: &[(&str, FieldKind)] = &[
+/// What `process_task_creation_params` may return.
+pub const TASK_PARAMS: &[(&str, FieldKind)] = &[
     ("text", FieldKind::String),
     ("commentary", FieldKind::OptString),
     ("responsible_id", FieldKind::OptInteger),
@@ -103,6 +104,19 @@ fn parse_due(text: &str, tz: &jiff::tz::TimeZone) -> Option<jiff::Timestamp> {
     civil.to_zoned(tz.clone()).ok().map(|z| z.timestamp())
 }
 
+/// The point's input for `draft`.
+pub fn task_input(draft: &TaskDraft, call_full: &Value) -> Value {
+    json!({
+        "call_full": call_full,
+        "call_stage": Stage::CallEnded.as_str(),
+        "text": draft.text,
+        "commentary": draft.commentary,
+        "responsible_id": draft.responsible_id,
+        "due": local_due(draft.due, &jiff::tz::TimeZone::system()),
+        "phone": draft.phone,
+    })
+}
+
 /// `process_task_creation_params`: the task as the hook leaves it, or `None` when the hook
 /// answered `create: false`. A failed hook, or none: the draft as it is.
 pub async fn task_creation_params(
@@ -115,15 +129,7 @@ pub async fn task_creation_params(
         return Some(draft);
     }
     let tz = jiff::tz::TimeZone::system();
-    let input = json!({
-        "call_full": call_full,
-        "call_stage": Stage::CallEnded.as_str(),
-        "text": draft.text,
-        "commentary": draft.commentary,
-        "responsible_id": draft.responsible_id,
-        "due": local_due(draft.due, &tz),
-        "phone": draft.phone,
-    });
+    let input = task_input(&draft, call_full);
     let HookResult::Changed(data) = hooks
         .call(PROCESS_TASK_CREATION_PARAMS, input, TASK_PARAMS)
         .await

@@ -14,7 +14,17 @@ use super::{FieldKind, HookResult, Hooks, Stage};
 pub const PROCESS_CLIENT_PHONE: &str = "process_client_phone";
 pub const PROCESS_USER_PHONE: &str = "process_user_phone";
 
-const PHONE: &[(&str, FieldKind)] = &[("phone", FieldKind::String)];
+/// What both points may return.
+pub const PHONE: &[(&str, FieldKind)] = &[("phone", FieldKind::String)];
+
+/// The input of both points.
+pub fn input(phone: &str, call_full: &Value, stage: Stage) -> Value {
+    json!({
+        "phone": phone,
+        "call_full": call_full,
+        "call_stage": stage.as_str(),
+    })
+}
 
 /// `process_client_phone`: the customer's number as the hook leaves it.
 pub async fn client_phone(hooks: &Hooks, phone: &str, call_full: &Value, stage: Stage) -> String {
@@ -36,12 +46,10 @@ async fn rewrite(
     if !hooks.is_configured(point) || phone.is_empty() {
         return phone.to_string();
     }
-    let input = json!({
-        "phone": phone,
-        "call_full": call_full,
-        "call_stage": stage.as_str(),
-    });
-    match hooks.call(point, input, PHONE).await {
+    match hooks
+        .call(point, input(phone, call_full, stage), PHONE)
+        .await
+    {
         HookResult::Changed(data) => match data.get("phone").and_then(Value::as_str) {
             Some(p) if !p.trim().is_empty() => p.trim().to_string(),
             Some(_) => {

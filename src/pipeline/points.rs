@@ -17,15 +17,6 @@ use crate::phone::PhoneBook;
 
 pub const PROCESS_CALL_PARAMS: &str = "process_call_params";
 
-/// The points pbxgate calls so far; a hook configured at another point is reported at start.
-pub const WIRED: &[&str] = &[
-    PROCESS_CALL_PARAMS,
-    crate::pipeline::registration_points::NEED_REGISTRATION,
-    crate::pipeline::registration_points::POST_REGISTRATION,
-    crate::hooks::phone_points::PROCESS_CLIENT_PHONE,
-    crate::hooks::phone_points::PROCESS_USER_PHONE,
-];
-
 pub(crate) const CALL_PARAMS: &[(&str, FieldKind)] = &[
     ("direction", FieldKind::String),
     ("phone", FieldKind::String),

@@ -27,13 +27,21 @@ pub const POST_REGISTRATION: &str = "post_registration";
 /// How many calls' answers are remembered (live calls and calls waiting for their upload).
 const KEPT: usize = 65_536;
 
-const RESULT: &[(&str, FieldKind)] = &[("result", FieldKind::Bool)];
+/// What `need_registration` may return.
+pub const RESULT: &[(&str, FieldKind)] = &[("result", FieldKind::Bool)];
+
+/// The input of both points: the call and its stage.
+pub fn input(call_full: Value, stage: Stage) -> Value {
+    json!({"call_full": call_full, "call_stage": stage.as_str()})
+}
 
 /// `need_registration` for one call at `stage`: whether to register it (true when no hook is
 /// configured, it failed, or it did not say).
 pub async fn need_registration(hooks: &Hooks, call_full: Value, stage: Stage) -> bool {
-    let input = json!({"call_full": call_full, "call_stage": stage.as_str()});
-    match hooks.call(NEED_REGISTRATION, input, RESULT).await {
+    match hooks
+        .call(NEED_REGISTRATION, input(call_full, stage), RESULT)
+        .await
+    {
         HookResult::Changed(data) => data.get("result").and_then(Value::as_bool) != Some(false),
         HookResult::NotConfigured | HookResult::Default(_) => true,
     }
@@ -45,7 +53,7 @@ pub fn post_registration(hooks: &Hooks, call_full: impl FnOnce() -> Value, stage
         return;
     }
     let hooks = hooks.clone();
-    let input = json!({"call_full": call_full(), "call_stage": stage.as_str()});
+    let input = input(call_full(), stage);
     tokio::spawn(async move {
         let _ = hooks.call(POST_REGISTRATION, input, &[]).await;
     });

@@ -13,11 +13,13 @@ use crate::calls::full::call_full;
 use crate::calls::model::{Millis, Output};
 use crate::calls::{CallModel, CallRecord, Classifier};
 use crate::config::Config;
+use crate::crm::tasks;
 use crate::hooks::FieldKind;
+use crate::hooks::{phone_points, Stage};
 use crate::pbx::ami::frame::{Item, Limits, Parser};
 use crate::phone::PhoneBook;
 use crate::pipeline::gate::Gate;
-use crate::pipeline::points;
+use crate::pipeline::{points, registration_points};
 use crate::records::{self, hook as record_hook};
 
 /// What a point's input is built from besides the call.
@@ -44,8 +46,13 @@ type Build = fn(&CallRecord, &Context) -> Result<PointInput, String>;
 
 /// The points that can be tried.
 const POINTS: &[(&str, Build)] = &[
+    (registration_points::NEED_REGISTRATION, need_registration),
+    (phone_points::PROCESS_CLIENT_PHONE, client_phone),
+    (phone_points::PROCESS_USER_PHONE, user_phone),
     (points::PROCESS_CALL_PARAMS, call_params),
     (record_hook::PROCESS_RECORD_FILE_PATH, record_file_path),
+    (tasks::PROCESS_TASK_CREATION_PARAMS, task_creation_params),
+    (registration_points::POST_REGISTRATION, post_registration),
 ];
 
 /// Why there is no input to try.
@@ -77,6 +84,71 @@ pub fn input_for(
 
 fn settle_nothing(_: &Value, _: &Map<String, Value>, _: &Context) -> Vec<String> {
     Vec::new()
+}
+
+fn full(r: &CallRecord, c: &Context) -> Value {
+    call_full(r, c.phones, &jiff::tz::TimeZone::system())
+}
+
+fn need_registration(r: &CallRecord, c: &Context) -> Result<PointInput, String> {
+    Ok(PointInput {
+        input: registration_points::input(full(r, c), Stage::CallEnded),
+        fields: registration_points::RESULT,
+        notes: vec![
+            "the service asks at the call's first stage: conversation_requested when it had a \
+             live event"
+                .into(),
+        ],
+        settle: settle_nothing,
+    })
+}
+
+fn post_registration(r: &CallRecord, c: &Context) -> Result<PointInput, String> {
+    Ok(PointInput {
+        input: registration_points::input(full(r, c), Stage::CallEnded),
+        fields: &[],
+        notes: vec!["a notification: the service uses nothing of the answer".into()],
+        settle: settle_nothing,
+    })
+}
+
+fn client_phone(r: &CallRecord, c: &Context) -> Result<PointInput, String> {
+    Ok(PointInput {
+        input: phone_points::input(&r.customer_number, &full(r, c), Stage::CallEnded),
+        fields: phone_points::PHONE,
+        notes: Vec::new(),
+        settle: settle_nothing,
+    })
+}
+
+fn user_phone(r: &CallRecord, c: &Context) -> Result<PointInput, String> {
+    let code = r
+        .code
+        .as_deref()
+        .ok_or("the call has no manager's extension: the point is not called for it")?;
+    Ok(PointInput {
+        input: phone_points::input(code, &full(r, c), Stage::CallEnded),
+        fields: phone_points::PHONE,
+        notes: Vec::new(),
+        settle: settle_nothing,
+    })
+}
+
+fn task_creation_params(r: &CallRecord, c: &Context) -> Result<PointInput, String> {
+    let mut notes = Vec::new();
+    if !tasks::is_missed(r) {
+        notes.push("the call is not a missed inbound call: the service creates no task".into());
+    }
+    if !c.config.crm.missed_call_tasks {
+        notes.push("crm.missed_call_tasks is off: the service creates no task".into());
+    }
+    let draft = tasks::draft(&c.config.crm, r, &r.customer_number, r.user_id);
+    Ok(PointInput {
+        input: tasks::task_input(&draft, &full(r, c)),
+        fields: tasks::TASK_PARAMS,
+        notes,
+        settle: settle_nothing,
+    })
 }
 
 fn call_params(r: &CallRecord, c: &Context) -> Result<PointInput, String> {

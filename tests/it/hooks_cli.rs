@@ -172,12 +172,20 @@ async fn a_point_without_a_hook_or_that_cannot_be_tried_is_a_clear_error() {
     );
     assert!(out.is_empty(), "{out}");
     let (code, _, err) = dir
-        .run(&["hooks", "test", "need_registration", "--call", &capture])
+        .run(&[
+            "hooks",
+            "test",
+            "process_originate_params",
+            "--call",
+            &capture,
+        ])
         .await;
     assert_eq!(code, Some(2));
     assert!(
         err.contains(
-            "cannot be tried; the points that can: process_call_params, process_record_file_path"
+            "cannot be tried; the points that can: need_registration, process_client_phone, \
+             process_user_phone, process_call_params, process_record_file_path, \
+             process_task_creation_params, post_registration"
         ),
         "{err}"
     );
@@ -292,4 +300,33 @@ async fn a_call_in_the_store_is_found_by_its_external_id() {
     assert_eq!(code, Some(1));
     assert!(err.contains("is held by a running pbxgate"), "{err}");
     drop(store);
+}
+
+#[tokio::test]
+async fn the_shipped_blacklist_hook_tried_on_a_captured_call_refuses_it() {
+    // The shipped script, run as the config file of an integrator would name it.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/hooks/blacklist.py");
+    let source = std::fs::read_to_string(script).unwrap();
+    let dir = Dir::new(&[("need_registration", &source)]);
+    // The carrier of 03 is simulated by a Local channel into from-trunk.
+    let config = dir.path().join("pbxgate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let listed = text.replace(
+        "need_registration.py\"]",
+        "need_registration.py\", \"--trunk\", \"Local/+4930111000@from-trunk\"]",
+    );
+    assert_ne!(text, listed);
+    std::fs::write(&config, listed).unwrap();
+    let capture = format!("{CAPTURE}.txt");
+    let (code, out, err) = dir
+        .run(&["hooks", "test", "need_registration", "--call", &capture])
+        .await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let input = input_of(&out);
+    assert_eq!(input["point"], "need_registration");
+    assert_eq!(
+        input["call_full"]["channel"]["trunk"]["original"],
+        "Local/+4930111000@from-trunk"
+    );
+    assert!(out.contains("changed: result = false"), "{out}");
 }
