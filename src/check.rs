@@ -171,23 +171,6 @@ mod tests {
     use crate::config::{RuleAction, RuleConfig, StaticRoute};
 
     #[test]
-    fn a_hook_at_a_point_not_called_yet_is_reported() {
-        let hook = crate::config::HookConfig {
-            command: vec!["true".into()],
-            url: String::new(),
-            timeout: std::time::Duration::from_secs(1),
-        };
-        let mut c = Config::default();
-        c.calls.unassigned_code = "100".into();
-        c.hooks.0.insert("process_call_params".into(), hook.clone());
-        assert!(config_warnings(&c).is_empty(), "{:?}", config_warnings(&c));
-        c.hooks.0.insert("need_registration".into(), hook);
-        let w = config_warnings(&c);
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].starts_with("hooks.need_registration: "), "{w:?}");
-    }
-
-    #[test]
     fn problems_of_every_section_come_in_one_sorted_list() {
         let text = r#"
             [crm]

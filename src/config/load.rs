@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(c.routing.r#static.len(), 2);
         assert_eq!(c.rules.len(), 2);
         assert_eq!(c.users.len(), 1);
-        assert_eq!(c.hooks.0.len(), 1);
+        assert_eq!(c.hooks.0.len(), 3);
     }
 
     #[test]

@@ -365,7 +365,7 @@ mod tests {
             record_url: None,
         };
         let record = CallRecord::sample("x");
-        let err = input_for("need_registration", &record, &context)
+        let err = input_for("process_originate_params", &record, &context)
             .err()
             .unwrap()
             .to_string();
