@@ -28,6 +28,7 @@ mod live_events;
 mod logs;
 mod manager_status;
 mod outbox;
+mod packaging;
 mod records;
 mod registration;
 mod restarts;
