@@ -298,10 +298,14 @@ fn apply_hook(
             .iter()
             .filter_map(|(name, value)| {
                 let value = value.as_str().unwrap_or_default();
-                let ok = variable_name_ok(name) && !value.chars().any(char::is_control);
+                // Asterisk splits a `Variable:` header at commas (and `|`): a value with one
+                // would set further variables, pbxgate's own among them.
+                let ok = variable_name_ok(name)
+                    && value.len() <= MAX_PARAM
+                    && !value.chars().any(|c| c.is_control() || c == ',' || c == '|');
                 if !ok {
                     tracing::warn!(hook = point, variable = %plain(name, 80),
-                        "not a variable pbxgate sets (a name of letters, digits and '_', not PBXGATE_*, a value without control characters); left out");
+                        "not a variable pbxgate sets (a name of letters, digits and '_', not PBXGATE_*, a value of at most {MAX_PARAM} bytes without control characters, ',' or '|'); left out");
                 }
                 ok.then(|| (name.clone(), value.to_string()))
             })
@@ -528,7 +532,8 @@ mod tests {
                 "exten": "",
                 "caller_id": "a\nb",
                 "timeout": 15000,
-                "variables": {"__SHOP": "1", "X-Y": "2", "__PBXGATE_CODE": "999", "OK": "a\rb", "___A": "3"},
+                "variables": {"__SHOP": "1", "X-Y": "2", "__PBXGATE_CODE": "999", "OK": "a\rb", "___A": "3",
+                    "SMUGGLE": "1,__PBXGATE_USER_ID=5", "PIPE": "1|__PBXGATE_CODE=9"},
             })),
             defaults(),
         )

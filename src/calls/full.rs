@@ -39,11 +39,16 @@ fn number(phones: &PhoneBook, raw: Option<&str>, trunk: Option<&str>) -> Value {
 pub fn call_full_live(
     e: &LiveEvent,
     at: Millis,
+    system_id: &str,
     phones: &PhoneBook,
     tz: &jiff::tz::TimeZone,
 ) -> Value {
     let id = e.external_id();
-    let key = id.split_once('-').map_or(id, |(_, k)| k);
+    // The externalId is `<system_id>-<key>`.
+    let key = id
+        .strip_prefix(system_id)
+        .and_then(|k| k.strip_prefix('-'))
+        .unwrap_or(id);
     let time = |at: Option<Millis>| local_time(at, tz);
     let (kind, state, from, to, trunk, codes, result, answered) = match e {
         LiveEvent::Ringing {
@@ -279,13 +284,14 @@ mod tests {
     fn a_ringing_call_in_the_call_full_structure() {
         let phones = PhoneBook::new(&PhoneConfig::default());
         let e = LiveEvent::Ringing {
-            external_id: "pbx-1795264721.70".into(),
+            external_id: "my-pbx-1795264721.70".into(),
             phone: "+79161234567".into(),
             did: Some("+74951112233".into()),
             codes: vec!["101".into(), "102".into()],
             trunk: Some("PJSIP/trunk".into()),
         };
-        let full = call_full_live(&e, 1_795_264_721_000, &phones, &jiff::tz::TimeZone::UTC);
+        let tz = jiff::tz::TimeZone::UTC;
+        let full = call_full_live(&e, 1_795_264_721_000, "my-pbx", &phones, &tz);
         let ch = &full["channel"];
         assert_eq!(ch["id"], "1795264721.70");
         assert_eq!(ch["type"], "incoming");

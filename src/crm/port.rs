@@ -142,4 +142,10 @@ pub trait Crm: Send + Sync + 'static {
     /// For `pbxgate check`: can we reach the CRM, and may our credentials do what we need?
     /// `Ok` and `Err` both carry the line to print.
     fn check(&self) -> BoxFuture<'_, Result<String, String>>;
+
+    /// The adapter's own background work, called by the history scheduler after each drain
+    /// (retries of follow-up tasks). Nothing by default.
+    fn maintain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }

@@ -315,6 +315,12 @@ impl Hooks {
         fields: &[(&str, FieldKind)],
     ) -> Option<(Result<Vec<u8>, HookFailure>, HookResult)> {
         let hook = self.inner.points.get(point)?;
+        // A caller that stops waiting (its own deadline) is a timeout too.
+        let mut given_up = GivenUp {
+            point,
+            counters: &hook.counters,
+            armed: true,
+        };
         let raw = match input {
             Value::Object(mut map) => {
                 map.insert("point".into(), Value::String(point.to_string()));
@@ -322,6 +328,7 @@ impl Hooks {
             }
             _ => Err(HookFailure::BadInput),
         };
+        given_up.armed = false;
         let judged = match &raw {
             Ok(body) => accept(body, fields),
             Err(failure) => Err(failure.clone()),
@@ -393,6 +400,25 @@ impl Hooks {
         };
         task.await
             .unwrap_or_else(|e| Err(HookFailure::Internal(format!("hook task ended: {e}"))))
+    }
+}
+
+/// Counts a hook call whose caller stopped waiting before it answered (dropped while armed).
+struct GivenUp<'a> {
+    point: &'a str,
+    counters: &'a Counters,
+    armed: bool,
+}
+
+impl Drop for GivenUp<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.counters.timeout.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                hook = self.point,
+                "hook cut off: its caller's deadline passed first; the default applies"
+            );
+        }
     }
 }
 
@@ -620,6 +646,26 @@ mod tests {
         ("user_id", FieldKind::OptInteger),
         ("variables", FieldKind::StringMap),
     ];
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_counts_a_timeout() {
+        let mut config = HooksConfig::default();
+        config.0.insert(
+            "need_registration".into(),
+            crate::config::HookConfig {
+                command: vec!["sh".into(), "-c".into(), "sleep 30".into()],
+                url: String::new(),
+                timeout: Duration::from_secs(60),
+            },
+        );
+        let hooks = Hooks::new(&config, reqwest::Client::new());
+        let call = hooks.call("need_registration", serde_json::json!({}), FIELDS);
+        assert!(tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err());
+        let counts = hooks.stats()["need_registration"];
+        assert_eq!((counts.timeout, counts.failed, counts.changed), (1, 0, 0));
+    }
 
     #[test]
     fn only_allowed_fields_of_their_type_are_accepted() {

@@ -346,6 +346,9 @@ impl Outbox {
                 continue; // Backing off: wakes do not shorten an outage's pause.
             }
             let result = self.drain().await;
+            if !self.inner.stopping.load(Ordering::Relaxed) {
+                self.inner.crm.maintain().await;
+            }
             recheck = self.take_recheck();
             // Only successes after this drain may end the next backoff.
             crm_ok.mark_unchanged();
@@ -457,8 +460,10 @@ impl Outbox {
             after = Some(last.seq);
             if let Some(records) = &inner.records {
                 // Durable before the upload that carries the links.
+                // Not for calls `need_registration` already kept from the CRM.
+                let kept = |e: &&Envelope| inner.verdicts.get(&e.id) != Some(false);
                 if let Err(e) = records
-                    .ensure_links(batch.iter().map(|e| &e.record), &tz)
+                    .ensure_links(batch.iter().filter(kept).map(|e| &e.record), &tz)
                     .await
                 {
                     return Drain::Retry(format!("recording links: {e}"));
@@ -522,7 +527,11 @@ impl Outbox {
                 record_url: url.as_deref(),
             })
             .collect();
-        let mut outcomes = inner.crm.deliver(&finished).await.into_iter();
+        let mut outcomes = if finished.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            inner.crm.deliver(&finished).await.into_iter()
+        };
         let (mut done, mut aside, mut fresh, mut stop) = (Vec::new(), Vec::new(), 0u64, None);
         let mut not_registered = 0u64;
         for (e, prepared) in batch.into_iter().zip(&prepared) {

@@ -7,9 +7,11 @@
 //! call gets a task of its own that runs its events through the points in order
 //! (`need_registration` at the first one, `process_client_phone` for the customer's number,
 //! `process_user_phone` for each extension), so a slow hook holds back only its own call.
-//! The points of one event get at most half of what is left of its deadline; past that the
-//! event goes out as it is (and `need_registration`, not answered, is asked again when the
-//! history goes out).
+//! The points of one event get at most half of what is left of its deadline (a hangup: half of
+//! the whole deadline, which it always gets); past that the event goes out as it is, and a
+//! call `need_registration` did not answer in time is registered (the CRM was told of it).
+//! Only the live points start these tasks: `need_registration`, `post_registration`, the two
+//! phone points and the adapter's own (`process_call_event_params`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -24,14 +26,25 @@ use crate::calls::model::Millis;
 use crate::calls::record::{Direction, LiveEvent};
 use crate::config::Config;
 use crate::crm::{Crm, Published};
-use crate::hooks::phone_points::{client_phone, user_phone};
+use crate::hooks::phone_points::{
+    client_phone, user_phone, PROCESS_CLIENT_PHONE, PROCESS_USER_PHONE,
+};
 use crate::hooks::{Hooks, Stage};
 use crate::phone::PhoneBook;
 use crate::pipeline::registration_points::{
-    need_registration, post_registration, Verdicts, NEED_REGISTRATION,
+    need_registration, post_registration, Verdicts, NEED_REGISTRATION, POST_REGISTRATION,
 };
 use crate::pipeline::tracker::TrackerStats;
 use crate::store::Store;
+
+/// The points the live path calls (directly, or through the adapter's `publish`).
+const LIVE_POINTS: &[&str] = &[
+    NEED_REGISTRATION,
+    POST_REGISTRATION,
+    PROCESS_CLIENT_PHONE,
+    PROCESS_USER_PHONE,
+    crate::crm::retailcrm::points::PROCESS_CALL_EVENT_PARAMS,
+];
 
 /// How many calls whose pop-up reached the CRM are remembered until their hangup.
 const ANNOUNCED_KEPT: usize = 16_384;
@@ -93,7 +106,7 @@ pub async fn run(
     stats: Arc<TrackerStats>,
     hooks: Option<LiveHooks>,
 ) {
-    let hooks = hooks.filter(|h| h.hooks.any_configured());
+    let hooks = hooks.filter(|h| LIVE_POINTS.iter().any(|p| h.hooks.is_configured(p)));
     let with_hooks = hooks.is_some();
     let sender = Arc::new(Sender {
         crm,
@@ -144,13 +157,17 @@ impl Sender {
         let mut register: Option<bool> = None;
         while let Ok(Some((at, e))) = tokio::time::timeout(CALL_IDLE, rx.recv()).await {
             let hangup = matches!(e, LiveEvent::Hangup { .. });
-            if self.internal_unsent(&e) {
-                return;
+            // When nothing would go out, the points are not asked: no key, the module off, an
+            // internal call's hangup, a hangup whose pop-up never reached the CRM.
+            let unsent = !self.may_send()
+                || self.internal_unsent(&e)
+                || (hangup && !self.announced().ids.contains(e.external_id()));
+            if unsent {
+                // `send` counts and logs what it drops.
+                self.send(at, e).await;
+            } else if let Some(e) = self.through_points(at, e, &mut register).await {
+                self.send(at, e).await;
             }
-            let Some(e) = self.through_points(at, e, &mut register).await else {
-                continue;
-            };
-            self.send(at, e).await;
             if hangup {
                 return;
             }
@@ -169,13 +186,15 @@ impl Sender {
         };
         let deadline = self.config.calls.live_event_deadline;
         let age = Duration::from_millis(u64::try_from(now_ms() - at).unwrap_or(0));
-        let budget = deadline.saturating_sub(age) / 2;
-        let stage = match e {
-            LiveEvent::Hangup { .. } => Stage::CallEnded,
-            _ => Stage::ConversationRequested,
+        let (stage, budget) = match e {
+            LiveEvent::Hangup { .. } => (Stage::CallEnded, deadline / 2),
+            _ => (
+                Stage::ConversationRequested,
+                deadline.saturating_sub(age) / 2,
+            ),
         };
         let tz = jiff::tz::TimeZone::system();
-        let full = call_full_live(&e, at, &h.phones, &tz);
+        let full = call_full_live(&e, at, &self.config.pbx.system_id, &h.phones, &tz);
         let id = e.external_id().to_string();
         let points = async {
             if register.is_none() && h.hooks.is_configured(NEED_REGISTRATION) {
@@ -231,11 +250,7 @@ impl Sender {
         if self.internal_unsent(&e) {
             return;
         }
-        if !self.crm.is_configured() {
-            return;
-        }
-        if !self.store.activity().map(|a| a.may_push()).unwrap_or(true) {
-            tracing::debug!("module inactive or frozen: live call event not sent");
+        if !self.may_send() {
             return;
         }
         let deadline: Duration = config.calls.live_event_deadline;
@@ -272,7 +287,10 @@ impl Sender {
                     if let (true, Some(h)) = (first, &self.hooks) {
                         post_registration(
                             &h.hooks,
-                            || call_full_live(&e, at, &h.phones, &jiff::tz::TimeZone::system()),
+                            || {
+                                let tz = jiff::tz::TimeZone::system();
+                                call_full_live(&e, at, &self.config.pbx.system_id, &h.phones, &tz)
+                            },
                             Stage::ConversationRequested,
                         );
                     }
@@ -289,6 +307,18 @@ impl Sender {
                     "live call event dropped: the CRM did not take it in time");
             }
         }
+    }
+
+    /// The CRM can take live events now (an API key, the module active and not frozen).
+    fn may_send(&self) -> bool {
+        if !self.crm.is_configured() {
+            return false;
+        }
+        if !self.store.activity().map(|a| a.may_push()).unwrap_or(true) {
+            tracing::debug!("module inactive or frozen: live call event not sent");
+            return false;
+        }
+        true
     }
 
     fn announced(&self) -> std::sync::MutexGuard<'_, Announced> {

@@ -340,4 +340,10 @@ async fn a_need_registration_hook_that_never_answers_does_not_hold_the_pop_up_ba
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    // Asked once, cut off by the live budget: counted as a timeout, never asked again.
+    let ready = app.ready().await;
+    let counts = &ready["hooks"]["need_registration"];
+    assert_eq!(counts["timeout"], 1, "{counts}");
+    let others = (&counts["changed"], &counts["unchanged"], &counts["failed"]);
+    assert_eq!(others, (&json!(0), &json!(0), &json!(0)), "{counts}");
 }

@@ -49,13 +49,35 @@ impl TaskMark {
     }
 }
 
+/// The state tree's key of a task that failed for a transient reason: what to send again.
+fn retry_key(external_id: &str) -> String {
+    format!("{RETRY_PREFIX}{external_id}")
+}
+
+const RETRY_PREFIX: &str = "task-retry:";
+/// A task that could not be created for this long is given up (logged as an error).
+const RETRY_GIVE_UP_MS: i64 = 24 * 3600 * 1000;
+/// How many owed tasks one sweep tries.
+const RETRY_PER_SWEEP: usize = 20;
+
+/// A task waiting to be created again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TaskRetry {
+    task: Task,
+    attempts: u32,
+    /// Unix ms of the first failure, and when to try next.
+    since: i64,
+    next_at: i64,
+}
+
 /// What became of a call's follow-up task.
 enum TaskOutcome {
     /// Created, or not to be created (the hook said so, nobody to give it to, refused for
     /// good): never tried again.
     Settled,
-    /// A transient failure: the call is reported for a retry, the task stays owed.
-    Retry(String),
+    /// A transient failure: the task is kept to be tried again by [`RetailCrm::retry_tasks`];
+    /// the call itself is delivered.
+    Retry(String, Task),
 }
 
 /// The retailCRM adapter. Cheap to share.
@@ -68,6 +90,9 @@ pub struct RetailCrm {
     /// retailCRM's own customisation points (`process_call_event_params`,
     /// `process_upload_params`) and `process_task_creation_params`.
     hooks: Hooks,
+    /// One task creation pass at a time (after an upload, or a sweep of owed tasks): a task
+    /// is never sent twice side by side.
+    tasks_turn: tokio::sync::Mutex<()>,
     /// Where the follow-up tasks' markers are kept; `None` (one-shot tools): no tasks.
     state: Option<CrmState>,
     /// For `call_full`.
@@ -89,6 +114,7 @@ impl RetailCrm {
             client_id,
             tz: OnceCell::new(),
             hooks: Hooks::none(),
+            tasks_turn: tokio::sync::Mutex::new(()),
             state: None,
             phones: PhoneBook::new(&config.phone),
             config,
@@ -160,9 +186,10 @@ impl RetailCrm {
     }
 
     /// After the upload: the tasks owed by the calls the CRM took, side by side. A task that
-    /// failed for a transient reason turns its call's delivery into a retry (the re-upload is a
-    /// duplicate; the task stays owed). The markers are flushed before the deliveries are
-    /// reported.
+    /// failed for a transient reason stays owed and is kept to be tried again (by
+    /// [`RetailCrm::retry_tasks`], or when its call comes again); its call is delivered all the
+    /// same, so that an outage of tasks alone never holds up the history. The markers are
+    /// flushed before the deliveries are reported.
     async fn create_tasks(
         &self,
         calls: &[Finished<'_>],
@@ -175,6 +202,7 @@ impl RetailCrm {
         let Some(state) = self.task_state() else {
             return;
         };
+        let _turn = self.tasks_turn.lock().await;
         let due: Vec<(usize, &Call)> = at
             .iter()
             .zip(items)
@@ -197,13 +225,16 @@ impl RetailCrm {
                 .map(|(i, item)| self.missed_call_task(calls[*i].record, item, tz, local)),
         )
         .await;
-        for ((i, item), outcome) in due.into_iter().zip(outcomes) {
+        for ((_, item), outcome) in due.into_iter().zip(outcomes) {
             let id = &item.external_id;
             let mark = match outcome {
-                TaskOutcome::Settled => TaskMark::Done,
-                TaskOutcome::Retry(why) => {
-                    tracing::warn!(%id, reason = %why, "follow-up task not created yet; the call will be retried");
-                    out[i] = Some(Delivery::RetryLater(format!("follow-up task: {why}")));
+                TaskOutcome::Settled => {
+                    let _ = state.remove(&retry_key(id));
+                    TaskMark::Done
+                }
+                TaskOutcome::Retry(why, task) => {
+                    tracing::warn!(%id, reason = %why, "follow-up task not created yet; it will be tried again");
+                    self.keep_for_retry(state, id, task, None);
                     TaskMark::Owed
                 }
             };
@@ -213,6 +244,91 @@ impl RetailCrm {
         }
         if let Err(e) = state.flush().await {
             tracing::error!(error = %e, "cannot flush the follow-up tasks' markers: a restart may create some again");
+        }
+    }
+
+    /// Keeps `task` to be tried again (after a backoff), counting the attempt.
+    fn keep_for_retry(&self, state: &CrmState, id: &str, task: Task, before: Option<TaskRetry>) {
+        let now = crate::base::clock::now_ms();
+        let (attempts, since) = before.map_or((0, now), |b| (b.attempts + 1, b.since));
+        let h = &self.config.history;
+        let wait = crate::base::backoff::backoff(attempts, h.retry_base, h.retry_max);
+        let entry = TaskRetry {
+            task,
+            attempts,
+            since,
+            next_at: now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
+        };
+        let stored = serde_json::to_vec(&entry)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| state.put(&retry_key(id), &bytes).map_err(|e| e.to_string()));
+        if let Err(e) = stored {
+            tracing::error!(%id, error = %e, "cannot keep the follow-up task for another try");
+        }
+    }
+
+    /// Tries again the follow-up tasks that failed for a transient reason and are due (at most
+    /// [`RETRY_PER_SWEEP`] per call); one failing for a day is given up with an error line.
+    pub async fn retry_tasks(&self) {
+        let Some(state) = self.task_state() else {
+            return;
+        };
+        let _turn = self.tasks_turn.lock().await;
+        let entries = match state.all(RETRY_PREFIX) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the follow-up tasks to try again");
+                return;
+            }
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let now = crate::base::clock::now_ms();
+        let mut changed = false;
+        // `all` gives the keys without the prefix: the calls' ids.
+        for (id, bytes) in entries.into_iter().take(RETRY_PER_SWEEP) {
+            let key = retry_key(&id);
+            let Ok(entry) = serde_json::from_slice::<TaskRetry>(&bytes) else {
+                tracing::warn!(%id, "a follow-up task kept for another try cannot be read; dropped");
+                let _ = state.remove(&key);
+                changed = true;
+                continue;
+            };
+            if entry.next_at > now {
+                continue;
+            }
+            changed = true;
+            match self.client.tasks_create(&entry.task).await {
+                Err(e) if e.is_retriable() => {
+                    if now - entry.since > RETRY_GIVE_UP_MS {
+                        tracing::error!(%id, error = %e, attempts = entry.attempts + 1,
+                            "follow-up task given up: retailCRM did not take it for a day");
+                        let _ = state.remove(&key);
+                        let _ = state.put(&task_key(&id), TaskMark::Done.bytes());
+                    } else {
+                        tracing::warn!(%id, error = %e, "follow-up task not created yet; it will be tried again");
+                        self.keep_for_retry(state, &id, entry.task.clone(), Some(entry));
+                    }
+                }
+                answer => {
+                    match answer {
+                        Ok(a) => {
+                            tracing::info!(%id, task = ?a.id, "follow-up task created for a missed call")
+                        }
+                        Err(e) => {
+                            tracing::error!(%id, error = %e, "follow-up task refused by retailCRM; not retried")
+                        }
+                    }
+                    let _ = state.remove(&key);
+                    let _ = state.put(&task_key(&id), TaskMark::Done.bytes());
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = state.flush().await {
+                tracing::error!(error = %e, "cannot flush the follow-up tasks' markers: a restart may create some again");
+            }
         }
     }
 
@@ -267,11 +383,11 @@ impl RetailCrm {
             phone: task.phone,
         };
         match self.client.tasks_create(&wire).await {
+            Err(e) if e.is_retriable() => TaskOutcome::Retry(e.to_string(), wire),
             Ok(answer) => {
                 tracing::info!(%id, task = ?answer.id, performer_id, "follow-up task created for a missed call");
                 TaskOutcome::Settled
             }
-            Err(e) if e.is_retriable() => TaskOutcome::Retry(e.to_string()),
             Err(e @ CrmError::Decode { .. }) => {
                 // retailCRM said yes in a form we did not understand: taken as created, since
                 // creating it again could give the manager two tasks.
@@ -384,7 +500,14 @@ impl Crm for RetailCrm {
     fn publish<'a>(&'a self, event: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>> {
         async move {
             let event = to_call_event(&self.config, event);
-            let event = points::call_event_params(&self.hooks, event).await;
+            // The hook gets half of an event's deadline; past it the event goes as mapped.
+            let budget = self.config.calls.live_event_deadline / 2;
+            let event = if self.hooks.is_configured(points::PROCESS_CALL_EVENT_PARAMS) {
+                let hook = points::call_event_params(&self.hooks, event.clone());
+                tokio::time::timeout(budget, hook).await.unwrap_or(event)
+            } else {
+                event
+            };
             let answer = self.client.call_event(&event).await.map_err(|e| e.failure())?;
             if !answer.not_exist_codes.is_empty() {
                 tracing::warn!(codes = ?answer.not_exist_codes, "retailCRM knows no users with these extension codes");
@@ -518,6 +641,10 @@ impl Crm for RetailCrm {
                 .map_err(|e| e.failure())
         }
         .boxed()
+    }
+
+    fn maintain(&self) -> BoxFuture<'_, ()> {
+        self.retry_tasks().boxed()
     }
 
     fn check(&self) -> BoxFuture<'_, Result<String, String>> {
