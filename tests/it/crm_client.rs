@@ -361,6 +361,10 @@ async fn module_get_and_user_status_round_trip() {
 
 /// Counts, for each request, how many requests of the same class arrived within the following
 /// second (a sliding window, stricter than the CRM's fixed ones).
+/// The most requests that arrived within any window of a second, less 100 ms: arrivals are
+/// seen at the fake CRM, after the scheduler and loopback, and on a loaded machine requests the
+/// client spaced evenly can arrive bunched by some tens of milliseconds. A limiter letting an
+/// eighth more through still shows here.
 fn max_per_second(times: &[Instant]) -> usize {
     let mut sorted = times.to_vec();
     sorted.sort();
@@ -368,7 +372,7 @@ fn max_per_second(times: &[Instant]) -> usize {
         .map(|i| {
             sorted[i..]
                 .iter()
-                .take_while(|t| t.duration_since(sorted[i]) < Duration::from_secs(1))
+                .take_while(|t| t.duration_since(sorted[i]) < Duration::from_millis(900))
                 .count()
         })
         .max()
