@@ -54,6 +54,11 @@ pub struct AmiConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "backoff"))]
     pub reconnect_max: Duration,
+    /// After Asterisk refused the login (a wrong or empty secret) the next try waits this long:
+    /// repeated failed logins get the host banned (fail2ban reads Asterisk's security log).
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "backoff"))]
+    pub auth_retry: Duration,
     /// Events buffered per subscriber before it is told it lagged.
     #[validate(range(min = 16, max = 1048576, message = "must be between 16 and 1048576"))]
     pub event_buffer: usize,
@@ -97,6 +102,7 @@ impl Default for AmiConfig {
             ping_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            auth_retry: Duration::from_secs(300),
             event_buffer: 8192,
             max_backlog: 1_000_000,
             internal_context: "from-internal".into(),

@@ -86,10 +86,44 @@ async fn md5_login_keeps_the_secret_off_the_wire() {
 }
 
 #[tokio::test]
+async fn a_refused_login_waits_ami_auth_retry_and_says_why() {
+    let ami = FakeAmi::start("pbxgate", "s3cret").await;
+    let client = AmiClient::start(AmiConfig {
+        secret: Secret::new("nope"),
+        auth_retry: Duration::from_secs(3600),
+        ..config(&ami)
+    });
+    ami.wait_for_actions("Login", 1).await;
+    let mut states = client.watch_state();
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let LinkState::Connecting {
+                last_error: Some(e),
+                ..
+            } = client.state()
+            {
+                return e;
+            }
+            states.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the link says why it is down");
+    assert!(text.contains("Authentication failed"), "{text}");
+    assert!(text.contains("next try in 1h"), "{text}");
+    assert!(text.contains("fail2ban"), "{text}");
+    // The network failure's backoff (at most 200 ms here) would have tried again long ago.
+    let pings = client.send(Action::new("Ping")).await;
+    assert!(matches!(pings, Err(AmiError::NotConnected(_))), "{pings:?}");
+    assert_eq!(ami.actions("Login").len(), 1);
+}
+
+#[tokio::test]
 async fn a_wrong_secret_keeps_the_link_down_with_the_reason() {
     let ami = FakeAmi::start("pbxgate", "s3cret").await;
     let client = AmiClient::start(AmiConfig {
         secret: Secret::new("nope"),
+        auth_retry: Duration::from_millis(50),
         ..config(&ami)
     });
     ami.wait_for_actions("Login", 2).await;

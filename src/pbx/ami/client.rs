@@ -1045,35 +1045,75 @@ async fn supervise(
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, "AMI connection attempt failed");
+                let delay = retry_delay(&cfg, &e, attempt);
+                let text = if matches!(e, AmiError::Auth(_)) {
+                    let text = format!(
+                        "{e}; next try in {} (ami.auth_retry: repeated failed logins get this \
+                         host banned by fail2ban); check ami.username and ami.secret{}",
+                        humantime::format_duration(delay),
+                        if cfg.secret.expose().is_empty() {
+                            " (ami.secret is empty)"
+                        } else {
+                            ""
+                        }
+                    );
+                    tracing::error!(error = %text, "AMI login refused");
+                    text
+                } else {
+                    tracing::warn!(error = %e, attempt, "AMI connection attempt failed");
+                    e.to_string()
+                };
                 state.send_replace(LinkState::Connecting {
                     attempt,
-                    last_error: Some(e.to_string()),
+                    last_error: Some(text),
                 });
+                attempt = attempt.saturating_add(1);
+                pause(delay, &mut stop, &mut commands).await;
+                continue;
             }
         }
         let delay = crate::base::backoff::backoff(attempt, cfg.reconnect_min, cfg.reconnect_max)
             .max(cfg.reconnect_min / 2);
         attempt = attempt.saturating_add(1);
-        // While down, actions fail at once rather than queueing (a late Originate is worse than none).
-        let wake = tokio::time::sleep(delay);
-        tokio::pin!(wake);
-        loop {
-            tokio::select! {
-                _ = &mut wake => break,
-                _ = stop.changed() => break,
-                cmd = commands.recv() => match cmd {
-                    Some(c) => { let _ = c.reply.send(Err(AmiError::NotConnected("reconnecting".into()))); }
-                    None => break,
-                },
-            }
-        }
+        pause(delay, &mut stop, &mut commands).await;
     }
     shared.fail_all(AmiError::Stopped);
     shared.close_streams();
     state.send_replace(LinkState::Stopped);
     while let Ok(c) = commands.try_recv() {
         let _ = c.reply.send(Err(AmiError::Stopped));
+    }
+}
+
+/// How long to wait before the next connection attempt after `error`: a refused login waits
+/// `ami.auth_retry` (another wrong login soon would only bring a ban closer), anything else
+/// backs off between `reconnect_min` and `reconnect_max`.
+fn retry_delay(cfg: &AmiConfig, error: &AmiError, attempt: u32) -> Duration {
+    match error {
+        AmiError::Auth(_) => cfg.auth_retry,
+        _ => crate::base::backoff::backoff(attempt, cfg.reconnect_min, cfg.reconnect_max)
+            .max(cfg.reconnect_min / 2),
+    }
+}
+
+/// Waits `delay` (or until stopped). While down, actions fail at once rather than queueing (a
+/// late Originate is worse than none).
+async fn pause(
+    delay: Duration,
+    stop: &mut watch::Receiver<bool>,
+    commands: &mut mpsc::Receiver<Command>,
+) {
+    let wake = tokio::time::sleep(delay);
+    tokio::pin!(wake);
+    loop {
+        tokio::select! {
+            _ = &mut wake => return,
+            _ = stop.changed() => return,
+            cmd = commands.recv() => match cmd {
+                Some(c) => { let _ = c.reply.send(Err(AmiError::NotConnected("reconnecting".into()))); }
+                None => return,
+            },
+        }
     }
 }
 
