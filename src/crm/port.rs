@@ -142,4 +142,10 @@ pub trait Crm: Send + Sync + 'static {
     /// For `pbxgate check`: can we reach the CRM, and may our credentials do what we need?
     /// `Ok` and `Err` both carry the line to print.
     fn check(&self) -> BoxFuture<'_, Result<String, String>>;
+
+    /// The API requests' timings, and whether the CRM refuses the key (for `/metrics` and
+    /// `/ready`); `None` for an adapter that does not keep them.
+    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+        None
+    }
 }

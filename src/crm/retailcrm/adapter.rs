@@ -520,6 +520,10 @@ impl Crm for RetailCrm {
         .boxed()
     }
 
+    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+        Some(self.client.requests())
+    }
+
     fn check(&self) -> BoxFuture<'_, Result<String, String>> {
         async move {
             let url = &self.config.crm.url;
