@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
-use super::checks::{ami_events, backoff, channel_template, dialplan_name, request_timeout};
 use super::checks::problem;
+use super::checks::{ami_events, backoff, channel_template, dialplan_name, request_timeout};
 use crate::base::secret::Secret;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

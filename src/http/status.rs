@@ -64,7 +64,8 @@ fn readiness(state: &AppState, store_ok: bool, history: &crate::outbox::Status) 
     }
     if !state.crm.is_configured() {
         warnings.push(
-            "crm.api_key is empty: calls are tracked and kept, nothing is sent to a CRM".to_string(),
+            "crm.api_key is empty: calls are tracked and kept, nothing is sent to a CRM"
+                .to_string(),
         );
     }
     let rejected = state.crm.requests().and_then(|r| r.rejected());

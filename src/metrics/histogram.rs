@@ -72,10 +72,13 @@ impl Histogram {
 /// trip, so that is nothing next to it.
 #[derive(Debug, Default)]
 pub struct CrmRequests {
-    by_endpoint: Mutex<Vec<(&'static str, Option<u16>, Arc<Histogram>)>>,
+    by_endpoint: Mutex<Vec<Timings>>,
     rejected: AtomicBool,
     why: Mutex<Option<String>>,
 }
+
+/// An endpoint template, an HTTP status (`None`: no answer), and their timings.
+type Timings = (&'static str, Option<u16>, Arc<Histogram>);
 
 impl CrmRequests {
     pub fn observe(&self, endpoint: &'static str, status: Option<u16>, elapsed: Duration) {

@@ -169,8 +169,16 @@ pub fn render(s: &Sources<'_>) -> String {
         "The running version (always 1)",
         vec![(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1)],
     );
-    families.gauge1("uptime_seconds", "Seconds since the service started", s.uptime_seconds);
-    families.gauge1("ready", "1 when /ready answers 200, 0 when 503", u64::from(s.ready));
+    families.gauge1(
+        "uptime_seconds",
+        "Seconds since the service started",
+        s.uptime_seconds,
+    );
+    families.gauge1(
+        "ready",
+        "1 when /ready answers 200, 0 when 503",
+        u64::from(s.ready),
+    );
 
     // The AMI link and its events.
     let ami = s.ami.counters();
@@ -244,7 +252,11 @@ pub fn render(s: &Sources<'_>) -> String {
             ));
         }
     }
-    families.counter("calls_finished", "Calls finished, by direction and outcome", finished);
+    families.counter(
+        "calls_finished",
+        "Calls finished, by direction and outcome",
+        finished,
+    );
     families.counter1(
         "calls_ignored",
         "Finished calls kept from the CRM (registration rules, need_registration)",
@@ -264,9 +276,18 @@ pub fn render(s: &Sources<'_>) -> String {
         "live_events_dropped",
         "Live call events not delivered, by reason",
         vec![
-            (vec![("reason", "late".into())], relaxed(&s.tracker.live_events_late)),
-            (vec![("reason", "failed".into())], relaxed(&s.tracker.live_events_failed)),
-            (vec![("reason", "queue_full".into())], relaxed(&s.tracker.live_events_dropped)),
+            (
+                vec![("reason", "late".into())],
+                relaxed(&s.tracker.live_events_late),
+            ),
+            (
+                vec![("reason", "failed".into())],
+                relaxed(&s.tracker.live_events_failed),
+            ),
+            (
+                vec![("reason", "queue_full".into())],
+                relaxed(&s.tracker.live_events_dropped),
+            ),
             (
                 vec![("reason", "no_popup".into())],
                 relaxed(&s.tracker.hangups_without_popup),
@@ -286,9 +307,21 @@ pub fn render(s: &Sources<'_>) -> String {
             .map(|(outcome, n)| (vec![("outcome", outcome.to_string())], n))
             .collect(),
     );
-    families.gauge1("queue_pending", "Calls waiting to be uploaded", status.pending);
-    families.gauge1("queue_in_flight", "Calls in the upload under way", status.in_flight);
-    families.gauge1("queue_dead", "Calls set aside (refused or held)", status.dead);
+    families.gauge1(
+        "queue_pending",
+        "Calls waiting to be uploaded",
+        status.pending,
+    );
+    families.gauge1(
+        "queue_in_flight",
+        "Calls in the upload under way",
+        status.in_flight,
+    );
+    families.gauge1(
+        "queue_dead",
+        "Calls set aside (refused or held)",
+        status.dead,
+    );
     families.gauge1(
         "queue_oldest_pending_age_seconds",
         "Age of the oldest call waiting to be uploaded (0 when none waits)",
@@ -367,7 +400,10 @@ pub fn render(s: &Sources<'_>) -> String {
         "Recording conversions, by outcome",
         vec![
             (vec![("outcome", "converted".into())], records.converted),
-            (vec![("outcome", "failed".into())], records.conversion_failures),
+            (
+                vec![("outcome", "failed".into())],
+                records.conversion_failures,
+            ),
         ],
     );
 
@@ -484,12 +520,14 @@ impl Collector for Families {
                 }
                 Samples::Histogram(all) => {
                     for (labels, h) in all {
-                        family.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                            h.sum_seconds,
-                            h.count,
-                            &h.buckets,
-                            None,
-                        )?;
+                        family
+                            .encode_family(labels)?
+                            .encode_histogram::<NoLabelSet>(
+                                h.sum_seconds,
+                                h.count,
+                                &h.buckets,
+                                None,
+                            )?;
                     }
                 }
             }

@@ -370,7 +370,8 @@ impl CrmClient {
     }
 }
 
-/// A request's path as a template: ids and codes in it become placeholders, so that the
+/// A request's path as a template: ids and codes in it become `:placeholders` (no braces,
+/// which naive text-format parsers take for the end of the labels), so that the
 /// endpoint label stays bounded (and never carries more than the path names).
 fn endpoint(path: &str) -> &'static str {
     const FIXED: [&str; 6] = [
@@ -386,13 +387,13 @@ fn endpoint(path: &str) -> &'static str {
     }
     if let Some(rest) = path.strip_prefix("/api/v5/integration-modules/") {
         return if rest.ends_with("/edit") {
-            "/api/v5/integration-modules/{code}/edit"
+            "/api/v5/integration-modules/:code/edit"
         } else {
-            "/api/v5/integration-modules/{code}"
+            "/api/v5/integration-modules/:code"
         };
     }
     if path.starts_with("/api/v5/users/") && path.ends_with("/status") {
-        return "/api/v5/users/{id}/status";
+        return "/api/v5/users/:id/status";
     }
     "other"
 }
@@ -428,15 +429,15 @@ mod tests {
         );
         assert_eq!(
             endpoint("/api/v5/integration-modules/pbxgate-abc/edit"),
-            "/api/v5/integration-modules/{code}/edit"
+            "/api/v5/integration-modules/:code/edit"
         );
         assert_eq!(
             endpoint("/api/v5/integration-modules/pbxgate-abc"),
-            "/api/v5/integration-modules/{code}"
+            "/api/v5/integration-modules/:code"
         );
         assert_eq!(
             endpoint("/api/v5/users/42/status"),
-            "/api/v5/users/{id}/status"
+            "/api/v5/users/:id/status"
         );
         assert_eq!(endpoint("/api/v5/unheard-of?apiKey=x"), "other");
     }
