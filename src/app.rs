@@ -304,9 +304,11 @@ impl Application {
                 let _ = stop.wait_for(|s| *s).await;
             }),
         );
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let sink = verdicts.sink(Arc::new(Tee(vec![
             Arc::new(outbox.clone()),
             Arc::new(recent_calls.clone()),
+            metrics.clone(),
         ])));
         let (tracker, tracker_task) = CallTracker::start(
             &config,
@@ -378,6 +380,7 @@ impl Application {
             hooks,
             connections,
             open_files,
+            metrics,
         };
         let server = HttpServer::start(listener, state.clone()).map_err(StartError::Http)?;
         let handle = server.handle();

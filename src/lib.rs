@@ -12,6 +12,7 @@ pub mod crm;
 pub mod hooks;
 pub mod http;
 pub(crate) mod manager_status;
+pub mod metrics;
 pub mod outbox;
 pub mod pbx;
 pub(crate) mod phone;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use validator::Validate;
 
+use super::checks::problem;
 use super::checks::{ami_events, backoff, channel_template, dialplan_name, request_timeout};
 use crate::base::secret::Secret;
 
@@ -85,6 +86,17 @@ pub struct AmiConfig {
     #[serde(with = "humantime_serde")]
     #[validate(custom(function = "request_timeout"))]
     pub originate_timeout: Duration,
+    /// How long the link may be down (or not up yet) before `/ready` answers 503.
+    #[serde(with = "humantime_serde")]
+    #[validate(custom(function = "ready_grace"))]
+    pub ready_grace: Duration,
+}
+
+fn ready_grace(value: &Duration) -> Result<(), validator::ValidationError> {
+    if *value < Duration::from_millis(100) || *value > Duration::from_secs(86400) {
+        return Err(problem("must be between 100ms and 1d"));
+    }
+    Ok(())
 }
 
 impl Default for AmiConfig {
@@ -109,6 +121,7 @@ impl Default for AmiConfig {
             outbound_context: "from-internal".into(),
             originate_channel: "Local/{code}@{context}".into(),
             originate_timeout: Duration::from_secs(30),
+            ready_grace: Duration::from_secs(30),
         }
     }
 }

@@ -148,4 +148,10 @@ pub trait Crm: Send + Sync + 'static {
     fn maintain(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+
+    /// The API requests' timings, and whether the CRM refuses the key (for `/metrics` and
+    /// `/ready`); `None` for an adapter that does not keep them.
+    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+        None
+    }
 }

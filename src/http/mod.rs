@@ -47,6 +47,8 @@ pub mod paths {
     pub use crate::crm::retailcrm::paths::{ACTIVITY, LOGO, MAKE_CALL, USER_STATUS};
     pub const HEALTH: &str = "/health";
     pub const READY: &str = "/ready";
+    /// Prometheus metrics (text format).
+    pub const METRICS: &str = "/metrics";
     /// Call events posted by a PBX (Bearer `pbx.token`).
     pub const PBX_EVENTS: &str = "/pbx/events";
     /// The routing lookup for the dialplan (`pbx.token` as Bearer or `token=`).
@@ -85,6 +87,8 @@ pub struct Services {
     pub connections: Arc<conn::ConnLimits>,
     /// The soft open-files limit in force (raised to the hard limit at start).
     pub open_files: Option<u64>,
+    /// What is counted for `/metrics` alone (finished calls, recording bytes).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Everything a handler may need; shared by all workers. Only the handlers read it (nothing
@@ -261,7 +265,10 @@ fn app(
                         });
                 if res.status().is_server_error() {
                     tracing::error!(%method, path, status, ms, reason, "http request");
-                } else if path == paths::HEALTH || path == paths::READY || path == paths::PBX_ROUTE
+                } else if path == paths::HEALTH
+                    || path == paths::READY
+                    || path == paths::METRICS
+                    || path == paths::PBX_ROUTE
                 {
                     // Polled, or asked on every inbound call within its deadline (counted in
                     // /ready): not a line each at the default level.
@@ -300,6 +307,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource(paths::LOGO).route(web::get().to(status::logo)))
         .service(web::resource(paths::HEALTH).route(web::get().to(status::health)))
         .service(web::resource(paths::READY).route(web::get().to(status::ready)))
+        .service(web::resource(paths::METRICS).route(web::get().to(status::metrics)))
         .service(
             web::resource(paths::MAKE_CALL)
                 .route(web::get().to(callbacks::make_call))

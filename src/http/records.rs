@@ -32,6 +32,7 @@ use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 
 use crate::http::{ApiError, AppState};
+use crate::metrics::Metrics;
 use crate::records::serve::{self, parse_range, Opened, Range, ServeError};
 use crate::store::unix_now;
 
@@ -55,7 +56,7 @@ pub async fn recording(
         Ok(Err(e)) => return error(e.into()),
         Err(e) => return error(ApiError::internal(format!("opening the recording: {e}"))),
     };
-    respond(&req, opened)
+    respond(&req, opened, &state.metrics)
 }
 
 fn error(e: ApiError) -> HttpResponse {
@@ -67,7 +68,7 @@ fn error(e: ApiError) -> HttpResponse {
     res
 }
 
-fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
+fn respond(req: &HttpRequest, f: Opened, metrics: &Arc<Metrics>) -> HttpResponse {
     let etag = EntityTag::new_strong(f.etag.clone());
     let last_modified = f.modified.map(|t| HttpDate::from(t).to_string());
     let headers = |status: StatusCode| {
@@ -122,7 +123,7 @@ fn respond(req: &HttpRequest, f: Opened) -> HttpResponse {
         ));
     }
     let head_only = req.method() == actix_web::http::Method::HEAD;
-    b.body(FileBody::new(f.file, start, end, head_only))
+    b.body(FileBody::new(f.file, start, end, head_only).counted_in(metrics.clone()))
 }
 
 /// `If-None-Match` (weak comparison, `*` matches), else `If-Modified-Since` (whole seconds; never
@@ -181,6 +182,8 @@ pub struct FileBody {
     reading: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
     /// Whether to try reading from the page cache in place first.
     nowait: bool,
+    /// Where the bytes sent are counted.
+    served: Option<Arc<Metrics>>,
 }
 
 impl FileBody {
@@ -192,7 +195,14 @@ impl FileBody {
             size: end - start,
             reading: None,
             nowait: cfg!(all(target_os = "linux", target_env = "gnu")),
+            served: None,
         }
+    }
+
+    /// Counts the bytes sent in `metrics`.
+    pub fn counted_in(mut self, metrics: Arc<Metrics>) -> FileBody {
+        self.served = Some(metrics);
+        self
     }
 
     fn take(&mut self, chunk: Bytes) -> io::Result<Bytes> {
@@ -204,6 +214,9 @@ impl FileBody {
             ));
         }
         self.pos += chunk.len() as u64;
+        if let Some(metrics) = &self.served {
+            metrics.record_bytes_served(chunk.len() as u64);
+        }
         Ok(chunk)
     }
 }

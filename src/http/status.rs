@@ -4,7 +4,10 @@ use actix_web::http::header::{self, CacheControl, CacheDirective};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use std::time::Duration;
+
 use super::AppState;
+use crate::base::clock::now_ms;
 use crate::crm::registration::RegistrationState;
 use crate::pbx::ami::LinkState;
 
@@ -16,12 +19,80 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 when the store answers, 503 otherwise. The body details every dependency
+/// Why the service is not ready (`/ready` answers 503), and what is degraded without that.
+struct Readiness {
+    reasons: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Not ready: the store does not answer; the AMI link has been down (or never up) for longer
+/// than `ami.ready_grace`; the CRM refuses the API key or the account; the call history upload
+/// is stopped for a reason only an operator can fix. A short AMI outage or a CRM outage is not a
+/// reason: calls are tracked again after the reconnect and queued meanwhile. No API key is a
+/// warning only: the service runs without a CRM (first start, demos) and keeps the calls.
+fn readiness(state: &AppState, store_ok: bool, history: &crate::outbox::Status) -> Readiness {
+    let mut reasons = Vec::new();
+    let mut warnings = Vec::new();
+    if !store_ok {
+        reasons.push("the store does not answer".to_string());
+    }
+    let link = state.ami.state();
+    if !link.is_connected() {
+        let changed_at = state
+            .ami
+            .counters()
+            .link_changed_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let down = Duration::from_millis(u64::try_from(now_ms() - changed_at).unwrap_or(0));
+        let grace = state.config.ami.ready_grace;
+        if down > grace {
+            let why = match &link {
+                LinkState::Connecting {
+                    last_error: Some(e),
+                    ..
+                } => e.clone(),
+                LinkState::Stopped => "stopped".to_string(),
+                _ => "not connected yet".to_string(),
+            };
+            reasons.push(format!(
+                "AMI link down for {}s (more than ami.ready_grace = {}): {}",
+                down.as_secs(),
+                humantime::format_duration(grace),
+                crate::telemetry::one_line(&why, 300)
+            ));
+        }
+    }
+    if !state.crm.is_configured() {
+        warnings.push(
+            "crm.api_key is empty: calls are tracked and kept, nothing is sent to a CRM"
+                .to_string(),
+        );
+    }
+    let rejected = state.crm.requests().and_then(|r| r.rejected());
+    if let Some(why) = &rejected {
+        reasons.push(format!(
+            "the CRM refuses the API key or the account: {}",
+            crate::telemetry::one_line(why, 300)
+        ));
+    }
+    if let (None, Some(why)) = (&rejected, &history.blocked) {
+        reasons.push(format!(
+            "call history upload stopped until an operator acts: {}",
+            crate::telemetry::one_line(why, 300)
+        ));
+    }
+    Readiness { reasons, warnings }
+}
+
+/// `GET /ready`: 200 when ready, 503 otherwise (see [`readiness`]); `reasons` says why not,
+/// `warnings` what is degraded without making it unready. The body details every dependency
 /// (CRM registration, module activity, the AMI link, PBX failures) so operators see what is
-/// degraded; a PBX or CRM outage does not make the instance unready, because it keeps
-/// accepting callbacks and queueing work meanwhile.
+/// degraded.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let store_ok = state.store.is_readable();
+    let history = state.outbox.status();
+    let readiness = readiness(&state, store_ok, &history);
+    let is_ready = readiness.reasons.is_empty();
     let activity = state.store.activity().unwrap_or_default();
     let (registration, registration_error) = match state.registration.get() {
         RegistrationState::Registered => ("registered", None),
@@ -60,7 +131,9 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .collect();
     let (open_connections, refused_connections) = state.connections.counts();
     let body = json!({
-        "ready": store_ok,
+        "ready": is_ready,
+        "reasons": readiness.reasons,
+        "warnings": readiness.warnings,
         "version": env!("CARGO_PKG_VERSION"),
         "uptimeSeconds": state.started.elapsed().as_secs(),
         "store": { "ok": store_ok },
@@ -82,7 +155,7 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         },
         "ami": ami,
         "managerStatus": { "pbxFailures": status_failures },
-        "history": state.outbox.status(),
+        "history": history,
         "records": state.records.status(),
         "calls": {
             "live": state.tracker_stats.live_calls.load(std::sync::atomic::Ordering::Relaxed),
@@ -112,11 +185,38 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         // Per configured customisation point: how its hook calls ended.
         "hooks": state.hooks.stats(),
     });
-    if store_ok {
+    if is_ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// `GET /metrics`: Prometheus' text format (see [`crate::metrics`]). Counts and states only: no
+/// number, id, URL or key is in it.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let store_ok = state.store.is_readable();
+    let history = state.outbox.status();
+    let ready = readiness(&state, store_ok, &history).reasons.is_empty();
+    let (open, refused) = state.connections.counts();
+    let text = crate::metrics::render(&crate::metrics::Sources {
+        metrics: &state.metrics,
+        ami: &state.ami,
+        tracker: &state.tracker_stats,
+        outbox: &state.outbox,
+        history: &history,
+        router: &state.router,
+        hooks: &state.hooks,
+        records: &state.records,
+        crm: state.crm.as_ref(),
+        connections: (open, refused),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        ready,
+    });
+    HttpResponse::Ok()
+        .content_type(crate::metrics::CONTENT_TYPE)
+        .insert_header(CacheControl(vec![CacheDirective::NoStore]))
+        .body(text)
 }
 
 /// `GET /`: a small status page reading `/ready`.

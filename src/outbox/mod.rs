@@ -107,6 +107,8 @@ struct Inner {
     /// Numbers in every form, for the hooks' `call_full` (only built when a hook is configured).
     phones: std::sync::OnceLock<PhoneBook>,
     progress: Mutex<Progress>,
+    /// What became of each call handed to the CRM (for `/metrics`).
+    outcomes: crate::metrics::UploadCounts,
     /// One drain at a time (the scheduler, an operator's or a test's).
     draining: tokio::sync::Mutex<()>,
     /// Bumped after every batch and every drain: lets callers wait for progress.
@@ -192,6 +194,7 @@ impl Outbox {
                 verdicts,
                 phones: std::sync::OnceLock::new(),
                 progress: Mutex::default(),
+                outcomes: crate::metrics::UploadCounts::default(),
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 wakeups: std::sync::atomic::AtomicU64::new(0),
@@ -203,6 +206,11 @@ impl Outbox {
 
     pub fn store(&self) -> &OutboxStore {
         &self.inner.store
+    }
+
+    /// What became of the calls handed to the CRM so far, one count per call.
+    pub fn upload_counts(&self) -> &crate::metrics::UploadCounts {
+        &self.inner.outcomes
     }
 
     /// Stores a record durably (group commit), then wakes the uploader.
@@ -538,6 +546,7 @@ impl Outbox {
             let Some((record, _)) = prepared else {
                 tracing::info!(id = %e.id, "need_registration: the call's history is not sent to the CRM");
                 not_registered += 1;
+                inner.outcomes.not_registered();
                 done.push(e);
                 continue;
             };
@@ -545,6 +554,7 @@ impl Outbox {
             let outcome = outcomes.next().unwrap_or_else(|| {
                 Delivery::RetryLater("the CRM adapter gave no answer for a call".into())
             });
+            inner.outcomes.count(&outcome);
             match outcome {
                 Delivery::Delivered => {
                     fresh += 1;

@@ -69,6 +69,15 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in declaration order (`source as usize` indexes it).
+    pub const ALL: [Source; 5] = [
+        Source::Static,
+        Source::Crm,
+        Source::Cache,
+        Source::Fallback,
+        Source::Hook,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Static => "static",
@@ -140,6 +149,9 @@ pub struct RouteStats {
     pub hook_changes: AtomicU64,
     /// Hook calls cut off by `routing.timeout` (routing's own answer was given).
     pub hook_late: AtomicU64,
+    /// How long lookups took, by the answer's source (indexed by `source as usize`).
+    #[serde(skip)]
+    pub latency: [crate::metrics::Histogram; Source::ALL.len()],
 }
 
 #[derive(Clone)]
@@ -255,6 +267,7 @@ impl Router {
         if route.source == Source::Fallback {
             inner.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
+        inner.stats.latency[route.source as usize].observe(started.elapsed());
         if let (Some(listener), Some(code)) = (inner.listener.get(), &route.code) {
             listener.routed(phone, code);
         }

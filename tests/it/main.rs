@@ -28,6 +28,7 @@ mod http_limits;
 mod live_events;
 mod logs;
 mod manager_status;
+mod metrics;
 mod outbox;
 mod packaging;
 mod records;

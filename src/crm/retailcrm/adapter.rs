@@ -647,6 +647,10 @@ impl Crm for RetailCrm {
         self.retry_tasks().boxed()
     }
 
+    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+        Some(self.client.requests())
+    }
+
     fn check(&self) -> BoxFuture<'_, Result<String, String>> {
         async move {
             let url = &self.config.crm.url;

@@ -41,6 +41,8 @@ struct Inner {
     /// Bumped by every successful request: whoever backs off after a failure can stop waiting
     /// once the CRM answers again.
     successes: tokio::sync::watch::Sender<u64>,
+    /// Timings by endpoint and status; whether the CRM refuses the key.
+    requests: crate::metrics::CrmRequests,
 }
 
 /// Retries of failed requests are logged at most this often (with the number held back).
@@ -77,6 +79,7 @@ impl CrmClient {
                 retry_base: cfg.retry_base,
                 retry_max: cfg.retry_max,
                 successes: tokio::sync::watch::Sender::new(0),
+                requests: crate::metrics::CrmRequests::default(),
             }),
         })
     }
@@ -94,6 +97,12 @@ impl CrmClient {
     /// do not wait out their backoff.
     pub fn successes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.successes.subscribe()
+    }
+
+    /// Every request's time by endpoint template and HTTP status, and whether the CRM's last
+    /// answer refused the key or the account.
+    pub fn requests(&self) -> &crate::metrics::CrmRequests {
+        &self.inner.requests
     }
 
     // -----------------------------------------------------------------------------------------
@@ -230,7 +239,15 @@ impl CrmClient {
         loop {
             limiter.acquire().await;
             others_ok.mark_unchanged();
-            match self.send_once(method.clone(), path, query, form).await {
+            let sent = self.send_once(method.clone(), path, query, form).await;
+            match &sent {
+                Ok(_) => inner.requests.set_rejected(None),
+                Err(e @ (CrmError::Auth { .. } | CrmError::AccountNotFound { .. })) => {
+                    inner.requests.set_rejected(Some(e.to_string()))
+                }
+                Err(_) => {}
+            }
+            match sent {
                 Err(e) if e.is_retriable() && attempt < inner.max_retries => {
                     let mut delay = backoff(attempt, inner.retry_base, inner.retry_max);
                     let rate_limited = matches!(e, CrmError::RateLimited { .. });
@@ -266,12 +283,30 @@ impl CrmClient {
         }
     }
 
+    /// One request, timed for `/metrics` (by its path template and the HTTP status).
     async fn send_once<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         query: &Params<'_>,
         form: Option<&Params<'_>>,
+    ) -> Result<T, CrmError> {
+        let started = std::time::Instant::now();
+        let mut status = None;
+        let result = self.exchange(method, path, query, form, &mut status).await;
+        self.inner
+            .requests
+            .observe(endpoint(path), status, started.elapsed());
+        result
+    }
+
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &Params<'_>,
+        form: Option<&Params<'_>>,
+        answered: &mut Option<u16>,
     ) -> Result<T, CrmError> {
         let inner = &self.inner;
         let mut key =
@@ -292,6 +327,7 @@ impl CrmClient {
         }
         let mut resp = req.send().await.map_err(|e| CrmError::from_reqwest(&e))?;
         let status = resp.status().as_u16();
+        *answered = Some(status);
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -334,6 +370,34 @@ impl CrmClient {
     }
 }
 
+/// A request's path as a template: ids and codes in it become `:placeholders` (no braces,
+/// which naive text-format parsers take for the end of the labels), so that the
+/// endpoint label stays bounded (and never carries more than the path names).
+fn endpoint(path: &str) -> &'static str {
+    const FIXED: [&str; 6] = [
+        "/api/v5/telephony/manager",
+        "/api/v5/telephony/call/event",
+        "/api/v5/telephony/calls/upload",
+        "/api/v5/tasks/create",
+        "/api/v5/settings",
+        "/api/credentials",
+    ];
+    if let Some(fixed) = FIXED.iter().find(|f| **f == path) {
+        return fixed;
+    }
+    if let Some(rest) = path.strip_prefix("/api/v5/integration-modules/") {
+        return if rest.ends_with("/edit") {
+            "/api/v5/integration-modules/:code/edit"
+        } else {
+            "/api/v5/integration-modules/:code"
+        };
+    }
+    if path.starts_with("/api/v5/users/") && path.ends_with("/status") {
+        return "/api/v5/users/:id/status";
+    }
+    "other"
+}
+
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, CrmError> {
     serde_json::to_string(value).map_err(|e| CrmError::Decode {
         status: 0,
@@ -351,4 +415,30 @@ fn path_segment(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint;
+
+    #[test]
+    fn endpoints_are_path_templates() {
+        assert_eq!(
+            endpoint("/api/v5/telephony/calls/upload"),
+            "/api/v5/telephony/calls/upload"
+        );
+        assert_eq!(
+            endpoint("/api/v5/integration-modules/pbxgate-abc/edit"),
+            "/api/v5/integration-modules/:code/edit"
+        );
+        assert_eq!(
+            endpoint("/api/v5/integration-modules/pbxgate-abc"),
+            "/api/v5/integration-modules/:code"
+        );
+        assert_eq!(
+            endpoint("/api/v5/users/42/status"),
+            "/api/v5/users/:id/status"
+        );
+        assert_eq!(endpoint("/api/v5/unheard-of?apiKey=x"), "other");
+    }
 }

@@ -189,6 +189,19 @@ pub struct Counters {
     /// Events read and published to subscribers.
     pub events: AtomicU64,
     pub skipped_frames: AtomicU64,
+    /// Connection or login attempts that failed.
+    pub connect_failures: AtomicU64,
+    /// Sessions that were up and got lost.
+    pub disconnects: AtomicU64,
+    /// Unix ms of the last change between up and down (the start counts as going down).
+    pub link_changed_at: std::sync::atomic::AtomicI64,
+}
+
+impl Counters {
+    fn link_changed(&self) {
+        self.link_changed_at
+            .store(crate::base::clock::now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// The event streams' backlog, summed over them (there is one: the call tracker's).
@@ -400,6 +413,7 @@ impl AmiClient {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let counters = Arc::new(Counters::default());
+        counters.link_changed();
         let shared = Shared::new(events.clone(), counters.clone(), cfg.max_backlog);
         let client = AmiClient {
             commands,
@@ -1016,6 +1030,7 @@ async fn supervise(
             Ok((session, banner)) => {
                 session_no += 1;
                 counters.sessions.fetch_add(1, Ordering::Relaxed);
+                counters.link_changed();
                 let since = Instant::now();
                 tracing::info!(session = session_no, banner = %banner, host = %cfg.host, port = cfg.port, "AMI connected");
                 state.send_replace(LinkState::Connected {
@@ -1034,6 +1049,8 @@ async fn supervise(
                 if *stop.borrow() {
                     break;
                 }
+                counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                counters.link_changed();
                 tracing::warn!(session = session_no, reason = %reason, "AMI link lost; reconnecting");
                 // A session that stayed up a while resets the backoff.
                 if since.elapsed() >= Duration::from_secs(30) {
@@ -1045,6 +1062,7 @@ async fn supervise(
                 });
             }
             Err(e) => {
+                counters.connect_failures.fetch_add(1, Ordering::Relaxed);
                 let delay = retry_delay(&cfg, &e, attempt);
                 let text = if matches!(e, AmiError::Auth(_)) {
                     let text = format!(
