@@ -45,7 +45,7 @@ pub static SCHEDULE: &[Capture] = &[
     capture!(
         "10_inbound_abandoned",
         "inbound call, the caller gives up after 2 s of ringing",
-        "+491701234567"
+        "+491705551234"
     ),
     capture!(
         "03_inbound_from_trunk",
@@ -431,6 +431,13 @@ mod tests {
             );
             assert!(steps.windows(2).all(|w| w[0].at <= w[1].at), "{}", c.name);
             assert!(steps.iter().all(|s| s.frame.action_id().is_none()));
+            // The number each replay replaces is the capture's customer.
+            let text = String::from_utf8_lossy(c.raw);
+            assert!(
+                text.contains(&format!("CallerIDNum: {}", c.customer)) || c.customer.is_empty(),
+                "{}",
+                c.name
+            );
         }
         assert!(ORIGINATE
             .steps(true)
