@@ -9,6 +9,7 @@ pub mod cli;
 pub(crate) mod click_to_call;
 pub mod config;
 pub mod crm;
+pub mod demo;
 pub mod hooks;
 pub mod http;
 pub(crate) mod manager_status;

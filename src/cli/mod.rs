@@ -50,11 +50,17 @@ pub enum Command {
         #[command(subcommand)]
         command: hooks::HooksCommand,
     },
+    /// Try it on one machine: a simulated Asterisk and a sandbox CRM, a temporary store.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Demo(args)) = &cli.command {
+        // Its own configuration: the built-in defaults unless --config is given.
+        return crate::demo::main(cli.config.as_deref(), args);
+    }
     let (config, origin) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -106,6 +112,8 @@ pub fn main() -> ExitCode {
             Command::Outbox { command } => outbox::run(&config, command).await,
             Command::Backfill(args) => backfill::run(&config, &args).await,
             Command::Hooks { command } => hooks::run(&config, command).await,
+            // Started above, before any configuration is loaded.
+            Command::Demo(_) => ExitCode::SUCCESS,
         }
     })
 }

@@ -6,6 +6,7 @@ pub(crate) mod error;
 pub(crate) mod params;
 pub(crate) mod pbx;
 pub(crate) mod records;
+pub(crate) mod sandbox;
 pub(crate) mod status;
 
 use std::net::TcpListener;
@@ -289,6 +290,7 @@ fn app(
             }
         })
         .configure(routes)
+        .configure(sandbox::routes)
 }
 
 /// A recording link's token is a credential: only its first characters are logged.

@@ -14,6 +14,7 @@ mod call_tracking;
 mod cli;
 mod click_to_call;
 mod crm_client;
+mod demo;
 mod hook_failures;
 mod hook_originate;
 mod hook_points;
