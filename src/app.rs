@@ -284,7 +284,7 @@ impl Application {
                 }),
             ),
         );
-        let recent_calls = RecentCalls::new(200);
+        let recent_calls = RecentCalls::new(500);
         let records_key = store.records_secret(&config.records.secret).await?;
         let records = Records::with_hooks(&config, store.records()?, records_key, hooks.clone());
         tasks.spawn(task::RECORDS, records.clone().run_maintenance());
