@@ -257,6 +257,11 @@ impl Application {
             status
         };
 
+        if let crate::admin::Access::Refused(why) =
+            crate::admin::access(&config.http.listen, &config.admin.token)
+        {
+            tracing::warn!("{why}");
+        }
         for warning in crate::check::config_warnings(&config) {
             tracing::warn!("{warning}");
         }
