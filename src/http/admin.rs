@@ -323,7 +323,7 @@ async fn snapshot(state: &web::Data<AppState>) -> Value {
     json!({
         "status": ready_body(state.clone()).await,
         "calls": calls,
-        "queue": state.outbox.status(),
+        "queue": admin.queue().unwrap_or_else(|e| json!({"status": state.outbox.status(), "error": e.to_string()})),
     })
 }
 
