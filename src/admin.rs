@@ -363,7 +363,8 @@ impl Admin {
             }
             Err(e) => {
                 let text = e.to_string();
-                self.registration.set(RegistrationState::Failed(text.clone()));
+                self.registration
+                    .set(RegistrationState::Failed(text.clone()));
                 tracing::warn!(error = %text, "registration asked by an operator failed");
                 Err(OpError::Failed(format!("registration failed: {text}")))
             }

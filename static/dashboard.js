@@ -71,7 +71,8 @@ function links(s) {
   let level = 'ok', state = crm.registration, detail = crm.url || '';
   if (!crm.configured) { level = 'warn'; state = 'not configured'; detail = 'crm.api_key is empty'; }
   else if (crm.registration === 'failed') { level = 'bad'; detail = crm.registrationError || ''; }
-  else if (crm.registration === 'pending' || crm.registration === 'disabled') { level = 'warn'; detail = crm.registrationError || detail; }
+  else if (crm.registration === 'pending') { level = 'warn'; }
+  else if (crm.registration === 'disabled') { detail = crm.registrationError || detail; }
   if (crm.configured && crm.active === false) { level = level === 'bad' ? 'bad' : 'warn'; state += ', module inactive'; }
   if (crm.freeze === true) { level = level === 'bad' ? 'bad' : 'warn'; state += ', frozen'; }
   out.push(card('CRM', level, state, detail));

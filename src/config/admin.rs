@@ -41,7 +41,10 @@ mod tests {
     #[test]
     fn a_short_token_is_refused_and_the_env_sets_it() {
         let e = Config::from_toml_and_env("[admin]\ntoken = \"short\"\n", Vec::new()).unwrap_err();
-        assert!(e.to_string().contains("admin.token: must be at least 16"), "{e}");
+        assert!(
+            e.to_string().contains("admin.token: must be at least 16"),
+            "{e}"
+        );
         let c = Config::from_toml_and_env(
             "",
             vec![(

@@ -127,7 +127,9 @@ fn authorize(req: &HttpRequest, state: &AppState, changes: bool) -> Result<(), A
         Access::Token => {
             if bearer(req).is_some_and(|t| token.matches(t)) {
                 true
-            } else if cookie(req, COOKIE).is_some_and(|c| Secret::new(session_value(token)).matches(c)) {
+            } else if cookie(req, COOKIE)
+                .is_some_and(|c| Secret::new(session_value(token)).matches(c))
+            {
                 false
             } else {
                 let mut e = ApiError::new(
@@ -195,10 +197,7 @@ struct Login {
 }
 
 /// `POST /admin/login` with `{"token": ...}` (or a form field `token`): sets the cookie.
-async fn login(
-    state: web::Data<AppState>,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn login(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let token = match access(&state) {
         Access::Refused(why) => return Err(ApiError::new(StatusCode::FORBIDDEN, why)),
         Access::Open => return Ok(HttpResponse::Ok().json(json!({"access": "open"}))),
@@ -251,7 +250,9 @@ async fn status(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
 
 async fn config(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, false)?;
-    Ok(no_store(HttpResponse::Ok().json(admin(&state).config_view())))
+    Ok(no_store(
+        HttpResponse::Ok().json(admin(&state).config_view()),
+    ))
 }
 
 async fn calls(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -268,7 +269,10 @@ async fn queue(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespo
 
 fn external_id(path: &str) -> Result<&str, ApiError> {
     if path.is_empty() || path.len() > 200 || path.chars().any(char::is_control) {
-        return Err(ApiError::bad_field("external_id", "must be 1 to 200 printable characters"));
+        return Err(ApiError::bad_field(
+            "external_id",
+            "must be 1 to 200 printable characters",
+        ));
     }
     Ok(path)
 }
@@ -279,7 +283,10 @@ async fn retry(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, true)?;
-    let done = admin(&state).retry(external_id(&path)?).await.map_err(op_error)?;
+    let done = admin(&state)
+        .retry(external_id(&path)?)
+        .await
+        .map_err(op_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -289,7 +296,10 @@ async fn discard(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, true)?;
-    let done = admin(&state).discard(external_id(&path)?).await.map_err(op_error)?;
+    let done = admin(&state)
+        .discard(external_id(&path)?)
+        .await
+        .map_err(op_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -299,7 +309,10 @@ async fn resend(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, true)?;
-    let done = admin(&state).resend(external_id(&path)?).await.map_err(op_error)?;
+    let done = admin(&state)
+        .resend(external_id(&path)?)
+        .await
+        .map_err(op_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
 

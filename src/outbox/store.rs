@@ -866,7 +866,11 @@ mod tests {
         assert_eq!(counts(&q), (2, 1, 1));
         assert_eq!(q.discard("a", "operator").unwrap(), Some(State::Pending));
         assert_eq!(q.discard("b", "operator").unwrap(), Some(State::Dead));
-        assert_eq!(q.discard("c", "operator").unwrap(), None, "done: not queued");
+        assert_eq!(
+            q.discard("c", "operator").unwrap(),
+            None,
+            "done: not queued"
+        );
         assert_eq!(q.discard("zz", "operator").unwrap(), None);
         assert_eq!(counts(&q), (1, 1, 0));
         let (state, kept) = q.find("b").unwrap().unwrap();
@@ -883,7 +887,11 @@ mod tests {
         q.mark_dead(&envs[0], "rejected").unwrap();
         assert_eq!(q.resend(record("c")).unwrap(), Resent::Retried);
         assert_eq!(counts(&q), (3, 0, 0));
-        assert_eq!(q.purge_done(-60_000).unwrap(), 0, "no stale done index entry");
+        assert_eq!(
+            q.purge_done(-60_000).unwrap(),
+            0,
+            "no stale done index entry"
+        );
     }
 
     // Multi-threaded: the dropped store's flusher task must run to release sled's lock.

@@ -72,14 +72,30 @@ async fn the_token_is_required_as_bearer_or_cookie_and_changes_by_cookie_need_th
     let status = app.url("/admin/api/status");
     let (code, body) = json_of(app.http.get(&status).send().await.unwrap()).await;
     assert_eq!(code, 401, "{body}");
-    assert!(body["errorMsg"].as_str().unwrap().contains("admin token"), "{body}");
+    assert!(
+        body["errorMsg"].as_str().unwrap().contains("admin token"),
+        "{body}"
+    );
     let wrong = app.http.get(&status).bearer_auth("admin-token-0123456780");
     assert_eq!(wrong.send().await.unwrap().status(), 401);
-    let (code, body) = json_of(app.http.get(&status).bearer_auth(TOKEN).send().await.unwrap()).await;
+    let (code, body) = json_of(
+        app.http
+            .get(&status)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(code, 200);
     assert_eq!(body["ready"], true, "the /ready body: {body}");
     // The other routes are guarded the same way.
-    for path in ["/admin/api/calls", "/admin/api/queue", "/admin/api/config", "/admin/events"] {
+    for path in [
+        "/admin/api/calls",
+        "/admin/api/queue",
+        "/admin/api/config",
+        "/admin/events",
+    ] {
         let r = app.http.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path}");
     }
@@ -88,18 +104,48 @@ async fn the_token_is_required_as_bearer_or_cookie_and_changes_by_cookie_need_th
 
     // The login form.
     let login = app.url("/admin/login");
-    let r = app.http.post(&login).json(&json!({"token": "nope"})).send().await.unwrap();
+    let r = app
+        .http
+        .post(&login)
+        .json(&json!({"token": "nope"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
-    let r = app.http.post(&login).json(&json!({"token": TOKEN})).send().await.unwrap();
+    let r = app
+        .http
+        .post(&login)
+        .json(&json!({"token": TOKEN}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
-    assert!(!set.contains(TOKEN), "the cookie is derived, not the token: {set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    assert!(
+        !set.contains(TOKEN),
+        "the cookie is derived, not the token: {set}"
+    );
     let cookie = set.split(';').next().unwrap().to_string();
-    let r = app.http.get(&status).header("cookie", &cookie).send().await.unwrap();
+    let r = app
+        .http
+        .get(&status)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.http.get(&status).header("cookie", "pbxgate_admin=forged").send().await.unwrap();
+    let r = app
+        .http
+        .get(&status)
+        .header("cookie", "pbxgate_admin=forged")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // A change by cookie without the header is refused (another site's form could send it).
     let r = app
@@ -112,17 +158,41 @@ async fn the_token_is_required_as_bearer_or_cookie_and_changes_by_cookie_need_th
     let (code, body) = json_of(r).await;
     assert_eq!(code, 403, "{body}");
     assert!(body["errors"]["x-pbxgate-admin"].is_string(), "{body}");
-    let r = post(&app, "/admin/api/queue/none/retry").header("cookie", &cookie).send().await.unwrap();
+    let r = post(&app, "/admin/api/queue/none/retry")
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404, "authorised, and the call is unknown");
     // Bearer needs no header.
-    let r = app.http.post(app.url("/admin/api/queue/none/retry")).bearer_auth(TOKEN).send().await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/admin/api/queue/none/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     // Logging out clears the cookie.
-    let r = app.http.post(app.url("/admin/logout")).send().await.unwrap();
-    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    let r = app
+        .http
+        .post(app.url("/admin/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
 
     // The effective config never shows a secret.
-    let r = app.http.get(app.url("/admin/api/config")).bearer_auth(TOKEN).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url("/admin/api/config"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     let text = r.text().await.unwrap();
     let config: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(config["admin"]["token"], "***");
@@ -136,9 +206,19 @@ async fn the_token_is_required_as_bearer_or_cookie_and_changes_by_cookie_need_th
 #[tokio::test]
 async fn without_a_token_on_loopback_admin_is_open_but_changes_need_the_header() {
     let app = open_app().await;
-    let r = app.http.get(app.url("/admin/api/status")).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url("/admin/api/status"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.http.post(app.url("/admin/api/register")).send().await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/admin/api/register"))
+        .send()
+        .await
+        .unwrap();
     let (code, body) = json_of(r).await;
     assert_eq!(code, 403, "{body}");
     assert!(body["errors"]["x-pbxgate-admin"].is_string(), "{body}");
@@ -152,10 +232,20 @@ async fn calls_show_masked_numbers_and_what_the_crm_answered() {
         .wait_for_call("pbx-adm1", Duration::from_secs(10))
         .await
         .expect("uploaded");
-    tokio::time::timeout(Duration::from_secs(10), app.state.outbox.wait_until(|s| s.done == 1))
-        .await
-        .expect("done");
-    let (_, body) = json_of(app.http.get(app.url("/admin/api/calls")).send().await.unwrap()).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        app.state.outbox.wait_until(|s| s.done == 1),
+    )
+    .await
+    .expect("done");
+    let (_, body) = json_of(
+        app.http
+            .get(app.url("/admin/api/calls"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let call = body["calls"]
         .as_array()
         .unwrap()
@@ -181,7 +271,14 @@ async fn calls_show_masked_numbers_and_what_the_crm_answered() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (_, body) = json_of(app.http.get(app.url("/admin/api/calls")).send().await.unwrap()).await;
+    let (_, body) = json_of(
+        app.http
+            .get(app.url("/admin/api/calls"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let live = &body["calls"][0];
     assert_eq!(live["external_id"], "pbx-adm2", "{body}");
     assert_eq!(live["state"], "live");
@@ -198,7 +295,14 @@ async fn numbers_are_shown_when_configured() {
     })
     .await;
     webhook_call(&app, "adm3", "+79991234567").await;
-    let (_, body) = json_of(app.http.get(app.url("/admin/api/calls")).send().await.unwrap()).await;
+    let (_, body) = json_of(
+        app.http
+            .get(app.url("/admin/api/calls"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(body["calls"][0]["phone"], "+79991234567", "{body}");
 }
 
@@ -207,27 +311,68 @@ async fn a_dead_call_is_retried_or_discarded_and_unknown_ids_are_named() {
     let app = open_app().await;
     dead_call(&app, "pbx-d1").await;
     dead_call(&app, "pbx-d2").await;
-    let (_, queue) = json_of(app.http.get(app.url("/admin/api/queue")).send().await.unwrap()).await;
+    let (_, queue) = json_of(
+        app.http
+            .get(app.url("/admin/api/queue"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let items = queue["items"].as_array().unwrap();
     assert_eq!(items.len(), 2, "{queue}");
     assert_eq!(items[0]["state"], "dead");
-    assert!(items[0]["reason"].as_str().unwrap().contains("phone"), "{queue}");
+    assert!(
+        items[0]["reason"].as_str().unwrap().contains("phone"),
+        "{queue}"
+    );
     assert_eq!(queue["status"]["dead"], 2);
 
-    let (code, body) = json_of(post(&app, "/admin/api/queue/pbx-d1/retry").send().await.unwrap()).await;
+    let (code, body) = json_of(
+        post(&app, "/admin/api/queue/pbx-d1/retry")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((code, &body["state"]), (200, &json!("pending")), "{body}");
     app.crm
         .wait_for_call("pbx-d1", Duration::from_secs(10))
         .await
         .expect("the retried call reaches the CRM");
 
-    let (code, body) = json_of(post(&app, "/admin/api/queue/pbx-d2/discard").send().await.unwrap()).await;
+    let (code, body) = json_of(
+        post(&app, "/admin/api/queue/pbx-d2/discard")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((code, &body["state"]), (200, &json!("discarded")), "{body}");
-    let (code, body) = json_of(post(&app, "/admin/api/queue/pbx-d2/discard").send().await.unwrap()).await;
+    let (code, body) = json_of(
+        post(&app, "/admin/api/queue/pbx-d2/discard")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(code, 409, "{body}");
-    let (code, body) = json_of(post(&app, "/admin/api/queue/pbx-d2/retry").send().await.unwrap()).await;
+    let (code, body) = json_of(
+        post(&app, "/admin/api/queue/pbx-d2/retry")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(code, 409, "{body}");
-    let (_, queue) = json_of(app.http.get(app.url("/admin/api/queue")).send().await.unwrap()).await;
+    let (_, queue) = json_of(
+        app.http
+            .get(app.url("/admin/api/queue"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(queue["items"], json!([]), "{queue}");
     assert_eq!(queue["status"]["dead"], 0);
     assert!(!app.crm.uploaded_ids().contains(&"pbx-d2".to_string()));
@@ -239,7 +384,13 @@ async fn a_dead_call_is_retried_or_discarded_and_unknown_ids_are_named() {
     ] {
         let (code, body) = json_of(post(&app, path).send().await.unwrap()).await;
         assert_eq!(code, 404, "{path}: {body}");
-        assert!(body["errors"]["external_id"].as_str().unwrap().contains("pbx-nope"), "{body}");
+        assert!(
+            body["errors"]["external_id"]
+                .as_str()
+                .unwrap()
+                .contains("pbx-nope"),
+            "{body}"
+        );
     }
 }
 
@@ -256,7 +407,13 @@ async fn a_finished_call_is_sent_again_on_request() {
         .await
         .expect("done");
     assert_eq!(app.crm.upload_counts().get("pbx-rs1"), Some(&1));
-    let (code, body) = json_of(post(&app, "/admin/api/calls/pbx-rs1/resend").send().await.unwrap()).await;
+    let (code, body) = json_of(
+        post(&app, "/admin/api/calls/pbx-rs1/resend")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((code, &body["how"]), (200, &json!("queued")), "{body}");
     assert_eq!(outbox.status().done, 0, "queued anew");
     tokio::time::timeout(
@@ -274,13 +431,25 @@ async fn check_and_register_answer_with_their_lines() {
     let (code, body) = json_of(post(&app, "/admin/api/check").send().await.unwrap()).await;
     assert_eq!(code, 200, "{body}");
     let lines = body["lines"].as_array().unwrap();
-    assert!(lines.iter().any(|l| l["text"].as_str().unwrap().starts_with("store writable")), "{body}");
-    assert!(lines.iter().any(|l| l["text"].as_str().unwrap().starts_with("AMI ")), "{body}");
-    let before = app.crm.requests_to("/api/v5/integration-modules").len();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["text"].as_str().unwrap().starts_with("store writable")),
+        "{body}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["text"].as_str().unwrap().starts_with("AMI ")),
+        "{body}"
+    );
     let (code, body) = json_of(post(&app, "/admin/api/register").send().await.unwrap()).await;
-    assert_eq!((code, &body["registration"]), (200, &json!("registered")), "{body}");
+    assert_eq!(
+        (code, &body["registration"]),
+        (200, &json!("registered")),
+        "{body}"
+    );
     assert!(app.crm.module().is_some(), "the module reached the CRM");
-    let _ = before;
     let ready = app.ready().await;
     assert_eq!(ready["crm"]["registration"], "registered", "{ready}");
 }
@@ -290,7 +459,10 @@ async fn live_updates_stream_a_snapshot_and_are_bounded() {
     let app = open_app().await;
     let mut r = app.http.get(app.url("/admin/events")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let first = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     assert!(first.contains("event: snapshot\ndata: {"), "{first}");
     // A finished call is pushed.

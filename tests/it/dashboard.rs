@@ -65,8 +65,8 @@ impl Browser {
                 ],
             }),
         );
-        let client = ClientBuilder::rustls()
-            .unwrap()
+        // chromedriver speaks plain HTTP on loopback: no TLS.
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
@@ -91,7 +91,8 @@ impl Browser {
         if let Ok(png) = self.client.screenshot().await {
             if let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") {
                 let _ = std::fs::write(
-                    std::path::Path::new(&dir).join(format!("{}.png", self.driver.id().unwrap_or(0))),
+                    std::path::Path::new(&dir)
+                        .join(format!("{}.png", self.driver.id().unwrap_or(0))),
                     png,
                 );
             }
@@ -115,7 +116,8 @@ async fn a_webhook_call_appears_in_recent_calls_on_the_page() {
     let app = open_app().await;
     let b = Browser::start().await;
     b.client.goto(&app.url("/")).await.unwrap();
-    b.wait_for("#dashboard:not([hidden]) #links .card[data-link=AMI]").await;
+    b.wait_for("#dashboard:not([hidden]) #links .card[data-link=AMI]")
+        .await;
     b.wait_for("#conn.ok").await;
     webhook_call(&app, "page1", "+79991234567").await;
     let row = b.wait_for("#recent tr[data-id='pbx-page1']").await;
@@ -137,7 +139,11 @@ async fn a_webhook_call_appears_in_recent_calls_on_the_page() {
         .for_element(Locator::Css("#recent-count"))
         .await
         .unwrap();
-    let rows = b.client.find_all(Locator::Css("#recent tbody tr")).await.unwrap();
+    let rows = b
+        .client
+        .find_all(Locator::Css("#recent tbody tr"))
+        .await
+        .unwrap();
     assert!(rows.is_empty(), "the filter hides the call");
     // Healthy links are green by meaning: the AMI link is up.
     b.wait_for("#links .card.ok[data-link=AMI]").await;
@@ -152,8 +158,11 @@ async fn a_dead_call_is_retried_from_the_page_and_reaches_the_crm() {
     let b = Browser::start().await;
     b.client.goto(&app.url("/")).await.unwrap();
     let row = b.wait_for("#queue tr[data-id='pbx-dead1']").await;
-    assert!(row.text().await.unwrap().contains("phone"), "the CRM's reason is shown");
-    assert!(app.crm.calls().get("pbx-dead1").is_none());
+    assert!(
+        row.text().await.unwrap().contains("phone"),
+        "the CRM's reason is shown"
+    );
+    assert!(!app.crm.calls().contains_key("pbx-dead1"));
     b.wait_for("#queue tr[data-id='pbx-dead1'] button.retry")
         .await
         .click()
@@ -176,12 +185,21 @@ async fn with_a_token_the_page_asks_for_it_and_the_api_refuses_without_it() {
         c.admin.token = pbxgate::base::secret::Secret::new(TOKEN);
     })
     .await;
-    let r = app.http.get(app.url("/admin/api/calls")).send().await.unwrap();
+    let r = app
+        .http
+        .get(app.url("/admin/api/calls"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let b = Browser::start().await;
     b.client.goto(&app.url("/")).await.unwrap();
     b.wait_for("#login:not([hidden])").await;
-    assert!(b.client.find(Locator::Css("#dashboard[hidden]")).await.is_ok());
+    assert!(b
+        .client
+        .find(Locator::Css("#dashboard[hidden]"))
+        .await
+        .is_ok());
     b.client
         .find(Locator::Id("token"))
         .await
@@ -189,18 +207,33 @@ async fn with_a_token_the_page_asks_for_it_and_the_api_refuses_without_it() {
         .send_keys("wrong-token-0123456789")
         .await
         .unwrap();
-    b.client.find(Locator::Id("login-submit")).await.unwrap().click().await.unwrap();
+    b.client
+        .find(Locator::Id("login-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     b.client
         .wait()
         .at_most(WAIT)
-        .for_element(Locator::XPath("//p[@id='login-error' and string-length(text()) > 0]"))
+        .for_element(Locator::XPath(
+            "//p[@id='login-error' and string-length(text()) > 0]",
+        ))
         .await
         .unwrap();
     let token = b.client.find(Locator::Id("token")).await.unwrap();
     token.clear().await.unwrap();
     token.send_keys(TOKEN).await.unwrap();
-    b.client.find(Locator::Id("login-submit")).await.unwrap().click().await.unwrap();
-    b.wait_for("#dashboard:not([hidden]) #links .card[data-link=CRM]").await;
+    b.client
+        .find(Locator::Id("login-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_for("#dashboard:not([hidden]) #links .card[data-link=CRM]")
+        .await;
     b.wait_for("#conn.ok").await;
     b.close().await;
 }
