@@ -257,6 +257,11 @@ impl Application {
             status
         };
 
+        if let crate::admin::Access::Refused(why) =
+            crate::admin::access(&config.http.listen, &config.admin.token)
+        {
+            tracing::warn!("{why}");
+        }
         for warning in crate::check::config_warnings(&config) {
             tracing::warn!("{warning}");
         }
@@ -284,7 +289,7 @@ impl Application {
                 }),
             ),
         );
-        let recent_calls = RecentCalls::new(200);
+        let recent_calls = RecentCalls::new(500);
         let records_key = store.records_secret(&config.records.secret).await?;
         let records = Records::with_hooks(&config, store.records()?, records_key, hooks.clone());
         tasks.spawn(task::RECORDS, records.clone().run_maintenance());

@@ -1,6 +1,7 @@
 //! pbxgate connects an Asterisk PBX to a CRM (retailCRM's telephony API v5 today).
 //! The README's "Architecture" section maps the modules.
 
+pub mod admin;
 pub mod app;
 pub mod base;
 pub mod calls;

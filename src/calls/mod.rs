@@ -9,7 +9,7 @@ pub mod record;
 pub mod webhook;
 
 pub use classify::Classifier;
-pub use model::{CallModel, Millis, Output};
+pub use model::{CallModel, LiveCall, Millis, Output};
 pub use record::{
     CallRecord, ChannelKind, ClickToCall, Conversation, Direction, LiveEvent, MainChannel, Outcome,
 };

@@ -107,6 +107,55 @@ pub enum Output {
     Finished(Box<CallRecord>),
 }
 
+/// A call in progress as the admin page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveCall {
+    pub external_id: String,
+    pub direction: Direction,
+    /// The customer's number (inbound: the caller, outbound: the number dialled).
+    pub phone: String,
+    pub start: Millis,
+    /// Extensions ringing now.
+    pub ringing: Vec<String>,
+    /// Extensions talking now.
+    pub talking: Vec<String>,
+    /// When the call was first answered.
+    pub answered: Option<Millis>,
+}
+
+impl LiveCall {
+    pub fn from_parts(
+        external_id: String,
+        direction: Direction,
+        phone: String,
+        start: Millis,
+        rings: &[Ring],
+        talk: &[TalkSegment],
+    ) -> LiveCall {
+        let mut ringing: Vec<String> = rings
+            .iter()
+            .filter(|r| r.end.is_none())
+            .map(|r| r.extension.clone())
+            .collect();
+        let mut talking: Vec<String> = talk
+            .iter()
+            .filter(|t| t.end.is_none())
+            .map(|t| t.extension.clone())
+            .collect();
+        ringing.dedup();
+        talking.dedup();
+        LiveCall {
+            external_id,
+            direction,
+            phone,
+            start,
+            ringing,
+            talking,
+            answered: talk.iter().map(|t| t.start).min(),
+        }
+    }
+}
+
 pub struct CallModel {
     classifier: Classifier,
     system_id: String,
@@ -314,6 +363,40 @@ impl CallModel {
     /// Calls in progress (including those waiting out their grace period).
     pub fn live_calls(&self) -> usize {
         self.calls.len() + self.closing_calls.len()
+    }
+
+    /// The calls in progress, as the admin page shows them (who rings, who talks, since when).
+    pub fn live_summary(&self) -> Vec<LiveCall> {
+        self.calls
+            .values()
+            .map(|call| {
+                let direction = if call.inbound {
+                    Direction::In
+                } else if call.customer.is_some() || call.originated || call.click_to_call.is_some()
+                {
+                    Direction::Out
+                } else {
+                    Direction::Internal
+                };
+                let phone = match direction {
+                    Direction::In => call.customer_number.clone(),
+                    Direction::Out => call
+                        .customer_number
+                        .clone()
+                        .or_else(|| call.click_to_call.as_ref().map(|c| c.phone.clone()))
+                        .or_else(|| call.originate_exten.clone()),
+                    Direction::Internal => call.root_extension.clone(),
+                };
+                LiveCall::from_parts(
+                    format!("{}-{}", self.system_id, call.key),
+                    direction,
+                    phone.unwrap_or_default(),
+                    call.start,
+                    &call.rings,
+                    &call.talk,
+                )
+            })
+            .collect()
     }
 
     /// Whether the call with this key is in progress (or closing).

@@ -242,6 +242,23 @@ impl WebhookModel {
         self.calls.len()
     }
 
+    /// The calls in progress, as the admin page shows them.
+    pub fn live_summary(&self) -> Vec<super::model::LiveCall> {
+        self.calls
+            .iter()
+            .map(|(id, c)| {
+                super::model::LiveCall::from_parts(
+                    format!("{}-{}", self.system_id, id),
+                    c.direction,
+                    c.phone.clone(),
+                    c.start,
+                    &c.rings,
+                    &c.talk,
+                )
+            })
+            .collect()
+    }
+
     /// The calls in progress.
     pub fn call_ids(&self) -> Vec<String> {
         self.calls.keys().cloned().collect()

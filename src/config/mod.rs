@@ -14,6 +14,7 @@ use validator::Validate;
 
 use crate::base::ident::ExtensionCode;
 
+mod admin;
 mod ami;
 mod backfill;
 mod calls;
@@ -34,6 +35,7 @@ mod routing;
 mod rules;
 mod storage;
 
+pub use admin::{AdminConfig, MIN_TOKEN_LEN as ADMIN_MIN_TOKEN_LEN};
 pub use ami::{AmiAuth, AmiConfig};
 pub use backfill::BackfillConfig;
 pub use calls::{Assignee, CallsConfig, MissedOwner, OutboundLine};
@@ -94,6 +96,9 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// `[hooks.<point>]`: the integrator's programs called at fixed points of a call's life.
     pub hooks: HooksConfig,
+    /// `[admin]`: the dashboard's and admin API's access.
+    #[validate(nested)]
+    pub admin: AdminConfig,
 }
 
 /// `list[i].field: <what> list[first]` for every entry whose key an earlier one has (`first`:

@@ -1,5 +1,6 @@
 //! The HTTP server: retailCRM's callbacks, health/readiness, the admin page and its assets.
 
+pub(crate) mod admin;
 pub(crate) mod callbacks;
 pub mod conn;
 pub(crate) mod error;
@@ -97,6 +98,8 @@ pub struct Services {
 pub struct AppState {
     services: Services,
     started: Instant,
+    /// The dashboard's open live-update streams.
+    admin_streams: admin::Streams,
 }
 
 impl AppState {
@@ -104,6 +107,7 @@ impl AppState {
         AppState {
             services,
             started: Instant::now(),
+            admin_streams: admin::Streams::default(),
         }
     }
 }
@@ -327,7 +331,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::resource(paths::RECORDING)
                 .route(web::get().to(crate::http::records::recording))
                 .route(web::head().to(crate::http::records::recording)),
-        );
+        )
+        .configure(admin::routes);
 }
 
 #[cfg(test)]

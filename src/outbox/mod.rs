@@ -408,6 +408,11 @@ impl Outbox {
         }
     }
 
+    /// Bumped after every batch and drain (the admin page's live updates).
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
     /// Waits until the queue has changed state `n` times in total (drains and batches).
     pub async fn wait_changes(&self, n: u64) {
         let mut rx = self.inner.changes.subscribe();

@@ -61,6 +61,19 @@ pub enum State {
     Pending,
     Done,
     Dead,
+    /// Taken out of the queue by an operator; the envelope is kept in `outbox_discarded`.
+    Discarded,
+}
+
+/// What [`OutboxStore::resend`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resent {
+    /// Queued again (it was done, discarded, or no longer known).
+    Queued(u64),
+    /// Still pending: nothing to do.
+    AlreadyPending,
+    /// It was dead: moved back to pending.
+    Retried,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +156,8 @@ pub struct OutboxStore {
     ids: sled::Tree,
     done_at: sled::Tree,
     meta: sled::Tree,
+    /// seq → envelope an operator discarded.
+    discarded: sled::Tree,
     counts: Arc<Counts>,
     flush: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
 }
@@ -187,6 +202,7 @@ impl OutboxStore {
         let ids = db.open_tree("outbox_ids")?;
         let done_at = db.open_tree("outbox_done_at")?;
         let meta = db.open_tree("outbox_meta")?;
+        let discarded = db.open_tree("outbox_discarded")?;
         let snap = match meta.get(SNAPSHOT)? {
             Some(v) => {
                 let mut snap: Snapshot = decode("outbox_meta", &v)?;
@@ -258,6 +274,7 @@ impl OutboxStore {
             ids,
             done_at,
             meta,
+            discarded,
             counts,
             flush: tx,
         })
@@ -550,6 +567,112 @@ impl OutboxStore {
         Ok(targets.len())
     }
 
+    /// Takes a pending or dead record out of the queue for good (an operator's decision): the
+    /// envelope is kept as discarded, with `reason`. Returns the state it left, `None` when no
+    /// pending or dead record has this id.
+    pub fn discard(&self, id: &str, reason: &str) -> Result<Option<State>, StoreError> {
+        let Some((state, Some(env))) = self.find(id)? else {
+            return Ok(None);
+        };
+        let from = match state {
+            State::Pending => &self.pending,
+            State::Dead => &self.dead,
+            State::Done | State::Discarded => return Ok(None),
+        };
+        let now = now_ms();
+        let mut kept = env.clone();
+        kept.last_error = Some(reason.chars().take(500).collect());
+        kept.dead_at = Some(now);
+        let bytes = encode(&kept)?;
+        let entry = encode(&IdEntry {
+            state: State::Discarded,
+            seq: env.seq,
+            at: now,
+        })?;
+        let moved = (from, &self.discarded, &self.ids)
+            .transaction(|(f, d, i)| {
+                if f.remove(&env.seq.to_be_bytes())?.is_none() {
+                    return Ok(false);
+                }
+                d.insert(&env.seq.to_be_bytes(), bytes.as_slice())?;
+                i.insert(env.id.as_bytes(), entry.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(true)
+            })
+            .map_err(tx_err)?;
+        if !moved {
+            return Ok(None);
+        }
+        match state {
+            State::Pending => Counts::sub(&self.counts.pending, 1),
+            _ => Counts::sub(&self.counts.dead, 1),
+        }
+        Ok(Some(state))
+    }
+
+    /// Queues a call again on an operator's request, although its id was seen: a done or
+    /// discarded record is queued anew (under a new sequence number), a dead one goes back to
+    /// pending, a pending one stays as it is. Not yet durable: see [`OutboxStore::flush`].
+    pub fn resend(&self, record: CallRecord) -> Result<Resent, StoreError> {
+        let id = record.external_id.clone();
+        let previous = match self.ids.get(id.as_bytes())? {
+            Some(v) => Some(decode::<IdEntry>("outbox_ids", &v)?),
+            None => None,
+        };
+        match previous.as_ref().map(|e| e.state) {
+            Some(State::Pending) => return Ok(Resent::AlreadyPending),
+            Some(State::Dead) => {
+                self.retry(Some(&id))?;
+                return Ok(Resent::Retried);
+            }
+            _ => {}
+        }
+        let seq = self.db.generate_id()?;
+        let now = now_ms();
+        let env = Envelope {
+            v: 1,
+            seq,
+            id: id.clone(),
+            enqueued_at: now,
+            attempts: 0,
+            last_error: None,
+            dead_at: None,
+            config: None,
+            held: false,
+            record,
+        };
+        let env_bytes = encode(&env)?;
+        let id_bytes = encode(&IdEntry {
+            state: State::Pending,
+            seq,
+            at: now,
+        })?;
+        let was_done = previous.as_ref().filter(|e| e.state == State::Done);
+        let done_entry = was_done.map(|e| done_key(e.at, &id));
+        let old_discarded = previous
+            .as_ref()
+            .filter(|e| e.state == State::Discarded)
+            .map(|e| e.seq);
+        (&self.pending, &self.ids, &self.done_at, &self.discarded)
+            .transaction(|(p, i, d, x)| {
+                p.insert(&seq.to_be_bytes(), env_bytes.as_slice())?;
+                i.insert(id.as_bytes(), id_bytes.as_slice())?;
+                if let Some(k) = &done_entry {
+                    d.remove(k.as_slice())?;
+                }
+                if let Some(old) = old_discarded {
+                    x.remove(&old.to_be_bytes())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        if was_done.is_some() {
+            Counts::sub(&self.counts.done, 1);
+        }
+        self.counts.pending.fetch_add(1, Ordering::Relaxed);
+        self.counts.max_seq.fetch_max(seq, Ordering::Relaxed);
+        Ok(Resent::Queued(seq))
+    }
+
     /// Where a record is, by externalId.
     pub fn state_of(&self, id: &str) -> Result<Option<State>, StoreError> {
         Ok(match self.ids.get(id.as_bytes())? {
@@ -568,6 +691,7 @@ impl OutboxStore {
         let (tree, name) = match entry.state {
             State::Pending => (&self.pending, "outbox_pending"),
             State::Dead => (&self.dead, "outbox_dead"),
+            State::Discarded => (&self.discarded, "outbox_discarded"),
             State::Done => return Ok(Some((State::Done, None))),
         };
         let envelope = match tree.get(entry.seq.to_be_bytes())? {
@@ -730,6 +854,44 @@ mod tests {
             q.insert(record("a")).unwrap(),
             Enqueued::Queued(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn discarded_records_leave_the_queue_and_a_resend_queues_any_call_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, q) = open_with(&dir.path().join("db"), &["a", "b", "c", "d"]);
+        let envs = q.pending(None, 10, |_| true).unwrap();
+        q.mark_dead(&envs[1], "bad phone").unwrap();
+        q.mark_done(&envs[2..3]).unwrap();
+        assert_eq!(counts(&q), (2, 1, 1));
+        assert_eq!(q.discard("a", "operator").unwrap(), Some(State::Pending));
+        assert_eq!(q.discard("b", "operator").unwrap(), Some(State::Dead));
+        assert_eq!(
+            q.discard("c", "operator").unwrap(),
+            None,
+            "done: not queued"
+        );
+        assert_eq!(q.discard("zz", "operator").unwrap(), None);
+        assert_eq!(counts(&q), (1, 1, 0));
+        let (state, kept) = q.find("b").unwrap().unwrap();
+        assert_eq!(state, State::Discarded);
+        assert_eq!(kept.unwrap().last_error.as_deref(), Some("operator"));
+        // The plain insert still deduplicates; a resend does not.
+        assert_eq!(q.insert(record("c")).unwrap(), Enqueued::Duplicate);
+        assert!(matches!(q.resend(record("c")).unwrap(), Resent::Queued(_)));
+        assert!(matches!(q.resend(record("b")).unwrap(), Resent::Queued(_)));
+        assert_eq!(q.resend(record("d")).unwrap(), Resent::AlreadyPending);
+        assert_eq!(counts(&q), (3, 0, 0));
+        assert_eq!(q.state_of("b").unwrap(), Some(State::Pending));
+        let envs = q.pending(None, 10, |e| e.id == "c").unwrap();
+        q.mark_dead(&envs[0], "rejected").unwrap();
+        assert_eq!(q.resend(record("c")).unwrap(), Resent::Retried);
+        assert_eq!(counts(&q), (3, 0, 0));
+        assert_eq!(
+            q.purge_done(-60_000).unwrap(),
+            0,
+            "no stale done index entry"
+        );
     }
 
     // Multi-threaded: the dropped store's flusher task must run to release sled's lock.

@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use crate::base::clock::now_ms;
-use crate::calls::model::{CallModel, JournalOp, Millis, Output};
+use crate::calls::model::{CallModel, JournalOp, LiveCall, Millis, Output};
 use crate::calls::record::{CallRecord, LiveEvent};
 use crate::calls::webhook::{WebhookEvent, WebhookModel};
 use crate::calls::Classifier;
@@ -75,6 +75,11 @@ impl RecentCalls {
         *self.seen.borrow()
     }
 
+    /// Bumped with every call accepted (the admin page's live updates).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.seen.subscribe()
+    }
+
     /// Waits until `n` calls were accepted in total.
     pub async fn wait_for(&self, n: u64) {
         let mut rx = self.seen.subscribe();
@@ -105,6 +110,9 @@ enum Input {
 #[derive(Clone)]
 pub struct CallTracker {
     input: mpsc::Sender<Input>,
+    /// The calls in progress, refreshed by the task (at most once a second for AMI calls, at
+    /// once for webhooks).
+    live: tokio::sync::watch::Receiver<Arc<Vec<LiveCall>>>,
 }
 
 /// Counters for `/ready`.
@@ -170,6 +178,7 @@ impl CallTracker {
         let gate = Gate::new(config);
         let max_silence = i64::try_from(config.calls.max_silence.as_millis()).unwrap_or(i64::MAX);
         let send_internal = config.calls.send_internal;
+        let (live_tx, live_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
         let task = tokio::spawn(run(
             model,
             web,
@@ -183,8 +192,25 @@ impl CallTracker {
             send_internal,
             journal,
             gap,
+            live_tx,
         ));
-        (CallTracker { input: tx }, task)
+        (
+            CallTracker {
+                input: tx,
+                live: live_rx,
+            },
+            task,
+        )
+    }
+
+    /// The calls in progress (a snapshot; see [`CallTracker::live_changes`]).
+    pub fn live_calls(&self) -> Arc<Vec<LiveCall>> {
+        self.live.borrow().clone()
+    }
+
+    /// Changes whenever the calls in progress do.
+    pub fn live_changes(&self) -> tokio::sync::watch::Receiver<Arc<Vec<LiveCall>>> {
+        self.live.clone()
     }
 
     /// Announces our own click-to-call before its Originate is sent.
@@ -227,6 +253,7 @@ async fn run(
     send_internal: bool,
     journal: Option<LiveStore>,
     mut gap: Option<Gap>,
+    summary: tokio::sync::watch::Sender<Arc<Vec<LiveCall>>>,
 ) {
     // Every AMI event, however far behind we are (up to ami.max_backlog); while a session is
     // up, the stream starts with its `Connected`.
@@ -281,6 +308,8 @@ async fn run(
             _ = tick.tick() => {
                 ticks += 1;
                 journal_due = true;
+                // The calls in progress, once a second (unchanged: nobody is told).
+                publish_summary(&model, &web, &summary);
                 let now = now_ms();
                 model.tick(now, &mut out);
                 if ticks % 60 == 0 {
@@ -362,6 +391,7 @@ async fn run(
             }
         }
         if let Some(done) = finished_webhook {
+            publish_summary(&model, &web, &summary);
             let _ = done.send(());
         }
     }
@@ -374,6 +404,24 @@ async fn run(
         send_internal,
         journal.as_ref(),
     );
+}
+
+/// Publishes the calls in progress, oldest first (only when they differ from the last).
+fn publish_summary(
+    model: &CallModel,
+    web: &WebhookModel,
+    summary: &tokio::sync::watch::Sender<Arc<Vec<LiveCall>>>,
+) {
+    let mut calls = model.live_summary();
+    calls.extend(web.live_summary());
+    calls.sort_by(|a, b| (a.start, &a.external_id).cmp(&(b.start, &b.external_id)));
+    summary.send_if_modified(|old| {
+        if **old == calls {
+            return false;
+        }
+        *old = Arc::new(calls);
+        true
+    });
 }
 
 /// Once the AMI stream has closed (the client stopped, every event it had read handled): calls

@@ -5,6 +5,7 @@
 mod support;
 
 mod activity;
+mod admin_api;
 mod ami_client;
 mod ami_parser;
 mod backfill;
@@ -14,6 +15,7 @@ mod call_tracking;
 mod cli;
 mod click_to_call;
 mod crm_client;
+mod dashboard;
 mod demo;
 mod hook_failures;
 mod hook_originate;
