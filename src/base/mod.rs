@@ -3,4 +3,5 @@
 pub(crate) mod backoff;
 pub mod clock;
 pub(crate) mod ident;
+pub mod latency;
 pub mod secret;

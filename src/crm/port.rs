@@ -151,7 +151,7 @@ pub trait Crm: Send + Sync + 'static {
 
     /// The API requests' timings, and whether the CRM refuses the key (for `/metrics` and
     /// `/ready`); `None` for an adapter that does not keep them.
-    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+    fn requests(&self) -> Option<&crate::base::latency::CrmRequests> {
         None
     }
 }

@@ -13,8 +13,6 @@
 //! The encoding is `prometheus-client`'s: one registry per scrape, holding a collector of the
 //! values read (so that several services in one process, as in the tests, never mix numbers).
 
-mod histogram;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
@@ -22,10 +20,10 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-pub use histogram::{CrmRequests, Histogram, HistogramSnapshot, LATENCY_BOUNDS};
+pub use crate::base::latency::{CrmRequests, Histogram, HistogramSnapshot, LATENCY_BOUNDS};
 
 use crate::calls::{CallRecord, Direction, Outcome};
-use crate::crm::{Crm, Delivery};
+use crate::crm::Crm;
 use crate::hooks::Hooks;
 use crate::outbox::Outbox;
 use crate::pbx::ami::AmiClient;
@@ -93,50 +91,6 @@ impl CallSink for Metrics {
         if record.ignored {
             self.calls_ignored.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// What became of the calls the outbox handed to the CRM, one count per call.
-#[derive(Debug, Default)]
-pub struct UploadCounts {
-    delivered: AtomicU64,
-    duplicate: AtomicU64,
-    held: AtomicU64,
-    rejected: AtomicU64,
-    retry: AtomicU64,
-    blocked: AtomicU64,
-    not_registered: AtomicU64,
-}
-
-impl UploadCounts {
-    pub fn count(&self, outcome: &Delivery) {
-        let n = match outcome {
-            Delivery::Delivered => &self.delivered,
-            Delivery::Duplicate => &self.duplicate,
-            Delivery::Held(_) => &self.held,
-            Delivery::Rejected(_) => &self.rejected,
-            Delivery::RetryLater(_) => &self.retry,
-            Delivery::Blocked(_) => &self.blocked,
-        };
-        n.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A call `need_registration` kept from the CRM when its history was due.
-    pub fn not_registered(&self) {
-        self.not_registered.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn all(&self) -> [(&'static str, u64); 7] {
-        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
-        [
-            ("delivered", get(&self.delivered)),
-            ("duplicate", get(&self.duplicate)),
-            ("held", get(&self.held)),
-            ("rejected", get(&self.rejected)),
-            ("retry", get(&self.retry)),
-            ("blocked", get(&self.blocked)),
-            ("not_registered", get(&self.not_registered)),
-        ]
     }
 }
 

@@ -12,6 +12,7 @@
 //! or disabled telephony → uploading stops (shown in `/ready`) until it is fixed, with nothing
 //! dropped. Nothing is sent while the module is inactive or frozen.
 
+pub mod counts;
 pub mod store;
 
 use std::sync::atomic::Ordering;
@@ -108,7 +109,7 @@ struct Inner {
     phones: std::sync::OnceLock<PhoneBook>,
     progress: Mutex<Progress>,
     /// What became of each call handed to the CRM (for `/metrics`).
-    outcomes: crate::metrics::UploadCounts,
+    outcomes: counts::UploadCounts,
     /// One drain at a time (the scheduler, an operator's or a test's).
     draining: tokio::sync::Mutex<()>,
     /// Bumped after every batch and every drain: lets callers wait for progress.
@@ -194,7 +195,7 @@ impl Outbox {
                 verdicts,
                 phones: std::sync::OnceLock::new(),
                 progress: Mutex::default(),
-                outcomes: crate::metrics::UploadCounts::default(),
+                outcomes: counts::UploadCounts::default(),
                 draining: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 wakeups: std::sync::atomic::AtomicU64::new(0),
@@ -209,7 +210,7 @@ impl Outbox {
     }
 
     /// What became of the calls handed to the CRM so far, one count per call.
-    pub fn upload_counts(&self) -> &crate::metrics::UploadCounts {
+    pub fn upload_counts(&self) -> &counts::UploadCounts {
         &self.inner.outcomes
     }
 

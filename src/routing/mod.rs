@@ -151,7 +151,7 @@ pub struct RouteStats {
     pub hook_late: AtomicU64,
     /// How long lookups took, by the answer's source (indexed by `source as usize`).
     #[serde(skip)]
-    pub latency: [crate::metrics::Histogram; Source::ALL.len()],
+    pub latency: [crate::base::latency::Histogram; Source::ALL.len()],
 }
 
 #[derive(Clone)]

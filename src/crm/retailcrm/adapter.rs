@@ -647,7 +647,7 @@ impl Crm for RetailCrm {
         self.retry_tasks().boxed()
     }
 
-    fn requests(&self) -> Option<&crate::metrics::CrmRequests> {
+    fn requests(&self) -> Option<&crate::base::latency::CrmRequests> {
         Some(self.client.requests())
     }
 

@@ -42,7 +42,7 @@ struct Inner {
     /// once the CRM answers again.
     successes: tokio::sync::watch::Sender<u64>,
     /// Timings by endpoint and status; whether the CRM refuses the key.
-    requests: crate::metrics::CrmRequests,
+    requests: crate::base::latency::CrmRequests,
 }
 
 /// Retries of failed requests are logged at most this often (with the number held back).
@@ -79,7 +79,7 @@ impl CrmClient {
                 retry_base: cfg.retry_base,
                 retry_max: cfg.retry_max,
                 successes: tokio::sync::watch::Sender::new(0),
-                requests: crate::metrics::CrmRequests::default(),
+                requests: crate::base::latency::CrmRequests::default(),
             }),
         })
     }
@@ -101,7 +101,7 @@ impl CrmClient {
 
     /// Every request's time by endpoint template and HTTP status, and whether the CRM's last
     /// answer refused the key or the account.
-    pub fn requests(&self) -> &crate::metrics::CrmRequests {
+    pub fn requests(&self) -> &crate::base::latency::CrmRequests {
         &self.inner.requests
     }
 
