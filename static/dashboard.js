@@ -42,8 +42,13 @@ function notice(text, cls) {
   n.className = 'message ' + (cls || '');
 }
 
-async function post(url) {
-  const r = await fetch(url, { method: 'POST', headers: HEADERS, credentials: 'same-origin' });
+async function post(url, json) {
+  const init = { method: 'POST', headers: HEADERS, credentials: 'same-origin' };
+  if (json !== undefined) {
+    init.headers = Object.assign({ 'Content-Type': 'application/json' }, HEADERS);
+    init.body = JSON.stringify(json);
+  }
+  const r = await fetch(url, init);
   let body = {};
   try { body = await r.json(); } catch (_) { /* empty */ }
   if (r.status === 401) { start(); }
@@ -244,6 +249,12 @@ $('login-form').addEventListener('submit', async (e) => {
 $('logout').onclick = async () => { await fetch('/admin/logout', { method: 'POST' }); start(); };
 $('filter').addEventListener('input', recentRows);
 $('register').onclick = () => act_('/admin/api/register', 'module registered');
+$('call-form').onsubmit = async (ev) => {
+  ev.preventDefault();
+  const code = $('call-code').value.trim();
+  const r = await post('/admin/api/call', { code, phone: $('call-phone').value.trim() });
+  notice(r.ok ? `calling: extension ${code} rings first` : (r.body.errorMsg || `failed (${r.status})`), r.ok ? 'ok' : 'bad');
+};
 $('run-check').onclick = async () => {
   $('check-lines').replaceChildren(el('li', 'checking…'));
   const r = await post('/admin/api/check');

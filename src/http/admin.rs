@@ -81,7 +81,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::resource("/admin/api/calls/{external_id}/resend").route(web::post().to(resend)),
         )
         .service(web::resource("/admin/api/register").route(web::post().to(register)))
-        .service(web::resource("/admin/api/check").route(web::post().to(check)));
+        .service(web::resource("/admin/api/check").route(web::post().to(check)))
+        .service(web::resource("/admin/api/call").route(web::post().to(call)));
 }
 
 fn admin(state: &AppState) -> Admin {
@@ -327,6 +328,65 @@ async fn check(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespo
     let lines = admin(&state).check().await;
     let ok = lines.iter().all(|l| l.ok);
     Ok(HttpResponse::Ok().json(json!({"ok": ok, "lines": lines})))
+}
+
+/// Click-to-call from the dashboard: `{"code": "101", "phone": "+4930555123", "userId": 7}`
+/// (`userId` optional: the CRM user of that extension). The same originate as the CRM's
+/// `makeCallUrl`, with its limits and deduplication.
+async fn call(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    use crate::base::ident::{normalize_number, ExtensionCode, PhoneNumber};
+    use crate::click_to_call::{MakeCall, Outcome};
+    authorize(&req, &state, true)?;
+    let bad =
+        |field: &str, problem: String| ApiError::field(StatusCode::BAD_REQUEST, field, problem);
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    let text = |key: &str| {
+        body.get(key)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let code = ExtensionCode::parse(text("code")).map_err(|e| bad("code", e.to_string()))?;
+    let phone = PhoneNumber::parse(&normalize_number(text("phone")))
+        .map_err(|e| bad("phone", e.to_string()))?;
+    let user_id = match body.get("userId") {
+        None | Some(Value::Null) => state
+            .crm
+            .directory()
+            .into_iter()
+            .find(|d| d.code == code.as_str())
+            .map(|d| d.user_id)
+            .ok_or_else(|| {
+                bad(
+                    "userId",
+                    format!("no CRM user has extension {}: give userId", code.as_str()),
+                )
+            })?,
+        Some(v) => v
+            .as_i64()
+            .filter(|id| *id >= 1)
+            .ok_or_else(|| bad("userId", "must be a positive integer".into()))?,
+    };
+    let request = MakeCall {
+        code,
+        phone,
+        user_id,
+        external_phone: None,
+    };
+    let answer = match state.click_to_call.call(request).await? {
+        Outcome::Originated { call_id } => json!({"success": true, "callId": call_id}),
+        Outcome::Duplicate => json!({"success": true, "duplicate": true}),
+    };
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 /// What each live update carries.

@@ -491,3 +491,64 @@ async fn live_updates_stream_a_snapshot_and_are_bounded() {
     drop(r);
     drop(open);
 }
+
+#[tokio::test]
+async fn click_to_call_from_the_dashboard_originates_from_the_extension() {
+    let app = open_app().await;
+    app.ami_connected().await;
+    let url = app.url("/admin/api/call");
+    // Changes need the page's header, also on an open loopback admin.
+    let r = app
+        .http
+        .post(&url)
+        .json(&json!({"code": "101", "phone": "+4930555123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = app
+        .http
+        .post(&url)
+        .header("X-Pbxgate-Admin", "1")
+        .json(&json!({"code": "101", "phone": "12"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["errors"]["phone"].is_string(), "{body}");
+    // No CRM user has 109: the answer names userId.
+    let r = app
+        .http
+        .post(&url)
+        .header("X-Pbxgate-Admin", "1")
+        .json(&json!({"code": "109", "phone": "+4930555123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["errors"]["userId"].is_string(), "{body}");
+    assert!(app.ami.actions("Originate").is_empty());
+
+    let r = app
+        .http
+        .post(&url)
+        .header("X-Pbxgate-Admin", "1")
+        .json(&json!({"code": "101", "phone": "+49 30 555123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["success"], true, "{body}");
+    let o = &app.ami.wait_for_actions("Originate", 1).await[0];
+    assert_eq!(o.get("Channel"), Some("Local/101@from-internal"));
+    assert_eq!(o.get("Exten"), Some("+4930555123"));
+    // The extension's CRM user (from [[users]]) asked.
+    assert!(
+        o.get_all("Variable")
+            .any(|v| v.ends_with("PBXGATE_USER_ID=1")),
+        "{o:?}"
+    );
+}

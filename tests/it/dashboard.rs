@@ -177,6 +177,37 @@ async fn a_dead_call_is_retried_from_the_page_and_reaches_the_crm() {
 }
 
 #[tokio::test]
+async fn click_to_call_from_the_page_becomes_an_originate() {
+    let _one = BROWSER.lock().await;
+    let app = open_app().await;
+    app.ami_connected().await;
+    let b = Browser::start().await;
+    b.client.goto(&app.url("/")).await.unwrap();
+    b.wait_for("#dashboard:not([hidden]) #call-form").await;
+    for (id, text) in [("call-code", "101"), ("call-phone", "+4930555123")] {
+        b.client
+            .find(Locator::Id(id))
+            .await
+            .unwrap()
+            .send_keys(text)
+            .await
+            .unwrap();
+    }
+    b.client
+        .find(Locator::Id("call-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let o = &app.ami.wait_for_actions("Originate", 1).await[0];
+    assert_eq!(o.get("Channel"), Some("Local/101@from-internal"));
+    assert_eq!(o.get("Exten"), Some("+4930555123"));
+    b.wait_for("#notice.ok").await;
+    b.close().await;
+}
+
+#[tokio::test]
 async fn with_a_token_the_page_asks_for_it_and_the_api_refuses_without_it() {
     const TOKEN: &str = "admin-token-0123456789";
     let _one = BROWSER.lock().await;
