@@ -4,8 +4,9 @@
 //!
 //! The CSV has no Linkedid (only `newcdrcolumns` adds one), so the rows of one call are grouped
 //! by how their channels are connected: a row links its channel to the channel it dialled, and
-//! the two halves of a Local channel (`…-0000000a;1` / `;2`) are one. The call's id is its oldest Uniqueid, which is the
-//! Linkedid the live model uses: a call already uploaded live is recognised, not sent twice.
+//! the two halves of a Local channel (`…-0000000a;1` / `;2`) are one. The call's id is its
+//! oldest Uniqueid, which is the Linkedid the live model uses: a call already uploaded live is
+//! recognised, not sent twice.
 //! Direction and roles use the same classifier as the live model.
 
 use std::collections::{BTreeMap, HashMap};
