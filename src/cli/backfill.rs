@@ -57,16 +57,17 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (rows, problems) = match cdr::read_rows(&args.cdr) {
+    let file = match cdr::read_rows(&args.cdr) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("pbxgate: {e}");
             return ExitCode::from(1);
         }
     };
-    for p in &problems {
-        eprintln!("pbxgate: skipped {p}");
+    if !report_read(&args.cdr, &file) {
+        return ExitCode::from(1);
     }
+    let rows = file.rows;
     let calls = crate::pipeline::recovery::build(config, &rows, from, to, &tz);
     if args.dry_run {
         for c in &calls {
@@ -82,9 +83,10 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
             );
         }
         println!(
-            "{} call(s) would be queued ({} CDR rows read)",
+            "{} call(s) would be queued ({} CDR rows read, {} skipped)",
             calls.len(),
-            rows.len()
+            rows.len(),
+            file.skipped.len()
         );
         return ExitCode::SUCCESS;
     }
@@ -120,4 +122,32 @@ pub async fn run(config: &Config, args: &BackfillArgs) -> ExitCode {
     }
     println!("{queued} call(s) queued for upload, {known} already known; start the service to upload them");
     ExitCode::SUCCESS
+}
+
+/// Says on stderr how many rows were read, in which layout, and which were skipped and why.
+/// False when no row was read (all skipped, or an empty file): nothing to backfill.
+fn report_read(path: &std::path::Path, file: &cdr::CdrFile) -> bool {
+    let name = path.display();
+    if file.rows.is_empty() {
+        if file.skipped.is_empty() {
+            eprintln!("pbxgate: {name}: no CDR rows in the file, nothing to backfill");
+        } else {
+            eprintln!(
+                "pbxgate: {name}: all {} row(s) skipped, nothing to backfill:",
+                file.skipped.len()
+            );
+        }
+    } else if file.skipped.is_empty() {
+        eprintln!("pbxgate: {name}: {}", file.read_summary());
+    } else {
+        eprintln!(
+            "pbxgate: {name}: {}; {} row(s) skipped:",
+            file.read_summary(),
+            file.skipped.len()
+        );
+    }
+    for line in file.skipped_summary() {
+        eprintln!("pbxgate:   {line}");
+    }
+    !file.rows.is_empty()
 }

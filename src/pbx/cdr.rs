@@ -2,10 +2,11 @@
 //! (`pbxgate backfill`, in `cli::backfill`) and for the time the service was away
 //! ([`CdrRecovery`]), shaped like the live model's records.
 //!
-//! The CSV has no Linkedid, so the rows of one call are grouped by how their channels are
-//! connected: a row links its channel to the channel it dialled, and the two halves of a Local
-//! channel (`…-0000000a;1` / `;2`) are one. The call's id is its oldest Uniqueid, which is the
-//! Linkedid the live model uses: a call already uploaded live is recognised, not sent twice.
+//! The CSV has no Linkedid (only `newcdrcolumns` adds one), so the rows of one call are grouped
+//! by how their channels are connected: a row links its channel to the channel it dialled, and
+//! the two halves of a Local channel (`…-0000000a;1` / `;2`) are one. The call's id is its
+//! oldest Uniqueid, which is the Linkedid the live model uses: a call already uploaded live is
+//! recognised, not sent twice.
 //! Direction and roles use the same classifier as the live model.
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +16,7 @@ use crate::calls::record::{ChannelKind, Conversation, MainChannel};
 use crate::calls::{CallRecord, Classifier, Direction, Outcome};
 use crate::config::Config;
 
-/// One CDR row (cdr_csv column order).
+/// One CDR row: the columns the call model uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CdrRow {
     pub src: String,
@@ -28,38 +29,281 @@ pub struct CdrRow {
     pub end: String,
     pub disposition: String,
     pub uniqueid: String,
+    /// Empty in the layouts without it.
     pub userfield: String,
 }
 
-/// Parses the CSV; rows that do not have the 18 cdr_csv columns are reported and skipped.
-pub fn read_rows(path: &std::path::Path) -> Result<(Vec<CdrRow>, Vec<String>), String> {
+/// The column layouts cdr_csv writes with a Uniqueid. Its columns are always accountcode, src,
+/// dst, dcontext, clid, channel, dstchannel, lastapp, lastdata, start, answer, end, duration,
+/// billsec, disposition, amaflags (16); then, by cdr.conf `[csv]`: uniqueid (`loguniqueid`),
+/// userfield (`loguserfield`), and peeraccount, linkedid, sequence (`newcdrcolumns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layout {
+    /// 17 columns: uniqueid, no userfield.
+    Uniqueid,
+    /// 18 columns: uniqueid and userfield.
+    UniqueidUserfield,
+    /// 20 columns: uniqueid, then peeraccount, linkedid, sequence.
+    UniqueidNewColumns,
+    /// 21 columns: uniqueid, userfield, then peeraccount, linkedid, sequence.
+    UniqueidUserfieldNewColumns,
+}
+
+impl Layout {
+    fn of(columns: usize) -> Option<Layout> {
+        match columns {
+            17 => Some(Layout::Uniqueid),
+            18 => Some(Layout::UniqueidUserfield),
+            20 => Some(Layout::UniqueidNewColumns),
+            21 => Some(Layout::UniqueidUserfieldNewColumns),
+            _ => None,
+        }
+    }
+
+    pub fn columns(self) -> usize {
+        match self {
+            Layout::Uniqueid => 17,
+            Layout::UniqueidUserfield => 18,
+            Layout::UniqueidNewColumns => 20,
+            Layout::UniqueidUserfieldNewColumns => 21,
+        }
+    }
+
+    fn has_userfield(self) -> bool {
+        matches!(
+            self,
+            Layout::UniqueidUserfield | Layout::UniqueidUserfieldNewColumns
+        )
+    }
+
+    /// `18 columns (with userfield)`.
+    pub fn describe(self) -> String {
+        let what = match self {
+            Layout::Uniqueid => "without userfield",
+            Layout::UniqueidUserfield => "with userfield",
+            Layout::UniqueidNewColumns => "without userfield, with newcdrcolumns",
+            Layout::UniqueidUserfieldNewColumns => "with userfield and newcdrcolumns",
+        };
+        format!("{} columns ({what})", self.columns())
+    }
+}
+
+/// Why a row was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A column count no cdr_csv layout has.
+    Columns(usize),
+    /// No Uniqueid: empty, not shaped like one, or a layout without the column (16 or 19
+    /// columns: cdr.conf `loguniqueid=no`).
+    NoUniqueid,
+    /// A time that is not `YYYY-MM-DD HH:MM:SS` (the column named; start must be present).
+    BadDate(&'static str),
+    /// The CSV itself could not be read from here on.
+    Unreadable(String),
+}
+
+impl SkipReason {
+    /// The group the reason is reported under.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SkipReason::Columns(_) => "wrong column count",
+            SkipReason::NoUniqueid => "no uniqueid",
+            SkipReason::BadDate(_) => "bad date",
+            SkipReason::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
+/// A row not read, by its line in the file (1-based; a quoted field may span lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub line: u64,
+    pub reason: SkipReason,
+}
+
+/// What a CDR file gave: its rows, the rows skipped and why, and how many rows of each layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdrFile {
+    pub rows: Vec<CdrRow>,
+    pub skipped: Vec<Skipped>,
+    pub layouts: BTreeMap<Layout, usize>,
+}
+
+/// How many line numbers a reason lists.
+const LINES_SHOWN: usize = 5;
+
+impl CdrFile {
+    /// `67 row(s) read (18 columns (with userfield))`.
+    pub fn read_summary(&self) -> String {
+        let layouts: Vec<String> = self
+            .layouts
+            .iter()
+            .map(|(l, n)| {
+                if self.layouts.len() == 1 {
+                    l.describe()
+                } else {
+                    format!("{n} of {}", l.describe())
+                }
+            })
+            .collect();
+        if layouts.is_empty() {
+            format!("{} row(s) read", self.rows.len())
+        } else {
+            format!("{} row(s) read, {}", self.rows.len(), layouts.join(", "))
+        }
+    }
+
+    /// One line per reason, most frequent first: how many rows, the details, the first lines.
+    /// Empty when nothing was skipped.
+    pub fn skipped_summary(&self) -> Vec<String> {
+        let mut groups: Vec<(&'static str, Vec<&Skipped>)> = Vec::new();
+        for s in &self.skipped {
+            match groups.iter_mut().find(|(k, _)| *k == s.reason.kind()) {
+                Some((_, v)) => v.push(s),
+                None => groups.push((s.reason.kind(), vec![s])),
+            }
+        }
+        groups.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        groups
+            .into_iter()
+            .map(|(kind, v)| {
+                let mut details: Vec<String> = Vec::new();
+                for s in &v {
+                    let d = match &s.reason {
+                        SkipReason::Columns(n) => format!("{n} columns"),
+                        SkipReason::NoUniqueid => continue,
+                        SkipReason::BadDate(col) => (*col).to_string(),
+                        SkipReason::Unreadable(e) => e.clone(),
+                    };
+                    if !details.contains(&d) {
+                        details.push(d);
+                    }
+                }
+                let hint = match kind {
+                    "wrong column count" => "; cdr_csv writes 17, 18, 20 or 21",
+                    "no uniqueid" => "cdr.conf [csv] needs loguniqueid=yes",
+                    _ => "",
+                };
+                let mut lines: Vec<String> = v
+                    .iter()
+                    .take(LINES_SHOWN)
+                    .map(|s| s.line.to_string())
+                    .collect();
+                if v.len() > LINES_SHOWN {
+                    lines.push("…".into());
+                }
+                format!(
+                    "{kind}: {} row(s) ({}{hint}), line{} {}",
+                    v.len(),
+                    details.join(", "),
+                    if v.len() == 1 { "" } else { "s" },
+                    lines.join(", ")
+                )
+            })
+            .collect()
+    }
+}
+
+/// Asterisk's Uniqueid: `[systemname-]seconds.sequence`.
+fn is_uniqueid(s: &str) -> bool {
+    let tail = s.rsplit('-').next().unwrap_or(s);
+    tail.split_once('.').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
+fn is_cdr_time(s: &str) -> bool {
+    s.trim().parse::<jiff::civil::DateTime>().is_ok()
+}
+
+/// One record of the CSV → a row, or why not.
+pub fn parse_row(fields: &[String]) -> Result<(CdrRow, Layout), SkipReason> {
+    let layout = match Layout::of(fields.len()) {
+        Some(l) => l,
+        None if fields.len() == 16 || fields.len() == 19 => return Err(SkipReason::NoUniqueid),
+        None => return Err(SkipReason::Columns(fields.len())),
+    };
+    let f = |i: usize| fields[i].clone();
+    let uniqueid = f(16);
+    // 17 or 20 columns are also what `loguserfield=yes` with `loguniqueid=no` writes.
+    if !is_uniqueid(uniqueid.trim()) {
+        return Err(SkipReason::NoUniqueid);
+    }
+    if !is_cdr_time(&fields[9]) {
+        return Err(SkipReason::BadDate("start"));
+    }
+    for (i, name) in [(10, "answer"), (11, "end")] {
+        if !fields[i].trim().is_empty() && !is_cdr_time(&fields[i]) {
+            return Err(SkipReason::BadDate(name));
+        }
+    }
+    let row = CdrRow {
+        src: f(1),
+        dst: f(2),
+        dcontext: f(3),
+        channel: f(5),
+        dstchannel: f(6),
+        start: f(9),
+        answer: f(10),
+        end: f(11),
+        disposition: f(14),
+        uniqueid: uniqueid.trim().to_string(),
+        userfield: if layout.has_userfield() {
+            f(17)
+        } else {
+            String::new()
+        },
+    };
+    Ok((row, layout))
+}
+
+/// Reads cdr_csv records (no header) from `input`: each row by its own column count, so a file
+/// whose cdr.conf changed midway is read whole. Text that is not UTF-8 is read lossily.
+pub fn read_from(input: impl std::io::Read) -> CdrFile {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_path(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut rows = Vec::new();
-    let mut problems = Vec::new();
-    for (i, rec) in reader.records().enumerate() {
-        match rec {
-            Ok(r) if r.len() >= 18 => rows.push(CdrRow {
-                src: r[1].to_string(),
-                dst: r[2].to_string(),
-                dcontext: r[3].to_string(),
-                channel: r[5].to_string(),
-                dstchannel: r[6].to_string(),
-                start: r[9].to_string(),
-                answer: r[10].to_string(),
-                end: r[11].to_string(),
-                disposition: r[14].to_string(),
-                uniqueid: r[16].to_string(),
-                userfield: r[17].to_string(),
-            }),
-            Ok(r) => problems.push(format!("line {}: {} columns, expected 18", i + 1, r.len())),
-            Err(e) => problems.push(format!("line {}: {e}", i + 1)),
+        .from_reader(input);
+    let mut file = CdrFile::default();
+    let mut record = csv::ByteRecord::new();
+    loop {
+        let line = reader.position().line();
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line = record.position().map_or(line, csv::Position::line);
+                let fields: Vec<String> = record
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect();
+                match parse_row(&fields) {
+                    Ok((row, layout)) => {
+                        file.rows.push(row);
+                        *file.layouts.entry(layout).or_default() += 1;
+                    }
+                    Err(reason) => file.skipped.push(Skipped { line, reason }),
+                }
+            }
+            Err(e) => {
+                // Nothing after an I/O error can be trusted to line up.
+                file.skipped.push(Skipped {
+                    line,
+                    reason: SkipReason::Unreadable(e.to_string()),
+                });
+                break;
+            }
         }
     }
-    Ok((rows, problems))
+    file
+}
+
+/// Reads a CDR CSV file; see [`read_from`]. An error only when the file cannot be opened.
+pub fn read_rows(path: &std::path::Path) -> Result<CdrFile, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(read_from(std::io::BufReader::new(f)))
 }
 
 /// The channel a Local half belongs with: both halves map to the same key.
@@ -401,4 +645,164 @@ pub fn calls_of(config: &Config, rows: &[CdrRow], tz: &jiff::tz::TimeZone) -> Ve
         .filter_map(|g| record(g, &classifier, &config.pbx.system_id, &to_ms))
         .filter(|r| r.direction != Direction::Internal || config.calls.send_internal)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Two rows of one inbound call as cdr_csv writes them with loguniqueid and loguserfield
+    // (the caller id name holds a comma and quotes).
+    const WITH_USERFIELD: &str = concat!(
+        r#""","+491701234567","200","from-trunk","""Doe, John"" <+491701234567>","PJSIP/trunk-00000005","PJSIP/101-00000006","Dial","PJSIP/101,20","2026-11-21 12:36:45","2026-11-21 12:36:47","2026-11-21 12:37:05",20,18,"ANSWERED","DOCUMENTATION","1795264605.55","rec:/var/spool/asterisk/monitor/a.wav""#,
+        "\n",
+        r#""","+491701234567","200","from-trunk","""Doe, John"" <+491701234567>","PJSIP/trunk-00000005","PJSIP/102-00000007","Dial","PJSIP/102,20","2026-11-21 12:36:45",,"2026-11-21 12:36:52",7,0,"NO ANSWER","DOCUMENTATION","1795264605.55","""#,
+        "\n"
+    );
+
+    /// The same rows without the last column (loguserfield=no).
+    fn without_userfield() -> String {
+        WITH_USERFIELD
+            .lines()
+            .map(|l| format!("{}\n", &l[..l.rfind(',').unwrap()]))
+            .collect()
+    }
+
+    #[test]
+    fn eighteen_columns_are_read_with_the_userfield() {
+        let file = read_from(WITH_USERFIELD.as_bytes());
+        assert_eq!(file.skipped, vec![]);
+        assert_eq!(
+            file.layouts,
+            BTreeMap::from([(Layout::UniqueidUserfield, 2)])
+        );
+        let r = &file.rows[0];
+        assert_eq!(
+            (
+                r.src.as_str(),
+                r.channel.as_str(),
+                r.dstchannel.as_str(),
+                r.start.as_str(),
+                r.disposition.as_str(),
+                r.uniqueid.as_str(),
+                r.userfield.as_str()
+            ),
+            (
+                "+491701234567",
+                "PJSIP/trunk-00000005",
+                "PJSIP/101-00000006",
+                "2026-11-21 12:36:45",
+                "ANSWERED",
+                "1795264605.55",
+                "rec:/var/spool/asterisk/monitor/a.wav"
+            )
+        );
+        assert_eq!(file.rows[1].answer, "");
+        assert_eq!(file.rows[1].disposition, "NO ANSWER");
+        assert_eq!(
+            file.read_summary(),
+            "2 row(s) read, 18 columns (with userfield)"
+        );
+    }
+
+    #[test]
+    fn seventeen_columns_are_read_without_the_userfield() {
+        let file = read_from(without_userfield().as_bytes());
+        assert_eq!(file.skipped, vec![]);
+        assert_eq!(file.layouts, BTreeMap::from([(Layout::Uniqueid, 2)]));
+        let with = read_from(WITH_USERFIELD.as_bytes());
+        for (a, b) in file.rows.iter().zip(&with.rows) {
+            assert_eq!(a.userfield, "");
+            assert_eq!(
+                CdrRow {
+                    userfield: b.userfield.clone(),
+                    ..a.clone()
+                },
+                *b
+            );
+        }
+    }
+
+    #[test]
+    fn newcdrcolumns_rows_are_read_past_their_extra_columns() {
+        let extra: String = WITH_USERFIELD
+            .lines()
+            .map(|l| format!("{l},\"\",\"1795264605.55\",3\n"))
+            .collect();
+        let file = read_from(extra.as_bytes());
+        assert_eq!(file.skipped, vec![]);
+        assert_eq!(
+            file.layouts,
+            BTreeMap::from([(Layout::UniqueidUserfieldNewColumns, 2)])
+        );
+        assert_eq!(
+            file.rows[0].userfield,
+            "rec:/var/spool/asterisk/monitor/a.wav"
+        );
+        let extra: String = without_userfield()
+            .lines()
+            .map(|l| format!("{l},\"\",\"1795264605.55\",3\n"))
+            .collect();
+        let file = read_from(extra.as_bytes());
+        assert_eq!(
+            file.layouts,
+            BTreeMap::from([(Layout::UniqueidNewColumns, 2)])
+        );
+        assert_eq!(file.rows[0].uniqueid, "1795264605.55");
+    }
+
+    #[test]
+    fn malformed_rows_are_skipped_with_their_line_and_reason() {
+        let good = WITH_USERFIELD.lines().next().unwrap();
+        let bad_date = good.replace("\"2026-11-21 12:36:45\"", "\"yesterday\"");
+        let bad_end = good.replace("\"2026-11-21 12:37:05\"", "\"12:37\"");
+        // loguniqueid=no, loguserfield=yes: 17 columns, the last one is no Uniqueid.
+        let no_uniqueid = good.replace(",\"1795264605.55\"", "");
+        let input =
+            format!("a,b,c\n{good}\n{bad_date}\n\"unclosed, quote\",x\n{no_uniqueid}\n{bad_end}\n");
+        let file = read_from(input.as_bytes());
+        assert_eq!(file.rows.len(), 1);
+        let skipped: Vec<(u64, SkipReason)> = file
+            .skipped
+            .iter()
+            .map(|s| (s.line, s.reason.clone()))
+            .collect();
+        assert_eq!(
+            skipped,
+            vec![
+                (1, SkipReason::Columns(3)),
+                (3, SkipReason::BadDate("start")),
+                (4, SkipReason::Columns(2)),
+                (5, SkipReason::NoUniqueid),
+                (6, SkipReason::BadDate("end")),
+            ]
+        );
+        assert_eq!(
+            file.skipped_summary(),
+            vec![
+                "wrong column count: 2 row(s) (3 columns, 2 columns; cdr_csv writes 17, 18, 20 or 21), lines 1, 4",
+                "bad date: 2 row(s) (start, end), lines 3, 6",
+                "no uniqueid: 1 row(s) (cdr.conf [csv] needs loguniqueid=yes), line 5",
+            ]
+        );
+    }
+
+    #[test]
+    fn many_skipped_rows_list_the_first_lines_only() {
+        let input = "x\n".repeat(8);
+        let file = read_from(input.as_bytes());
+        assert_eq!(
+            file.skipped_summary(),
+            vec!["wrong column count: 8 row(s) (1 columns; cdr_csv writes 17, 18, 20 or 21), lines 1, 2, 3, 4, 5, …"]
+        );
+    }
+
+    #[test]
+    fn a_system_name_prefix_is_part_of_the_uniqueid() {
+        assert!(is_uniqueid("pbx-east-1795264605.55"));
+        assert!(is_uniqueid("1795264605.55"));
+        assert!(!is_uniqueid(""));
+        assert!(!is_uniqueid("rec:/x.wav"));
+        assert!(!is_uniqueid("1795264605"));
+    }
 }

@@ -25,20 +25,22 @@ impl Recovery for CdrRecovery {
     fn calls(&self, since: i64, ended: &std::collections::HashSet<String>) -> Vec<CallRecord> {
         let b = &self.config.backfill;
         let tz = jiff::tz::TimeZone::get(&b.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
-        let (rows, problems) = match cdr::read_rows(&b.cdr_csv) {
+        let file = match cdr::read_rows(&b.cdr_csv) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read backfill.cdr_csv: calls that ended while pbxgate was away are not recovered");
                 return Vec::new();
             }
         };
-        if !problems.is_empty() {
+        if !file.skipped.is_empty() {
             tracing::warn!(
-                skipped = problems.len(),
-                first = %problems[0],
+                read = file.rows.len(),
+                skipped = file.skipped.len(),
+                reasons = %file.skipped_summary().join("; "),
                 "backfill.cdr_csv: rows skipped"
             );
         }
+        let rows = file.rows;
         // CDR times have whole seconds: a little before `since`, deduplicated by the outbox.
         let from = since - 5_000;
         cdr::calls_of(&self.config, &rows, &tz)
