@@ -3,6 +3,7 @@
 //! `hooks`.
 
 mod backfill;
+mod demo;
 mod hooks;
 mod outbox;
 
@@ -51,7 +52,7 @@ pub enum Command {
         command: hooks::HooksCommand,
     },
     /// Try it on one machine: a simulated Asterisk and a sandbox CRM, a temporary store.
-    Demo(crate::demo::DemoArgs),
+    Demo(demo::DemoArgs),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -59,7 +60,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Demo(args)) = &cli.command {
         // Its own configuration: the built-in defaults unless --config is given.
-        return crate::demo::main(cli.config.as_deref(), args);
+        return demo::main(cli.config.as_deref(), args);
     }
     let (config, origin) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
