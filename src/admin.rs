@@ -124,6 +124,7 @@ pub struct QueueItem {
     pub direction: Direction,
     pub phone: String,
     pub code: Option<String>,
+    pub outcome: crate::calls::Outcome,
 }
 
 /// One line of `pbxgate check`, as the API gives it.
@@ -149,6 +150,8 @@ pub struct Admin {
 
 /// The most records of each kind the queue view lists.
 pub const QUEUE_LIMIT: usize = 200;
+/// The most records of one kind a single queue request may ask for (`limit`).
+pub const QUEUE_MAX_LIMIT: usize = 10_000;
 
 impl Admin {
     fn phone(&self, number: &str) -> String {
@@ -256,20 +259,44 @@ impl Admin {
             direction: e.record.direction,
             phone: self.phone(&e.record.customer_number),
             code: e.record.code.clone(),
+            outcome: e.record.outcome,
         }
     }
 
     /// The history queue: its counters, then pending and dead records (oldest first).
     pub fn queue(&self) -> Result<Value, OpError> {
+        self.queue_of(None, QUEUE_LIMIT)
+    }
+
+    /// The history queue: its counters, then up to `limit` records of `only` (pending or
+    /// dead), or of both kinds when `None`, oldest first.
+    pub fn queue_of(&self, only: Option<State>, limit: usize) -> Result<Value, OpError> {
         let store = self.outbox.store();
-        let pending = store.list_pending(QUEUE_LIMIT).map_err(store_failed)?;
-        let dead = store.dead(QUEUE_LIMIT).map_err(store_failed)?;
+        let pending = match only {
+            None | Some(State::Pending) => store.list_pending(limit).map_err(store_failed)?,
+            _ => Vec::new(),
+        };
+        let dead = match only {
+            None | Some(State::Dead) => store.dead(limit).map_err(store_failed)?,
+            _ => Vec::new(),
+        };
         let items: Vec<QueueItem> = pending
             .iter()
             .map(|e| self.queue_item(State::Pending, e))
             .chain(dead.iter().map(|e| self.queue_item(State::Dead, e)))
             .collect();
         Ok(json!({"status": self.outbox.status(), "items": items}))
+    }
+
+    /// Every dead record goes back to pending and the uploader is woken.
+    pub async fn retry_dead(&self) -> Result<Value, OpError> {
+        let moved = self.outbox.store().retry(None).map_err(store_failed)?;
+        if moved > 0 {
+            self.outbox.store().flush().await.map_err(store_failed)?;
+            self.outbox.kick();
+            tracing::info!(calls = moved, "dead calls queued again by an operator");
+        }
+        Ok(json!({"moved": moved}))
     }
 
     /// A dead record goes back to pending and the uploader is woken.

@@ -6,6 +6,7 @@ mod backfill;
 mod demo;
 mod hooks;
 mod outbox;
+mod service;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,9 +39,18 @@ pub enum Command {
     /// Register (or update) the integration module in retailCRM, then exit.
     Register,
     /// Check the config, the store, the CRM key and the AMI login; exit non-zero on any failure.
-    Check,
-    /// Inspect and repair the call-history queue (stop the service first: one process owns the store).
+    /// Through the running service's admin API when one runs.
+    Check {
+        /// Do not look for a running service: open the store.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Inspect and repair the call-history queue (through the running service's admin API when
+    /// one runs, else on the store).
     Outbox {
+        /// Do not look for a running service: open the store.
+        #[arg(long, global = true)]
+        offline: bool,
         #[command(subcommand)]
         command: outbox::OutboxCommand,
     },
@@ -102,21 +112,46 @@ pub fn main() -> ExitCode {
                 }
             }
             Command::Register => register(&config).await,
-            Command::Check => {
-                let ok = crate::check::run(&config, &origin, &mut std::io::stdout()).await;
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
-            Command::Outbox { command } => outbox::run(&config, command).await,
+            Command::Check { offline } => check(&config, &origin, offline).await,
+            Command::Outbox { offline, command } => outbox::run(&config, command, offline).await,
             Command::Backfill(args) => backfill::run(&config, &args).await,
             Command::Hooks { command } => hooks::run(&config, command).await,
             // Started above, before any configuration is loaded.
             Command::Demo(_) => ExitCode::SUCCESS,
         }
     })
+}
+
+/// `pbxgate check`: through the running service when one runs, else here.
+async fn check(config: &Config, origin: &crate::config::Origin, offline: bool) -> ExitCode {
+    let ok = if offline {
+        crate::check::run(config, origin, &mut std::io::stdout()).await
+    } else {
+        match service::find(config).await {
+            Ok(service::Found::Running(s)) => {
+                eprintln!(
+                    "pbxgate: checking through the running service at {}",
+                    s.base
+                );
+                match service::check(&s, &mut std::io::stdout()).await {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        eprintln!("pbxgate: {e}");
+                        false
+                    }
+                }
+            }
+            Ok(service::Found::NotRunning(_)) => {
+                crate::check::run(config, origin, &mut std::io::stdout()).await
+            }
+            Err(code) => return code,
+        }
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 async fn register(config: &Config) -> ExitCode {
@@ -165,7 +200,8 @@ fn open_store_for_cli(config: &Config) -> Result<Store, ExitCode> {
         Err(crate::store::StoreError::Locked { path }) => {
             eprintln!(
                 "pbxgate: the store {} is held by a running pbxgate (sled allows one process).\n\
-                 Stop the service first; while it runs, GET /ready shows the queue (\"history\").",
+                 Stop the service first, or let `pbxgate outbox` and `pbxgate check` reach its \
+                 admin API at http.listen (with admin.token).",
                 path.display()
             );
             Err(ExitCode::from(1))

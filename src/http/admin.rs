@@ -73,6 +73,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/api/config").route(web::get().to(config)))
         .service(web::resource("/admin/api/calls").route(web::get().to(calls)))
         .service(web::resource("/admin/api/queue").route(web::get().to(queue)))
+        .service(web::resource("/admin/api/queue/retry-dead").route(web::post().to(retry_dead)))
         .service(web::resource("/admin/api/queue/{external_id}/retry").route(web::post().to(retry)))
         .service(
             web::resource("/admin/api/queue/{external_id}/discard").route(web::post().to(discard)),
@@ -264,8 +265,41 @@ async fn calls(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespo
 
 async fn queue(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, false)?;
-    let queue = admin(&state).queue().map_err(op_error)?;
+    let query = super::params::unique_query(req.query_string())?;
+    let only = match query.get("state").map(String::as_str) {
+        None => None,
+        Some("pending") => Some(crate::outbox::store::State::Pending),
+        Some("dead") => Some(crate::outbox::store::State::Dead),
+        Some(_) => return Err(ApiError::bad_field("state", "must be pending or dead")),
+    };
+    let limit = match query.get("limit") {
+        None => crate::admin::QUEUE_LIMIT,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::admin::QUEUE_MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_field(
+                    "limit",
+                    format!(
+                        "must be a number from 1 to {}",
+                        crate::admin::QUEUE_MAX_LIMIT
+                    ),
+                )
+            })?,
+    };
+    let queue = admin(&state).queue_of(only, limit).map_err(op_error)?;
     Ok(no_store(HttpResponse::Ok().json(queue)))
+}
+
+/// `POST /admin/api/queue/retry-dead`: every dead record back to pending.
+async fn retry_dead(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, true)?;
+    let done = admin(&state).retry_dead().await.map_err(op_error)?;
+    Ok(HttpResponse::Ok().json(done))
 }
 
 fn external_id(path: &str) -> Result<&str, ApiError> {

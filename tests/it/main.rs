@@ -13,6 +13,7 @@ mod call_credit;
 mod call_scenarios;
 mod call_tracking;
 mod cli;
+mod cli_online;
 mod click_to_call;
 mod crm_client;
 mod dashboard;
