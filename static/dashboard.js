@@ -249,6 +249,30 @@ $('login-form').addEventListener('submit', async (e) => {
 $('logout').onclick = async () => { await fetch('/admin/logout', { method: 'POST' }); start(); };
 $('filter').addEventListener('input', recentRows);
 $('register').onclick = () => act_('/admin/api/register', 'module registered');
+
+// ---- the demo's sandbox CRM (only `pbxgate demo` serves it) ----
+async function sandbox() {
+  let r;
+  try { r = await fetch('/sandbox/received', { credentials: 'same-origin' }); } catch (_) { return; }
+  if (!r.ok) return; // not the demo: the section stays hidden, not asked again
+  const got = await r.json();
+  $('sandbox').hidden = false;
+  const calls = (got.calls || []).slice(-20).reverse();
+  $('sandbox-calls').tBodies[0].replaceChildren(...calls.map((c) => {
+    const tr = el('tr');
+    tr.dataset.id = c.externalId || '';
+    const rec = el('td');
+    if (c.recordUrl) { const a = el('a', 'play'); a.href = c.recordUrl; a.target = '_blank'; rec.append(a); }
+    tr.append(el('td', c.externalId), el('td', c.date), el('td', c.type), el('td', c.phone, 'phone'),
+      el('td', c.code || '—'), el('td', c.result), rec);
+    return tr;
+  }));
+  const counts = got.counts || {};
+  const events = Object.entries(counts).filter(([p]) => p.endsWith('/call/event')).reduce((n, [, v]) => n + v, 0);
+  $('sandbox-count').textContent = `(${(got.calls || []).length} calls, ${events} live events)`;
+  setTimeout(sandbox, 2000);
+}
+sandbox();
 $('call-form').onsubmit = async (ev) => {
   ev.preventDefault();
   const code = $('call-code').value.trim();

@@ -177,6 +177,21 @@ async fn a_dead_call_is_retried_from_the_page_and_reaches_the_crm() {
 }
 
 #[tokio::test]
+async fn the_demos_page_shows_what_its_sandbox_crm_received() {
+    let _one = BROWSER.lock().await;
+    let demo = crate::demo::start().await;
+    let b = Browser::start().await;
+    b.client.goto(&format!("{}/", demo.base)).await.unwrap();
+    // A replayed call reaches the sandbox within seconds; the page lists it.
+    let row = b
+        .wait_for("#sandbox:not([hidden]) #sandbox-calls tbody tr")
+        .await;
+    let text = row.text().await.unwrap();
+    assert!(text.contains("pbx-"), "{text}");
+    b.close().await;
+}
+
+#[tokio::test]
 async fn click_to_call_from_the_page_becomes_an_originate() {
     let _one = BROWSER.lock().await;
     let app = open_app().await;

@@ -13,17 +13,17 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-struct Demo {
+pub(crate) struct Demo {
     child: Child,
     /// `http://127.0.0.1:PORT`
-    base: String,
+    pub(crate) base: String,
     make_call: String,
     store: PathBuf,
     started: Instant,
 }
 
 /// Starts the demo on a free port and reads what it prints.
-async fn start() -> Demo {
+pub(crate) async fn start() -> Demo {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pbxgate"))
         .args(["demo", "--listen", "127.0.0.1:0"])
