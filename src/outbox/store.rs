@@ -332,17 +332,19 @@ impl OutboxStore {
     }
 
     /// Stores a record (idempotent by externalId). Not yet durable: see [`OutboxStore::flush`].
-    pub fn insert(&self, record: CallRecord) -> Result<Enqueued, StoreError> {
-        let id = record.external_id.clone();
-        if self.ids.contains_key(id.as_bytes())? {
-            return Ok(Enqueued::Duplicate);
-        }
+    /// A new pending envelope for `record`: its sequence number and the encoded envelope and
+    /// id-index entry (written by the caller's transaction).
+    fn fresh_pending(
+        &self,
+        id: &str,
+        record: CallRecord,
+    ) -> Result<(u64, Vec<u8>, Vec<u8>), StoreError> {
         let seq = self.db.generate_id()?;
         let now = now_ms();
         let env = Envelope {
             v: 1,
             seq,
-            id: id.clone(),
+            id: id.to_string(),
             enqueued_at: now,
             attempts: 0,
             last_error: None,
@@ -351,12 +353,20 @@ impl OutboxStore {
             held: false,
             record,
         };
-        let env_bytes = encode(&env)?;
-        let id_bytes = encode(&IdEntry {
+        let id_entry = IdEntry {
             state: State::Pending,
             seq,
             at: now,
-        })?;
+        };
+        Ok((seq, encode(&env)?, encode(&id_entry)?))
+    }
+
+    pub fn insert(&self, record: CallRecord) -> Result<Enqueued, StoreError> {
+        let id = record.external_id.clone();
+        if self.ids.contains_key(id.as_bytes())? {
+            return Ok(Enqueued::Duplicate);
+        }
+        let (seq, env_bytes, id_bytes) = self.fresh_pending(&id, record)?;
         let result = (&self.pending, &self.ids).transaction(|(p, i)| {
             if i.get(id.as_bytes())?.is_some() {
                 return Ok(Enqueued::Duplicate);
@@ -626,26 +636,7 @@ impl OutboxStore {
             }
             _ => {}
         }
-        let seq = self.db.generate_id()?;
-        let now = now_ms();
-        let env = Envelope {
-            v: 1,
-            seq,
-            id: id.clone(),
-            enqueued_at: now,
-            attempts: 0,
-            last_error: None,
-            dead_at: None,
-            config: None,
-            held: false,
-            record,
-        };
-        let env_bytes = encode(&env)?;
-        let id_bytes = encode(&IdEntry {
-            state: State::Pending,
-            seq,
-            at: now,
-        })?;
+        let (seq, env_bytes, id_bytes) = self.fresh_pending(&id, record)?;
         let was_done = previous.as_ref().filter(|e| e.state == State::Done);
         let done_entry = was_done.map(|e| done_key(e.at, &id));
         let old_discarded = previous
