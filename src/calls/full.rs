@@ -82,6 +82,34 @@ pub fn call_full_live(
             0,
             false,
         ),
+        LiveEvent::Progress {
+            phone,
+            direction,
+            ringing,
+            talking,
+            ..
+        } => {
+            let codes = if talking.is_empty() { ringing } else { talking };
+            let (from, to) = match direction {
+                Direction::Out => (codes.first().map(String::as_str), Some(phone.as_str())),
+                _ => (Some(phone.as_str()), codes.first().map(String::as_str)),
+            };
+            let state = if talking.is_empty() {
+                "ringing"
+            } else {
+                "talking"
+            };
+            (
+                ChannelKind::from(*direction),
+                state,
+                from,
+                to,
+                None,
+                codes,
+                0,
+                !talking.is_empty(),
+            )
+        }
         LiveEvent::Hangup {
             phone,
             direction,

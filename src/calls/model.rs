@@ -85,6 +85,9 @@ struct Call {
     customer_cause: Option<String>,
     /// Outbound: the caller number presented on the customer leg, when it is an external number.
     external_line: Option<String>,
+    /// The (ringing, talking) extensions last announced by a `Progress` event.
+    #[serde(default)]
+    progress: (Vec<String>, Vec<String>),
     /// (channel, on hold from, until).
     holds: Vec<(String, Millis, Option<Millis>)>,
     /// The carrier channel without its sequence (`PJSIP/trunk`).
@@ -469,6 +472,61 @@ impl CallModel {
             for v in frame.get_all("ChanVariable") {
                 self.chan_variable(uid, v);
             }
+        }
+        self.progress(frame, out);
+    }
+
+    /// A `Progress` event for each announced call of the frame's channels whose ringing or
+    /// talking extensions changed (and still has some: a call that ends gets its `Hangup`).
+    fn progress(&mut self, f: &Frame, out: &mut Vec<Output>) {
+        let mut keys: Vec<String> = Vec::new();
+        for field in ["Uniqueid", "DestUniqueid"] {
+            if let Some(ch) = f.get(field).and_then(|u| self.channels.get(u)) {
+                if !keys.contains(&ch.call) {
+                    keys.push(ch.call.clone());
+                }
+            }
+        }
+        for key in keys {
+            let Some(call) = self.calls.get_mut(&key) else {
+                continue;
+            };
+            if call.announced.is_empty() {
+                continue;
+            }
+            let now = LiveCall::from_parts(
+                String::new(),
+                Direction::In,
+                String::new(),
+                0,
+                &call.rings,
+                &call.talk,
+            );
+            let state = (now.ringing, now.talking);
+            if state == call.progress {
+                continue;
+            }
+            call.progress = state.clone();
+            if state.0.is_empty() && state.1.is_empty() {
+                continue;
+            }
+            let direction = if call.inbound {
+                Direction::In
+            } else {
+                Direction::Out
+            };
+            let phone = call
+                .customer_number
+                .clone()
+                .or_else(|| call.click_to_call.as_ref().map(|c| c.phone.clone()))
+                .unwrap_or_default();
+            out.push(Output::Live(LiveEvent::Progress {
+                external_id: format!("{}-{}", self.system_id, call.key),
+                phone,
+                direction,
+                ringing: state.0,
+                talking: state.1,
+            }));
         }
     }
 

@@ -250,6 +250,18 @@ pub enum LiveEvent {
         click_to_call: Option<ClickToCall>,
         trunk: Option<String>,
     },
+    /// Who rings and who talks changed (a ring ended, an answer, a transfer): the state after
+    /// the change, for a call already announced by `Ringing` or `Dialing`. CRMs that keep call
+    /// cards per manager (Bitrix24) show and hide them from it; others ignore it.
+    Progress {
+        external_id: String,
+        phone: String,
+        direction: Direction,
+        /// Extensions ringing now.
+        ringing: Vec<String>,
+        /// Extensions talking with the customer now.
+        talking: Vec<String>,
+    },
     /// The call ended.
     Hangup {
         external_id: String,
@@ -266,6 +278,7 @@ impl LiveEvent {
         match self {
             LiveEvent::Ringing { external_id, .. }
             | LiveEvent::Dialing { external_id, .. }
+            | LiveEvent::Progress { external_id, .. }
             | LiveEvent::Hangup { external_id, .. } => external_id,
         }
     }
@@ -275,6 +288,7 @@ impl LiveEvent {
         match self {
             LiveEvent::Ringing { .. } => "ringing",
             LiveEvent::Dialing { .. } => "dialing",
+            LiveEvent::Progress { .. } => "progress",
             LiveEvent::Hangup { .. } => "hangup",
         }
     }

@@ -14,7 +14,7 @@ use crate::base::secret::Secret;
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
 pub struct CrmConfig {
-    /// Which CRM pbxgate talks to: `retailcrm` (the default, and the only one for now).
+    /// Which CRM pbxgate talks to: `retailcrm` (the default) or `bitrix24` (`[bitrix24]`).
     pub kind: CrmKind,
     #[validate(custom(function = "http_url"))]
     pub url: String,
@@ -88,6 +88,9 @@ pub enum CrmKind {
     #[default]
     #[serde(rename = "retailcrm")]
     RetailCrm,
+    /// Bitrix24 external telephony REST (`[bitrix24]`).
+    #[serde(rename = "bitrix24")]
+    Bitrix24,
 }
 
 impl Default for CrmConfig {

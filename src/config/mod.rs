@@ -17,6 +17,8 @@ use crate::base::ident::ExtensionCode;
 mod admin;
 mod ami;
 mod backfill;
+mod bitrix24;
+mod callgate;
 mod calls;
 mod checks;
 mod click_to_call;
@@ -38,6 +40,8 @@ mod storage;
 pub use admin::{AdminConfig, MIN_TOKEN_LEN as ADMIN_MIN_TOKEN_LEN};
 pub use ami::{AmiAuth, AmiConfig};
 pub use backfill::BackfillConfig;
+pub use bitrix24::{webhook_parts, Bitrix24Config, RecordUpload, ShowCard};
+pub use callgate::CallgateConfig;
 pub use calls::{Assignee, CallsConfig, MissedOwner, OutboundLine};
 pub use click_to_call::ClickToCallConfig;
 pub use crm::{CrmConfig, CrmKind};
@@ -62,6 +66,12 @@ pub struct Config {
     pub http: HttpConfig,
     #[validate(nested)]
     pub crm: CrmConfig,
+    /// `[bitrix24]`: the portal, when `crm.kind = "bitrix24"`.
+    #[validate(nested)]
+    pub bitrix24: Bitrix24Config,
+    /// `[callgate]`: the CallGate-compatible PBX API.
+    #[validate(nested)]
+    pub callgate: CallgateConfig,
     #[validate(nested)]
     pub ami: AmiConfig,
     #[validate(nested)]

@@ -1,6 +1,7 @@
 //! The CRM side of pbxgate: the port ([`port`]) that everything else talks to, the neutral
-//! registration loop, and one adapter per CRM ([`retailcrm`]). `crm.kind` selects the adapter.
+//! registration loop, and one adapter per CRM ([`retailcrm`], [`bitrix24`]). `crm.kind` selects the adapter.
 
+pub mod bitrix24;
 pub mod port;
 pub mod registration;
 pub mod retailcrm;
@@ -33,5 +34,6 @@ pub fn connect(
                 .with_state(state);
             Ok(Arc::new(crm))
         }
+        CrmKind::Bitrix24 => Ok(Arc::new(bitrix24::Bitrix24::new(config, state, hooks)?)),
     }
 }

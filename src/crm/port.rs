@@ -154,4 +154,42 @@ pub trait Crm: Send + Sync + 'static {
     fn requests(&self) -> Option<&crate::base::latency::CrmRequests> {
         None
     }
+
+    /// The CRM's own id of a call in progress (Bitrix24's `CALL_ID`), waiting at most `within`
+    /// for the call to be registered; `None` when this CRM has no such id, or not in time.
+    fn call_ref<'a>(
+        &'a self,
+        _external_id: &'a str,
+        _within: std::time::Duration,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+
+    /// The CRM registered this call itself under `crm_ref` (a click-to-call it asked for, by
+    /// its user `user_id`): the call is finished under that id rather than registered again.
+    /// Must be durable before it returns. Nothing by default.
+    fn adopt<'a>(
+        &'a self,
+        _external_id: &'a str,
+        _crm_ref: &'a str,
+        _user_id: i64,
+    ) -> BoxFuture<'a, Result<(), CrmFailure>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A method of the CRM's own API passed through as it is (CallGate's `bitrix_api`): the
+    /// CRM's status and body, unchanged. Refused by CRMs that do not offer it.
+    fn passthrough<'a>(
+        &'a self,
+        method: &'a str,
+        _params: serde_json::Value,
+    ) -> BoxFuture<'a, Result<(u16, Vec<u8>), CrmFailure>> {
+        let name = self.name();
+        Box::pin(async move {
+            Err(CrmFailure {
+                kind: FailureKind::Refused,
+                message: format!("{name} has no API pass-through (method {method})"),
+            })
+        })
+    }
 }

@@ -175,19 +175,30 @@ impl Gate {
                 codes,
                 trunk,
                 ..
-            } => (Direction::In, phone, did.as_deref(), codes, trunk),
+            } => (Direction::In, phone, did.as_deref(), codes.clone(), trunk),
             LiveEvent::Dialing {
                 phone,
                 codes,
                 trunk,
                 ..
-            } => (Direction::Out, phone, None, codes, trunk),
+            } => (Direction::Out, phone, None, codes.clone(), trunk),
             LiveEvent::Hangup {
                 phone,
                 direction,
                 codes,
                 ..
-            } => (*direction, phone, None, codes, &None),
+            } => (*direction, phone, None, codes.clone(), &None),
+            LiveEvent::Progress {
+                phone,
+                direction,
+                ringing,
+                talking,
+                ..
+            } => {
+                let mut codes = ringing.clone();
+                codes.extend(talking.iter().filter(|c| !ringing.contains(c)).cloned());
+                (*direction, phone, None, codes, &None)
+            }
         };
         let phone = self.phones.normalize(phone, trunk.as_deref());
         let did = did.map(|d| self.phones.normalize(d, trunk.as_deref()));
@@ -245,7 +256,9 @@ impl Gate {
                     fix(d);
                 }
             }
-            LiveEvent::Dialing { phone, .. } | LiveEvent::Hangup { phone, .. } => fix(phone),
+            LiveEvent::Dialing { phone, .. }
+            | LiveEvent::Hangup { phone, .. }
+            | LiveEvent::Progress { phone, .. } => fix(phone),
         }
     }
 

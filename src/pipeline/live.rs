@@ -208,6 +208,8 @@ impl Sender {
                 LiveEvent::Ringing { phone, codes, .. }
                 | LiveEvent::Dialing { phone, codes, .. }
                 | LiveEvent::Hangup { phone, codes, .. } => (phone, codes),
+                // Not a stage of its own: sent as the call's state is.
+                LiveEvent::Progress { .. } => return,
             };
             *phone = client_phone(&h.hooks, phone, &full, stage).await;
             let rewritten = futures_util::future::join_all(
@@ -257,6 +259,11 @@ impl Sender {
         let id = e.external_id();
         let kind = e.kind();
         let hangup = matches!(e, LiveEvent::Hangup { .. });
+        let progress = matches!(e, LiveEvent::Progress { .. });
+        if progress && !self.announced().ids.contains(id) {
+            // The call's pop-up never reached the CRM: nothing to update.
+            return;
+        }
         if hangup && !self.announced().take(id) {
             stats.hangups_without_popup.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
@@ -281,7 +288,7 @@ impl Sender {
         match tokio::time::timeout(left, self.crm.publish(&e)).await {
             Ok(Ok(Published::Sent)) => {
                 stats.live_events_sent.fetch_add(1, Ordering::Relaxed);
-                if !hangup {
+                if !hangup && !progress {
                     let first = !self.announced().ids.contains(id);
                     self.announced().insert(id);
                     if let (true, Some(h)) = (first, &self.hooks) {

@@ -499,7 +499,9 @@ impl Crm for RetailCrm {
 
     fn publish<'a>(&'a self, event: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>> {
         async move {
-            let event = to_call_event(&self.config, event);
+            let Some(event) = to_call_event(&self.config, event) else {
+                return Ok(Published::Skipped);
+            };
             // The hook gets half of an event's deadline; past it the event goes as mapped.
             let budget = self.config.calls.live_event_deadline / 2;
             let event = if self.hooks.is_configured(points::PROCESS_CALL_EVENT_PARAMS) {

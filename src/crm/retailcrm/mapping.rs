@@ -42,9 +42,9 @@ pub fn hangup_status(outcome: Outcome) -> HangupStatus {
     }
 }
 
-/// The CRM event for a live event.
-pub fn to_call_event(config: &Config, e: &LiveEvent) -> CallEvent {
-    match e {
+/// The CRM event for a live event; `None` for what retailCRM has no event for (`Progress`).
+pub fn to_call_event(config: &Config, e: &LiveEvent) -> Option<CallEvent> {
+    let ev = match e {
         LiveEvent::Ringing {
             external_id,
             phone,
@@ -89,7 +89,9 @@ pub fn to_call_event(config: &Config, e: &LiveEvent) -> CallEvent {
             ev.call_external_id = Some(external_id.clone());
             ev
         }
-    }
+        LiveEvent::Progress { .. } => return None,
+    };
+    Some(ev)
 }
 
 /// The `calls/upload` entry for a finished call; `date` in the account's time zone.
