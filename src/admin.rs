@@ -378,9 +378,10 @@ impl Admin {
     /// Registers the module with the CRM again.
     pub async fn register(&self) -> Result<Value, OpError> {
         if !self.crm.is_configured() {
-            return Err(OpError::Conflict(
-                "crm.api_key is empty: there is nothing to register with".into(),
-            ));
+            return Err(OpError::Conflict(format!(
+                "{}: there is nothing to register with",
+                self.crm.unconfigured()
+            )));
         }
         match self.crm.register().await {
             Ok(()) => {

@@ -244,8 +244,12 @@ impl Application {
         let mut tasks = Tasks::default();
         let stopping = tokio::sync::watch::Sender::new(false);
         let registration = if !crm.is_configured() {
-            tracing::warn!("crm.api_key is empty: not talking to retailCRM (set it in the config or PBXGATE__CRM__API_KEY)");
-            RegistrationStatus::new(RegistrationState::Disabled("crm.api_key is empty"))
+            tracing::warn!(
+                "{}: not talking to {} (set it in the config or as a PBXGATE__ variable)",
+                crm.unconfigured(),
+                crm.name()
+            );
+            RegistrationStatus::new(RegistrationState::Disabled(crm.unconfigured()))
         } else if !config.crm.register_on_start {
             RegistrationStatus::new(RegistrationState::Disabled("crm.register_on_start = false"))
         } else {

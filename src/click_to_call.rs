@@ -114,6 +114,67 @@ impl From<AmiError> for ClickToCallError {
     }
 }
 
+/// A fresh ChannelId for a click-to-call.
+fn new_call_id() -> String {
+    format!(
+        "{CHANNEL_ID_PREFIX}{}-{:08x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+        rand::random::<u32>()
+    )
+}
+
+/// The history record of a call the CRM asked for that was never placed: outbound, failed,
+/// no time spent.
+fn unplaced_call(
+    external_id: &str,
+    code: Option<&str>,
+    phone: &str,
+    user_id: i64,
+    reason: &str,
+) -> crate::calls::CallRecord {
+    use crate::calls::{CallRecord, Direction, Outcome as CallOutcome};
+    let now = crate::base::clock::now_ms();
+    tracing::warn!(id = external_id, code = code.unwrap_or(""), phone = %mask_number(phone), %reason,
+        "the call the CRM asked for was not placed; it is finished as failed");
+    CallRecord {
+        external_id: external_id.to_string(),
+        linkedid: external_id.to_string(),
+        direction: Direction::Out,
+        customer_number: phone.to_string(),
+        did: None,
+        code: code.map(str::to_string),
+        user_id: Some(user_id),
+        external_phone: None,
+        start: now,
+        answer: None,
+        end: now,
+        wait_seconds: 0,
+        talk_seconds: 0,
+        connected_seconds: 0,
+        outcome: CallOutcome::Failed,
+        answered_by: None,
+        final_extension: None,
+        placed_by: code.map(str::to_string),
+        click_to_call: true,
+        rings: Vec::new(),
+        talk: Vec::new(),
+        recordings: Vec::new(),
+        customer_dial_status: None,
+        reaped: false,
+        trunk: None,
+        phone_original: None,
+        registration: Some(format!("not placed: {reason}")),
+        ignored: false,
+        main_channel: None,
+        conversations: Vec::new(),
+        from_number: code.map(str::to_string),
+        to_number: Some(phone.to_string()),
+    }
+}
+
 /// What the endpoint answers on success.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -129,6 +190,8 @@ struct Limiter {
     global: VecDeque<Instant>,
     /// ActionID → (call id, code, masked number), to log the OriginateResponse.
     in_flight: HashMap<String, (String, String, String, Instant)>,
+    /// The CRM's ids of calls it asked for lately (its events arrive twice).
+    crm_refs: HashMap<String, Instant>,
 }
 
 #[derive(Clone)]
@@ -158,6 +221,7 @@ impl ClickToCall {
                 per_extension: HashMap::new(),
                 global: VecDeque::new(),
                 in_flight: HashMap::new(),
+                crm_refs: HashMap::new(),
             })),
         }
     }
@@ -338,6 +402,94 @@ fn plain(text: &str, max: usize) -> String {
 impl ClickToCall {
     /// Deduplicates, rate-limits and originates.
     pub async fn call(&self, req: MakeCall) -> Result<Outcome, ClickToCallError> {
+        self.call_as(req, new_call_id()).await
+    }
+
+    /// A call the CRM registered itself under `crm_ref` and asks us to place (Bitrix24's
+    /// `ONEXTERNALCALLSTART`; an empty `crm_ref`: a callback it has no id for yet). The CRM's
+    /// id is handed to the CRM adapter durably before the Originate, so the call that follows
+    /// is finished under it; a call that cannot be placed is finished too (a failed outbound
+    /// call through the history), so no card stays open in the CRM. The same `crm_ref` again
+    /// within [`REMEMBER_FOR`] is a repeated event: answered, nothing placed.
+    pub async fn call_for_crm(
+        &self,
+        req: MakeCall,
+        crm_ref: &str,
+        crm: &dyn crate::crm::Crm,
+        outbox: &crate::outbox::Outbox,
+    ) -> Result<Outcome, ClickToCallError> {
+        if !crm_ref.is_empty() {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            st.crm_refs
+                .retain(|_, at| now.duration_since(*at) < REMEMBER_FOR);
+            if st.crm_refs.insert(crm_ref.to_string(), now).is_some() {
+                tracing::info!(crm_ref, "the CRM asked for this call again; placed once");
+                return Ok(Outcome::Duplicate);
+            }
+        }
+        let call_id = new_call_id();
+        let external_id = format!("{}-{call_id}", self.config.pbx.system_id);
+        if let Err(e) = crm.adopt(&external_id, crm_ref, req.user_id).await {
+            // Without the CRM's id the call would be registered twice: not placed.
+            tracing::error!(crm_ref, error = %e, "cannot keep the CRM's call id; the call is not placed");
+            return Err(ClickToCallError::Declined(format!(
+                "cannot keep the CRM's call id: {e}"
+            )));
+        }
+        let placed = self.call_as(req.clone(), call_id).await;
+        let reason = match &placed {
+            Ok(Outcome::Originated { .. }) => return placed,
+            Ok(Outcome::Duplicate) => "the same call was placed moments ago".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let record = unplaced_call(
+            &external_id,
+            Some(req.code.as_str()),
+            req.phone.as_str(),
+            req.user_id,
+            &reason,
+        );
+        if let Err(e) = outbox.enqueue(record).await {
+            tracing::error!(crm_ref, error = %e, "cannot queue the unplaced call; its CRM card stays open");
+        }
+        placed
+    }
+
+    /// A call the CRM registered under `crm_ref` that cannot be placed at all (its user has
+    /// no extension): finished as a failed outbound call, so its card does not stay open.
+    pub async fn refuse_for_crm(
+        &self,
+        crm_ref: &str,
+        phone: &str,
+        user_id: i64,
+        reason: &str,
+        crm: &dyn crate::crm::Crm,
+        outbox: &crate::outbox::Outbox,
+    ) {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st
+                .crm_refs
+                .insert(crm_ref.to_string(), Instant::now())
+                .is_some()
+            {
+                return;
+            }
+        }
+        let external_id = format!("{}-{}", self.config.pbx.system_id, new_call_id());
+        if let Err(e) = crm.adopt(&external_id, crm_ref, user_id).await {
+            tracing::error!(crm_ref, error = %e, "cannot keep the CRM's call id; its card stays open");
+            return;
+        }
+        let record = unplaced_call(&external_id, None, phone, user_id, reason);
+        if let Err(e) = outbox.enqueue(record).await {
+            tracing::error!(crm_ref, error = %e, "cannot queue the unplaced call; its CRM card stays open");
+        }
+    }
+
+    /// [`ClickToCall::call`] with the ChannelId given.
+    async fn call_as(&self, req: MakeCall, call_id: String) -> Result<Outcome, ClickToCallError> {
         let key = (
             req.code.as_str().to_string(),
             req.phone.as_str().to_string(),
@@ -385,14 +537,6 @@ impl ClickToCall {
             st.global.push_back(now);
         }
 
-        let call_id = format!(
-            "{CHANNEL_ID_PREFIX}{}-{:08x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-            rand::random::<u32>()
-        );
         let params = match self
             .customize(&req, &call_id, self.default_params(&req))
             .await

@@ -106,6 +106,11 @@ pub trait Crm: Send + Sync + 'static {
     /// False without credentials: nothing is sent, and startup says why.
     fn is_configured(&self) -> bool;
 
+    /// What is missing when [`Crm::is_configured`] is false (names the config keys).
+    fn unconfigured(&self) -> &'static str {
+        "crm.api_key is empty"
+    }
+
     /// Changes whenever a request succeeds: after an outage, the first request to get through
     /// tells the others that the CRM is back, so that backlogs do not wait out their backoff.
     fn successes(&self) -> tokio::sync::watch::Receiver<u64>;

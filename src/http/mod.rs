@@ -1,6 +1,8 @@
-//! The HTTP server: retailCRM's callbacks, health/readiness, the admin page and its assets.
+//! The HTTP server: the CRMs' callbacks (retailCRM's, Bitrix24's events), the PBX's endpoints,
+//! health/readiness, the admin page and its assets.
 
 pub(crate) mod admin;
+pub(crate) mod bitrix24;
 pub(crate) mod callbacks;
 pub mod conn;
 pub(crate) mod error;
@@ -55,6 +57,8 @@ pub mod paths {
     pub const PBX_EVENTS: &str = "/pbx/events";
     /// The routing lookup for the dialplan (`pbx.token` as Bearer or `token=`).
     pub const PBX_ROUTE: &str = "/pbx/route";
+    /// What the Bitrix24 portal posts (click-to-call, callbacks).
+    pub const BITRIX24_EVENTS: &str = "/bitrix24/events";
     /// Recordings: `/records/{token}.{ext}` (see [`crate::records`]).
     pub const RECORDING: &str = "/records/{name}";
 }
@@ -326,6 +330,11 @@ fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(web::resource(paths::ACTIVITY).route(web::post().to(callbacks::activity)))
         .service(web::resource(paths::PBX_EVENTS).route(web::post().to(pbx::events)))
+        .service(
+            web::resource(paths::BITRIX24_EVENTS)
+                .app_data(web::PayloadConfig::new(bitrix24::MAX_BODY))
+                .route(web::post().to(bitrix24::events)),
+        )
         .service(web::resource(paths::PBX_ROUTE).route(web::get().to(pbx::route)))
         .service(
             web::resource(paths::RECORDING)

@@ -63,10 +63,10 @@ fn readiness(state: &AppState, store_ok: bool, history: &crate::outbox::Status) 
         }
     }
     if !state.crm.is_configured() {
-        warnings.push(
-            "crm.api_key is empty: calls are tracked and kept, nothing is sent to a CRM"
-                .to_string(),
-        );
+        warnings.push(format!(
+            "{}: calls are tracked and kept, nothing is sent to a CRM",
+            state.crm.unconfigured()
+        ));
     }
     let rejected = state.crm.requests().and_then(|r| r.rejected());
     if let Some(why) = &rejected {

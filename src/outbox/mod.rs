@@ -431,7 +431,7 @@ impl Outbox {
     async fn drain_inner(&self) -> Drain {
         let inner = &self.inner;
         if !inner.crm.is_configured() {
-            return Drain::Paused("crm.api_key is empty");
+            return Drain::Paused(inner.crm.unconfigured());
         }
         if !inner
             .activity

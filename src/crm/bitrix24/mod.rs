@@ -4,7 +4,10 @@
 
 pub mod adapter;
 pub mod client;
+pub mod directory;
 pub mod error;
+pub mod events;
+pub mod mapping;
 pub mod oauth;
 
 pub use adapter::Bitrix24;
