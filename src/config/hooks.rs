@@ -38,6 +38,12 @@ pub const HOOK_POINTS: &[&str] = &[
     "post_registration",
     "process_call_event_params",
     "process_upload_params",
+    "process_registration_params",
+    "customize_show_call_card",
+    "process_final_params",
+    "customize_attach_record_url",
+    "customize_activity",
+    "customize_entity",
 ];
 
 /// The shortest and the longest hook timeout accepted.

@@ -85,6 +85,8 @@ pub enum FieldKind {
     /// An object whose values are all strings (e.g. channel variables).
     StringMap,
     Array,
+    /// Anything but `null`.
+    Any,
 }
 
 impl FieldKind {
@@ -105,6 +107,7 @@ impl FieldKind {
                 .as_object()
                 .is_some_and(|m| m.values().all(Value::is_string)),
             FieldKind::Array => v.is_array(),
+            FieldKind::Any => !v.is_null(),
         }
     }
 
@@ -120,6 +123,7 @@ impl FieldKind {
             FieldKind::OptObject => "an object or null",
             FieldKind::StringMap => "an object of strings",
             FieldKind::Array => "an array",
+            FieldKind::Any => "a value (not null)",
         }
     }
 }
@@ -445,7 +449,9 @@ fn accept(body: &[u8], fields: &[(&str, FieldKind)]) -> Result<Map<String, Value
         Some(_) => return Err(HookFailure::NotJson("data is not an object".into())),
     };
     for (key, value) in &data {
-        let Some((_, kind)) = fields.iter().find(|(name, _)| name == key) else {
+        // A point that takes any field (a CRM record's fields) lists `*`.
+        let named = fields.iter().find(|(name, _)| name == key);
+        let Some((_, kind)) = named.or_else(|| fields.iter().find(|(name, _)| *name == "*")) else {
             return Err(HookFailure::UnknownField(one_line(key, 100)));
         };
         if !kind.accepts(value) {

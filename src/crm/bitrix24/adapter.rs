@@ -40,14 +40,18 @@ use serde_json::{json, Value};
 
 use super::directory::{id_of, Directory};
 use super::mapping::{finish_params, Registration, TYPE_CALLBACK, TYPE_INCOMING, TYPE_OUTGOING};
+use super::points;
 use super::{B24Client, B24Error};
 use crate::base::clock::now_ms;
+use crate::calls::full::{call_full, call_full_live};
 use crate::calls::{CallRecord, Direction, LiveEvent, Outcome};
 use crate::config::{Config, RecordUpload, ShowCard};
 use crate::crm::port::{
     Crm, CrmFailure, Delivery, DirectoryEntry, FailureKind, Finished, Published, Responsible,
 };
 use crate::hooks::Hooks;
+use crate::hooks::Stage;
+use crate::phone::PhoneBook;
 use crate::store::crm_state::CrmState;
 
 const CALL_PREFIX: &str = "bitrix24:call:";
@@ -91,8 +95,10 @@ struct Inner {
     client: B24Client,
     config: Arc<Config>,
     state: Option<CrmState>,
-    #[allow(dead_code)]
+    /// Bitrix24's own customisation points (see [`points`]).
     hooks: Hooks,
+    /// For `call_full`.
+    phones: PhoneBook,
     portal: String,
     directory: Directory,
     /// One task at a time per call: live events and the delivery never register twice.
@@ -115,6 +121,7 @@ impl Bitrix24 {
                 client,
                 portal: config.bitrix24.portal_origin(),
                 directory: Directory::new(&config.users, state.clone()),
+                phones: PhoneBook::new(&config.phone),
                 config,
                 state,
                 hooks,
@@ -226,8 +233,14 @@ impl Inner {
         id: &str,
         reg: Registration,
         mut entry: Entry,
+        full: impl FnOnce() -> Value,
+        stage: Stage,
     ) -> Result<Entry, CrmFailure> {
         let params = reg.params(&self.tz());
+        let params = points::registration(&self.hooks, id, params, full, stage).await;
+        let user_id = params["USER_ID"].as_i64().unwrap_or(reg.user_id);
+        let shown = params["SHOW"].as_i64() == Some(1);
+        let kind = params["TYPE"].as_i64().unwrap_or(reg.kind);
         let result = self
             .client
             .call("telephony.externalcall.register", params)
@@ -240,20 +253,49 @@ impl Inner {
             });
         };
         entry.call_id = call_id.to_string();
-        entry.user_id = reg.user_id;
-        if reg.show {
-            entry.shown.insert(reg.user_id);
+        entry.user_id = user_id;
+        if shown {
+            entry.shown.insert(user_id);
         }
         self.save(id, entry.clone(), true).await?;
         self.registered.send_modify(|n| *n += 1);
-        tracing::info!(
-            id,
-            call_id,
-            user_id = reg.user_id,
-            kind = reg.kind,
-            "call registered in Bitrix24"
-        );
+        tracing::info!(id, call_id, user_id, kind, "call registered in Bitrix24");
         Ok(entry)
+    }
+
+    fn live_full(&self, e: &LiveEvent) -> Value {
+        let tz = jiff::tz::TimeZone::system();
+        call_full_live(e, now_ms(), &self.config.pbx.system_id, &self.phones, &tz)
+    }
+
+    fn full(&self, r: &CallRecord) -> Value {
+        call_full(r, &self.phones, &jiff::tz::TimeZone::system())
+    }
+
+    /// The users to show a card to, as `customize_show_call_card` leaves them.
+    async fn card_users(
+        &self,
+        call_id: &str,
+        users: BTreeSet<i64>,
+        e: &LiveEvent,
+    ) -> BTreeSet<i64> {
+        if !self.hooks.is_configured(points::CUSTOMIZE_SHOW_CALL_CARD) {
+            return users;
+        }
+        let stage = match e {
+            LiveEvent::Progress { talking, .. } if !talking.is_empty() => {
+                Stage::ConversationAccepted
+            }
+            _ => Stage::ConversationRequested,
+        };
+        let mut out = BTreeSet::new();
+        for u in users {
+            let full = || self.live_full(e);
+            out.insert(
+                points::show_card(&self.hooks, e.external_id(), call_id, u, full, stage).await,
+            );
+        }
+        out
     }
 
     /// Shows the card to `show` and hides it from `hide` (one request when both).
@@ -324,16 +366,25 @@ impl Inner {
                             show: show_card == ShowCard::Ringing && known,
                             external_id: id.clone(),
                         };
-                        let entry = self.register(&id, reg, Entry::default()).await?;
+                        let full = || self.live_full(&event);
+                        let entry = self
+                            .register(
+                                &id,
+                                reg,
+                                Entry::default(),
+                                full,
+                                Stage::ConversationRequested,
+                            )
+                            .await?;
                         let rest: BTreeSet<i64> = users.difference(&entry.shown).copied().collect();
                         if show_card == ShowCard::Ringing && !rest.is_empty() {
-                            self.show_more(&id, entry, rest).await?;
+                            self.show_more(&id, entry, rest, &event).await?;
                         }
                     }
                     Some(entry) => {
                         let rest: BTreeSet<i64> = users.difference(&entry.shown).copied().collect();
                         if show_card == ShowCard::Ringing && !rest.is_empty() && !entry.finished {
-                            self.show_more(&id, entry, rest).await?;
+                            self.show_more(&id, entry, rest, &event).await?;
                         }
                     }
                 }
@@ -376,7 +427,10 @@ impl Inner {
                             show: show_card == ShowCard::Ringing,
                             external_id: id.clone(),
                         };
-                        self.register(&id, reg, other.unwrap_or_default()).await?
+                        let full = || self.live_full(&event);
+                        let stage = Stage::ConversationRequested;
+                        self.register(&id, reg, other.unwrap_or_default(), full, stage)
+                            .await?
                     }
                 };
                 let want: BTreeSet<i64> = if show_card == ShowCard::Ringing {
@@ -386,7 +440,7 @@ impl Inner {
                 };
                 let rest: BTreeSet<i64> = want.difference(&entry.shown).copied().collect();
                 if !rest.is_empty() && !entry.finished {
-                    self.show_more(&id, entry, rest).await?;
+                    self.show_more(&id, entry, rest, &event).await?;
                 }
                 Ok(Published::Sent)
             }
@@ -403,14 +457,21 @@ impl Inner {
                     ShowCard::None => BTreeSet::new(),
                 };
                 let show: BTreeSet<i64> = want.difference(&entry.shown).copied().collect();
-                let hide: BTreeSet<i64> = entry.shown.difference(&want).copied().collect();
+                let show = self.card_users(&entry.call_id, show, &event).await;
+                let hide: BTreeSet<i64> = entry
+                    .shown
+                    .difference(&want)
+                    .filter(|u| !show.contains(u))
+                    .copied()
+                    .collect();
                 if show.is_empty() && hide.is_empty() {
                     return Ok(Published::Skipped);
                 }
                 self.cards(&entry.call_id, &show, &hide)
                     .await
                     .map_err(|e| e.failure())?;
-                entry.shown = want;
+                entry.shown.retain(|u| !hide.contains(u));
+                entry.shown.extend(show);
                 self.save(&id, entry, false).await?;
                 Ok(Published::Sent)
             }
@@ -424,7 +485,9 @@ impl Inner {
         id: &str,
         mut entry: Entry,
         users: BTreeSet<i64>,
+        event: &LiveEvent,
     ) -> Result<(), CrmFailure> {
+        let users = self.card_users(&entry.call_id, users, event).await;
         self.cards(&entry.call_id, &users, &BTreeSet::new())
             .await
             .map_err(|e| e.failure())?;
@@ -485,7 +548,15 @@ impl Inner {
             show: false,
             external_id: r.external_id.clone(),
         };
-        self.register(&r.external_id, reg, Entry::default()).await
+        let full = || self.full(r);
+        self.register(
+            &r.external_id,
+            reg,
+            Entry::default(),
+            full,
+            Stage::CallEnded,
+        )
+        .await
     }
 
     async fn deliver(self: Arc<Self>, calls: Vec<(CallRecord, Option<String>)>) -> Vec<Delivery> {
@@ -522,6 +593,11 @@ impl Inner {
             let (r, url) = &calls[*i];
             let finisher = self.finisher(r, entry);
             if !entry.finished {
+                let finish = finish_params(&entry.call_id, finisher, r);
+                let finish =
+                    points::final_params(&self.hooks, &r.external_id, finish, || self.full(r))
+                        .await;
+                let finisher = finish["USER_ID"].as_i64().unwrap_or(finisher);
                 let mut hide: BTreeSet<i64> = entry.shown.clone();
                 hide.extend(self.users_of(r.rings.iter().map(|x| &x.extension)));
                 hide.extend(self.users_of(r.talk.iter().map(|x| &x.extension)));
@@ -536,10 +612,12 @@ impl Inner {
                 cmds.push((
                     format!("f{i}"),
                     "telephony.externalcall.finish".into(),
-                    finish_params(&entry.call_id, finisher, r),
+                    finish,
                 ));
             }
             if let Some(record) = self.record_params(entry, r, url.as_deref()).await {
+                let record =
+                    points::record(&self.hooks, &r.external_id, record, || self.full(r)).await;
                 cmds.push((
                     format!("r{i}"),
                     "telephony.externalCall.attachRecord".into(),
@@ -568,7 +646,12 @@ impl Inner {
             let id = &r.external_id;
             if !entry.finished {
                 match answer.errors.get(&format!("f{i}")) {
-                    None => entry.finished = true,
+                    None => {
+                        entry.finished = true;
+                        if let Some(row) = answer.results.get(&format!("f{i}")) {
+                            self.after_finish(r, row).await;
+                        }
+                    }
                     Some(e) if e.is_call_not_found() => {
                         tracing::info!(id = %id, "Bitrix24 had finished this call already (an earlier answer was lost)");
                         entry.finished = true;
@@ -610,6 +693,52 @@ impl Inner {
         }
         drop(guards);
         finish_out(out)
+    }
+
+    /// `customize_activity` and `customize_entity`, once the portal finished the call: the
+    /// fields they give are written to the call's activity and to its lead, contact or
+    /// company. A failure is logged; the call stays delivered.
+    async fn after_finish(&self, r: &CallRecord, row: &Value) {
+        let id = &r.external_id;
+        if let Some(activity) = id_of(&row["CRM_ACTIVITY_ID"]) {
+            let about = json!({"id": activity, "type": "activity", "raw": row});
+            let fields =
+                points::update_fields(&self.hooks, points::CUSTOMIZE_ACTIVITY, id, about, || {
+                    self.full(r)
+                })
+                .await;
+            if !fields.is_empty() {
+                let params = json!({"id": activity, "fields": fields});
+                if let Err(e) = self.client.call("crm.activity.update", params).await {
+                    tracing::warn!(id = %id, error = %e, "customize_activity: Bitrix24 refused the update");
+                }
+            }
+        }
+        let kind = row["CRM_ENTITY_TYPE"]
+            .as_str()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if let (Some(entity), true) = (
+            id_of(&row["CRM_ENTITY_ID"]),
+            matches!(kind.as_str(), "lead" | "contact" | "company"),
+        ) {
+            let about = json!({"id": entity, "type": kind});
+            let fields =
+                points::update_fields(&self.hooks, points::CUSTOMIZE_ENTITY, id, about, || {
+                    self.full(r)
+                })
+                .await;
+            if !fields.is_empty() {
+                let params = json!({"id": entity, "fields": fields});
+                if let Err(e) = self
+                    .client
+                    .call(&format!("crm.{kind}.update"), params)
+                    .await
+                {
+                    tracing::warn!(id = %id, error = %e, "customize_entity: Bitrix24 refused the update");
+                }
+            }
+        }
     }
 
     /// `attachRecord`'s parameters, for an answered call with audio whose record is due.

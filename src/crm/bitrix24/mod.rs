@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod mapping;
 pub mod oauth;
+pub mod points;
 
 pub use adapter::Bitrix24;
 pub use client::B24Client;
