@@ -74,7 +74,8 @@ function links(s) {
   }
   const crm = s.crm || {};
   let level = 'ok', state = crm.registration, detail = crm.url || '';
-  if (!crm.configured) { level = 'warn'; state = 'not configured'; detail = 'crm.api_key is empty'; }
+  if (!crm.configured) { level = 'warn'; state = 'not configured'; detail = crm.unconfigured || 'crm.api_key is empty'; }
+  else if (crm.refused) { level = 'bad'; state = 'credentials refused'; detail = crm.refused; }
   else if (crm.registration === 'failed') { level = 'bad'; detail = crm.registrationError || ''; }
   else if (crm.registration === 'pending') { level = 'warn'; }
   else if (crm.registration === 'disabled') { detail = crm.registrationError || detail; }

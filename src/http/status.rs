@@ -138,7 +138,10 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         "uptimeSeconds": state.started.elapsed().as_secs(),
         "store": { "ok": store_ok },
         "crm": {
+            "name": state.crm.name(),
             "configured": state.crm.is_configured(),
+            "unconfigured": (!state.crm.is_configured()).then(|| state.crm.unconfigured()),
+            "refused": state.crm.requests().and_then(|r| r.rejected()),
             "url": state.crm.url(),
             "registration": registration,
             "registrationError": registration_error,

@@ -339,8 +339,19 @@ impl Inner {
         }
     }
 
+    /// Loads the user directory if it never was (a call right after start): otherwise its
+    /// first event would go to the default user.
+    async fn ensure_directory(&self) {
+        if self.directory.never_loaded() && self.directory.ask_reload() {
+            if let Err(e) = self.directory.reload(&self.client).await {
+                tracing::warn!(error = %e, "cannot load the Bitrix24 user directory");
+            }
+        }
+    }
+
     async fn publish(self: Arc<Self>, event: LiveEvent) -> Result<Published, CrmFailure> {
         let id = event.external_id().to_string();
+        self.ensure_directory().await;
         let _turn = self.lock(&id).await;
         let show_card = self.config.bitrix24.show_card;
         let existing = self.entry(&id);
@@ -560,6 +571,7 @@ impl Inner {
     }
 
     async fn deliver(self: Arc<Self>, calls: Vec<(CallRecord, Option<String>)>) -> Vec<Delivery> {
+        self.ensure_directory().await;
         let mut out: Vec<Option<Delivery>> = vec![None; calls.len()];
         let mut guards = Vec::with_capacity(calls.len());
         // (index, entry) of the calls that get commands in the batch.

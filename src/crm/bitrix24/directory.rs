@@ -82,6 +82,11 @@ impl Directory {
         out
     }
 
+    /// Never loaded from the portal since start (a snapshot from the store may be in use).
+    pub fn never_loaded(&self) -> bool {
+        read(&self.loaded).is_none()
+    }
+
     /// Whether a reload is due (never loaded, or older than `every`).
     pub fn stale(&self, every: Duration) -> bool {
         read(&self.loaded).is_none_or(|at| at.elapsed() >= every)
