@@ -3,6 +3,7 @@
 
 pub mod captures;
 pub mod fake_ami;
+pub mod fake_bitrix24;
 pub mod fake_crm;
 
 use std::net::{SocketAddr, TcpListener};
@@ -25,6 +26,7 @@ use pbxgate::store::Store;
 use tempfile::TempDir;
 
 pub use fake_ami::FakeAmi;
+pub use fake_bitrix24::FakeBitrix24;
 pub use fake_crm::{FakeCrm, Fault};
 
 /// Logs go to the test output when `TEST_LOG` is set.
