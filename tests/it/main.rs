@@ -18,6 +18,7 @@ mod click_to_call;
 mod crm_client;
 mod dashboard;
 mod demo;
+mod bitrix24;
 mod fake_bitrix24;
 mod hook_failures;
 mod hook_originate;
