@@ -1,10 +1,11 @@
 //! The Bitrix24 adapter (external telephony REST): the client with the portal's leaky bucket,
-//! typed errors and OAuth tokens ([`client`], [`error`], [`oauth`]), and the port's
+//! typed errors and OAuth tokens ([`client`], [`limiter`], [`error`], [`oauth`]), and the port's
 //! implementation ([`adapter`]).
 
 pub mod adapter;
 pub mod client;
 pub mod error;
+pub mod limiter;
 pub mod oauth;
 
 pub use adapter::Bitrix24;
