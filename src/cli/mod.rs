@@ -1,8 +1,9 @@
-//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill|hooks]`.
-//! Only `main.rs` uses it; the operator commands that own a module are `outbox`, `backfill` and
-//! `hooks`.
+//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill|hooks|bitrix24]`.
+//! Only `main.rs` uses it; the operator commands that own a module are `outbox`, `backfill`,
+//! `hooks` and `bitrix24`.
 
 mod backfill;
+mod bitrix24;
 mod demo;
 mod hooks;
 mod outbox;
@@ -63,6 +64,11 @@ pub enum Command {
     },
     /// Try it on one machine: a simulated Asterisk and a sandbox CRM, a temporary store.
     Demo(demo::DemoArgs),
+    /// Bitrix24: authorise pbxgate as the portal's local application (OAuth).
+    Bitrix24 {
+        #[command(subcommand)]
+        command: bitrix24::Bitrix24Command,
+    },
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -116,6 +122,7 @@ pub fn main() -> ExitCode {
             Command::Outbox { offline, command } => outbox::run(&config, command, offline).await,
             Command::Backfill(args) => backfill::run(&config, &args).await,
             Command::Hooks { command } => hooks::run(&config, command).await,
+            Command::Bitrix24 { command } => bitrix24::run(&config, command).await,
             // Started above, before any configuration is loaded.
             Command::Demo(_) => ExitCode::SUCCESS,
         }

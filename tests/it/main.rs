@@ -9,6 +9,7 @@ mod admin_api;
 mod ami_client;
 mod ami_parser;
 mod backfill;
+mod bitrix24_client;
 mod call_credit;
 mod call_scenarios;
 mod call_tracking;

@@ -1,5 +1,7 @@
 //! The Bitrix24 adapter (external telephony REST): the client with the portal's leaky bucket,
-//! typed errors and OAuth tokens ([`client`], [`error`], [`oauth`]), and the port's
+//! typed errors and OAuth tokens ([`client`], [`limiter`], [`error`], [`oauth`]); the user
+//! directory ([`directory`]); the mapping of calls to `register`/`finish` ([`mapping`]); the
+//! portal's customisation points ([`points`]); the events it posts ([`events`]); and the port's
 //! implementation ([`adapter`]).
 
 pub mod adapter;
@@ -7,6 +9,7 @@ pub mod client;
 pub mod directory;
 pub mod error;
 pub mod events;
+pub mod limiter;
 pub mod mapping;
 pub mod oauth;
 pub mod points;
