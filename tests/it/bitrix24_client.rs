@@ -223,7 +223,14 @@ async fn dispatch(
         "batch" => {
             let mut results = serde_json::Map::new();
             let mut errors = serde_json::Map::new();
-            for (key, cmd) in json["cmd"].as_object().cloned().unwrap_or_default() {
+            // A list of commands, as the client sends them: answered by position (PHP keeps
+            // the positions as the keys of sparse arrays).
+            let list = json["cmd"].as_array().cloned().unwrap_or_default();
+            for (key, cmd) in list
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (i.to_string(), c))
+            {
                 let cmd = cmd.as_str().unwrap_or_default().to_string();
                 let (m, q) = cmd.split_once('?').unwrap_or((&cmd, ""));
                 if m == "fail" {

@@ -206,7 +206,10 @@ impl B24Client {
         if cmds.is_empty() {
             return Ok(BatchResult::default());
         }
-        let mut cmd = Map::new();
+        // A list, not an object: the portal runs the commands in the order it reads them, and
+        // a JSON object's keys have no order of their own. Answers come back by position.
+        let mut cmd: Vec<Value> = Vec::with_capacity(cmds.len());
+        let mut keys: Vec<&str> = Vec::with_capacity(cmds.len());
         for (key, method, params) in cmds {
             if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(bad_request(format!(
@@ -225,17 +228,27 @@ impl B24Client {
             } else {
                 format!("{method}?{query}")
             };
-            if cmd.insert(key.clone(), Value::String(line)).is_some() {
+            if keys.contains(&key.as_str()) {
                 return Err(bad_request(format!("batch key {key:?} is given twice")));
             }
+            keys.push(key);
+            cmd.push(Value::String(line));
         }
+        let key_of = |position: String| -> String {
+            position
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| keys.get(i))
+                .map_or(position, |k| k.to_string())
+        };
         let params = serde_json::json!({"halt": u8::from(halt), "cmd": cmd});
         let result = self.call("batch", params).await?;
         let mut out = BatchResult::default();
         for (key, value) in entries(result.get("result")) {
-            out.results.insert(key, value.clone());
+            out.results.insert(key_of(key), value.clone());
         }
         for (key, value) in entries(result.get("result_error")) {
+            let key = key_of(key);
             let (code, description) = body_error(value)
                 .unwrap_or_else(|| (String::new(), one_line(&value.to_string(), DESCRIPTION_MAX)));
             out.errors.insert(
