@@ -807,3 +807,41 @@ fn a_call_journaled_by_the_previous_version_resumes() {
     expected.conversations[0].channel_name = String::new();
     assert_eq!(**resumed, expected);
 }
+
+/// The `Progress` events of a capture: (ringing, talking) after each change.
+fn progress_of(out: &[Output]) -> Vec<(Vec<String>, Vec<String>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Live(LiveEvent::Progress {
+                ringing, talking, ..
+            }) => Some((ringing.clone(), talking.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn v(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn progress_follows_who_rings_and_who_talks() {
+    // Ring group 101 & 102; 101 answers (102's ring ends); the call ends with a hangup.
+    let (_, out) = run(&timed_frames("03_inbound_from_trunk"));
+    let p = progress_of(&out);
+    assert_eq!(p.first(), Some(&(v(&["101"]), v(&[]))), "{p:?}");
+    assert!(p.contains(&(v(&["101", "102"]), v(&[]))), "{p:?}");
+    assert_eq!(p.last(), Some(&(v(&[]), v(&["101"]))), "{p:?}");
+    // Nothing but changes: no two equal states in a row.
+    assert!(p.windows(2).all(|w| w[0] != w[1]), "{p:?}");
+
+    // Blind transfer: 101 talks, then 102 rings and talks.
+    let (_, out) = run(&timed_frames("07_inbound_blind_transfer"));
+    let p = progress_of(&out);
+    assert!(p.contains(&(v(&[]), v(&["101"]))), "{p:?}");
+    assert_eq!(p.last(), Some(&(v(&[]), v(&["102"]))), "{p:?}");
+
+    // An internal call is never announced: no progress either.
+    let (_, out) = run(&timed_frames("12_internal_101_to_102"));
+    assert!(progress_of(&out).is_empty());
+}
