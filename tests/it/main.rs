@@ -12,6 +12,7 @@ mod backfill;
 mod call_credit;
 mod call_scenarios;
 mod call_tracking;
+mod callgate;
 mod cli;
 mod cli_online;
 mod click_to_call;
