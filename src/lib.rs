@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod base;
+pub mod callgate;
 pub mod calls;
 pub mod check;
 pub mod cli;

@@ -27,6 +27,10 @@ pub enum Kind {
     Answer,
     Transfer,
     Hangup,
+    /// The extension stopped ringing without answering (its pop-up is closed): CallGate's
+    /// `telephony_hide`. Not posted to `/pbx/events`.
+    #[serde(rename = "ring_end")]
+    RingEnd,
 }
 
 /// One event as posted. Validated by [`parse_events`].
@@ -222,6 +226,9 @@ pub struct WebCall {
     /// Outbound: the extension that placed the call (`extension` on `start`).
     #[serde(default)]
     placed_by: Option<String>,
+    /// The (ringing, talking) extensions last announced by a `Progress` event.
+    #[serde(default)]
+    progress: (Vec<String>, Vec<String>),
 }
 
 /// The state of calls reported by webhooks.
@@ -296,6 +303,7 @@ impl WebhookModel {
                 record: None,
                 announced: Vec::new(),
                 placed_by: None,
+                progress: Default::default(),
             });
         call.last = call.last.max(at);
         if let Some(d) = e.direction {
@@ -388,6 +396,16 @@ impl WebhookModel {
                     hold_ms: 0,
                 });
             }
+            Kind::RingEnd => {
+                for r in call
+                    .rings
+                    .iter_mut()
+                    .filter(|r| r.end.is_none() && r.extension == ext)
+                {
+                    r.end = Some(at);
+                    r.status = Some("CANCEL".into());
+                }
+            }
             Kind::Hangup => {
                 let mut call = self.calls.remove(&e.call_id).expect("inserted above");
                 for r in call.rings.iter_mut().filter(|r| r.end.is_none()) {
@@ -399,6 +417,10 @@ impl WebhookModel {
                 }
                 out.extend(finish(&self.system_id, &e.call_id, call, at, e.result));
             }
+        }
+        if let Some(call) = self.calls.get_mut(&e.call_id) {
+            let id = format!("{}-{}", self.system_id, e.call_id);
+            out.extend(progress(&id, call).map(Output::Live));
         }
     }
 
@@ -426,6 +448,38 @@ impl WebhookModel {
             }
         }
     }
+}
+
+/// A `Progress` event when the extensions ringing or talking changed since the last one, for a
+/// call already announced (as the AMI model does); none once nobody rings or talks (the call's
+/// `Hangup` follows).
+fn progress(external_id: &str, call: &mut WebCall) -> Option<LiveEvent> {
+    if call.announced.is_empty() {
+        return None;
+    }
+    let now = super::model::LiveCall::from_parts(
+        String::new(),
+        call.direction,
+        String::new(),
+        0,
+        &call.rings,
+        &call.talk,
+    );
+    let state = (now.ringing, now.talking);
+    if state == call.progress {
+        return None;
+    }
+    call.progress = state.clone();
+    if state.0.is_empty() && state.1.is_empty() {
+        return None;
+    }
+    Some(LiveEvent::Progress {
+        external_id: external_id.to_string(),
+        phone: call.phone.clone(),
+        direction: call.direction,
+        ringing: state.0,
+        talking: state.1,
+    })
 }
 
 fn finish(
@@ -778,5 +832,80 @@ mod tests {
         assert_eq!(r.outcome.sip_code(), 486);
         assert_eq!(r.conversations.len(), 1);
         assert_eq!(r.conversations[0].answer, None);
+    }
+
+    #[test]
+    fn progress_follows_rings_ending_and_answers() {
+        let ev = |kind: Kind, ext: Option<&str>, at: Millis| WebhookEvent {
+            call_id: "p1".into(),
+            kind,
+            direction: Some(Direction::In),
+            phone: Some("+491701234567".into()),
+            did: None,
+            extension: ext.map(str::to_string),
+            at: Some(at),
+            result: None,
+            record: None,
+        };
+        let mut m = WebhookModel::new("pbx");
+        let mut out = Vec::new();
+        m.apply(&ev(Kind::Start, None, 1_000), 1_000, &mut out);
+        assert!(out.is_empty(), "nothing announced yet: {out:?}");
+        for e in [
+            ev(Kind::Ringing, Some("101"), 1_100),
+            ev(Kind::Ringing, Some("102"), 1_100),
+            ev(Kind::RingEnd, Some("101"), 2_000),
+            // Ending a ring that is over already changes nothing.
+            ev(Kind::RingEnd, Some("101"), 2_100),
+            ev(Kind::Answer, Some("102"), 3_000),
+        ] {
+            m.apply(&e, 0, &mut out);
+        }
+        let progress: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Live(LiveEvent::Progress {
+                    ringing, talking, ..
+                }) => Some((ringing.clone(), talking.clone())),
+                _ => None,
+            })
+            .collect();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            progress,
+            vec![
+                (s(&["101"]), s(&[])),
+                (s(&["101", "102"]), s(&[])),
+                (s(&["102"]), s(&[])),
+                (s(&[]), s(&["102"])),
+            ]
+        );
+        out.clear();
+        m.apply(&ev(Kind::Hangup, None, 10_000), 0, &mut out);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Live(LiveEvent::Progress { .. }))),
+            "a call that ends gets its hangup, no progress"
+        );
+        let r = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Finished(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        let rings: Vec<_> = r
+            .rings
+            .iter()
+            .map(|r| (r.extension.as_str(), r.end, r.status.as_deref()))
+            .collect();
+        assert_eq!(
+            rings,
+            vec![
+                ("101", Some(2_000), Some("CANCEL")),
+                ("102", Some(3_000), Some("ANSWER"))
+            ]
+        );
+        assert_eq!((r.answered_by.as_deref(), r.talk_seconds), (Some("102"), 7));
     }
 }

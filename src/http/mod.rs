@@ -4,6 +4,7 @@
 pub(crate) mod admin;
 pub(crate) mod bitrix24;
 pub(crate) mod callbacks;
+pub(crate) mod callgate;
 pub mod conn;
 pub(crate) mod error;
 pub(crate) mod params;
@@ -104,11 +105,24 @@ pub struct AppState {
     started: Instant,
     /// The dashboard's open live-update streams.
     admin_streams: admin::Streams,
+    /// The CallGate-compatible API (`/rest/...`).
+    callgate: crate::callgate::CallGate,
 }
 
 impl AppState {
     fn new(services: Services) -> AppState {
+        let callgate = crate::callgate::CallGate::new(
+            crate::callgate::Parts {
+                config: services.config.clone(),
+                tracker: services.tracker.clone(),
+                router: services.router.clone(),
+                crm: services.crm.clone(),
+                outbox: services.outbox.clone(),
+            },
+            services.click_to_call.clone(),
+        );
         AppState {
+            callgate,
             services,
             started: Instant::now(),
             admin_streams: admin::Streams::default(),
@@ -301,8 +315,12 @@ fn app(
         .configure(sandbox::routes)
 }
 
-/// A recording link's token is a credential: only its first characters are logged.
+/// A recording link's token is a credential: only its first characters are logged. So is a
+/// CallGate `ukey` after `/rest/telephony_predial/&`: nothing after the `&` is.
 fn loggable_path(path: &str) -> String {
+    if let Some(at) = path.find('&').filter(|_| path.starts_with("/rest/")) {
+        return format!("{}&…", &path[..at]);
+    }
     match path.strip_prefix(crate::records::PATH_PREFIX) {
         Some(token) if token.len() > 8 => {
             let cut = token.char_indices().nth(8).map_or(token.len(), |(i, _)| i);
@@ -341,7 +359,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(crate::http::records::recording))
                 .route(web::head().to(crate::http::records::recording)),
         )
-        .configure(admin::routes);
+        .configure(admin::routes)
+        .configure(callgate::routes);
 }
 
 #[cfg(test)]
@@ -354,5 +373,9 @@ mod tests {
             "/records/AAAAAAAA…"
         );
         assert_eq!(super::loggable_path("/crm/make-call"), "/crm/make-call");
+        assert_eq!(
+            super::loggable_path("/rest/telephony_predial/&ukey=secret&internal_phone=101"),
+            "/rest/telephony_predial/&…"
+        );
     }
 }

@@ -14,6 +14,7 @@ mod bitrix24_client;
 mod call_credit;
 mod call_scenarios;
 mod call_tracking;
+mod callgate;
 mod cli;
 mod cli_online;
 mod click_to_call;
