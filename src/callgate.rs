@@ -385,17 +385,9 @@ enum Assignee {
     },
 }
 
-/// The router's fallback reasons that mean "nobody is responsible". The router tells its
-/// cases apart only by these texts; any other fallback (the CRM failed or was late, the
-/// manager is away) answers `routing.fallback_code` when one is set.
-const NOBODY: &[&str] = &[
-    "no responsible manager",
-    "no responsible manager (cached)",
-    "no customer number",
-    "an employee's mobile",
-    "the hook chose nobody",
-];
-const NO_EXTENSION: &str = "the manager has no extension";
+/// The router's fallback reasons that mean "nobody is responsible"; any other fallback (the
+/// CRM failed or was late, the manager is away) answers `routing.fallback_code` when one is set.
+use crate::routing::reason::{NOBODY_AT_ALL as NOBODY, NO_EXTENSION};
 
 impl Assignee {
     fn of(route: &Route) -> Assignee {
@@ -1064,10 +1056,6 @@ impl CallGate {
                 "is required: internal_phone belongs to no CRM user",
             ));
         };
-        if let Some(c) = context.filter(|c| *c != self.config.ami.outbound_context) {
-            tracing::warn!(sip_context = %c, outbound_context = %self.config.ami.outbound_context,
-                "telephony_predial: sip_context is not supported; the call uses ami.outbound_context");
-        }
         let phone = PhoneNumber::parse(&phone)
             .map_err(|e| CgError::field("data[PHONE_NUMBER]", e.to_string()))?;
         let call = MakeCall {
@@ -1075,6 +1063,7 @@ impl CallGate {
             phone,
             user_id,
             external_phone: None,
+            context,
         };
         Ok(Reply::Json(match self.click_to_call.call(call).await? {
             Placed::Originated { call_id } => {

@@ -76,6 +76,9 @@ pub struct MakeCall {
     pub user_id: i64,
     /// The company number the call is made on behalf of, if the CRM named one.
     pub external_phone: Option<PhoneNumber>,
+    /// The dialplan context the customer is dialled in, instead of `ami.outbound_context`
+    /// (CallGate's `sip_context`); checked by whoever received it.
+    pub context: Option<String>,
 }
 
 /// Why a click-to-call was not placed.
@@ -236,7 +239,10 @@ impl ClickToCall {
             .replace("{context}", &ami.internal_context);
         OriginateParams {
             channel,
-            context: ami.outbound_context.clone(),
+            context: req
+                .context
+                .clone()
+                .unwrap_or_else(|| ami.outbound_context.clone()),
             exten: req.phone.as_str().to_string(),
             caller_id: format!("\"{}\" <{}>", req.phone, req.phone),
             timeout_ms: u64::try_from(ami.originate_timeout.as_millis()).unwrap_or(u64::MAX),

@@ -415,6 +415,7 @@ async fn call(
         phone,
         user_id,
         external_phone: None,
+        context: None,
     };
     let answer = match state.click_to_call.call(request).await? {
         Outcome::Originated { call_id } => json!({"success": true, "callId": call_id}),

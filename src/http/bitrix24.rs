@@ -105,6 +105,7 @@ async fn call_start(
         phone: number,
         user_id,
         external_phone: line.and_then(|l| dial_number(&l)),
+        context: None,
     };
     if let Err(e) = state
         .click_to_call
@@ -146,6 +147,7 @@ async fn callback_start(state: web::Data<AppState>, phone: String, line: Option<
         phone: number,
         user_id,
         external_phone: line.and_then(|l| dial_number(&l)),
+        context: None,
     };
     if let Err(e) = state
         .click_to_call

@@ -156,6 +156,7 @@ fn make_call_request(params: &Params) -> Result<MakeCall, ApiError> {
             phone,
             user_id,
             external_phone,
+            context: None,
         }),
         _ => Err(ApiError::fields(StatusCode::BAD_REQUEST, errors)),
     }

@@ -52,6 +52,26 @@ const AUTODISTRIBUTION: &[(&str, FieldKind)] = &[
 ];
 
 /// The fallback reasons that mean the lookup itself failed (`error` at the hook).
+/// Why a route is the fallback: the texts of [`Route::reason`], for callers that tell the
+/// cases apart (the CallGate API answers `[]` for nobody, `no_internal_numbers` for a manager
+/// without an extension).
+pub mod reason {
+    pub const NO_NUMBER: &str = "no customer number";
+    pub const EMPLOYEE_MOBILE: &str = "an employee's mobile";
+    pub const NOBODY: &str = "no responsible manager";
+    pub const NOBODY_CACHED: &str = "no responsible manager (cached)";
+    pub const HOOK_NOBODY: &str = "the hook chose nobody";
+    pub const NO_EXTENSION: &str = "the manager has no extension";
+    /// Every reason meaning that nobody is responsible for the number.
+    pub const NOBODY_AT_ALL: &[&str] = &[
+        NOBODY,
+        NOBODY_CACHED,
+        NO_NUMBER,
+        EMPLOYEE_MOBILE,
+        HOOK_NOBODY,
+    ];
+}
+
 const LOOKUP_FAILED: &str = "the CRM lookup failed";
 const LOOKUP_LATE: &str = "the CRM did not answer in time";
 const NO_API_KEY: &str = "crm.api_key is empty";
@@ -290,17 +310,17 @@ impl Router {
             };
         }
         if !number.is_external() {
-            return self.fallback("no customer number", None);
+            return self.fallback(reason::NO_NUMBER, None);
         }
         if inner.phones.fmc(number).is_some() {
-            return self.fallback("an employee's mobile", None);
+            return self.fallback(reason::EMPLOYEE_MOBILE, None);
         }
         let key = number.canonical.clone();
         if let Some(hit) = self.cache_get(&key) {
             inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return match hit {
                 Some(m) => self.to_route(m, Source::Cache),
-                None => self.fallback("no responsible manager (cached)", None),
+                None => self.fallback(reason::NOBODY_CACHED, None),
             };
         }
         if !inner.crm.is_configured() {
@@ -315,7 +335,7 @@ impl Router {
         };
         match answer {
             Some(Lookup::Found(m)) => self.to_route(m, Source::Crm),
-            Some(Lookup::Nobody) => self.fallback("no responsible manager", None),
+            Some(Lookup::Nobody) => self.fallback(reason::NOBODY, None),
             Some(Lookup::Failed) | None => self.fallback(LOOKUP_FAILED, None),
         }
     }
@@ -380,7 +400,7 @@ impl Router {
             let code = value.as_str().map(str::trim).unwrap_or_default();
             if code.is_empty() {
                 if route.source != Source::Fallback {
-                    route = self.fallback("the hook chose nobody", None);
+                    route = self.fallback(reason::HOOK_NOBODY, None);
                 }
             } else if !ExtensionCode::is_valid(code) {
                 tracing::warn!(
@@ -471,7 +491,7 @@ impl Router {
                 name: None,
             },
             None => {
-                let mut r = self.fallback("the manager has no extension", status);
+                let mut r = self.fallback(reason::NO_EXTENSION, status);
                 r.user_id = m.user_id;
                 r
             }

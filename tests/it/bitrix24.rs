@@ -261,6 +261,11 @@ async fn an_attended_transfer_moves_the_card_and_finishes_with_the_second_manage
     );
     assert_eq!(int(&fin["DURATION"]), Some(82));
     assert_eq!(b.portal.calls().len(), 1);
+    assert!(
+        call.shown_ever.contains(&12),
+        "the card went to 102: {:?}",
+        call.card_log
+    );
     assert!(b.portal.open_cards().is_empty(), "{:?}", call.card_log);
 }
 
@@ -569,4 +574,87 @@ async fn a_recording_is_attached_as_our_link_and_the_portal_can_fetch_it() {
     assert_eq!(rec["fetched_bytes"], bytes.len());
     assert_eq!(rec["fetched_type"], "audio/wav");
     assert!(rec["RECORD_URL"].as_str().unwrap().starts_with(&b.app.base));
+}
+
+#[tokio::test]
+async fn a_callgate_dialplan_drives_bitrix24_calls_and_passes_methods_through() {
+    const UKEY: &str = "cg-ukey-0123456789abcdef";
+    let b = b24_app(|c| c.callgate.ukey = Secret::new(UKEY)).await;
+    let get = |method: &str, params: Vec<(&str, &str)>| {
+        let mut q = vec![("ukey", UKEY)];
+        q.extend(params);
+        b.app
+            .http
+            .get(b.app.url(&format!("/rest/{method}/")))
+            .query(&q)
+            .send()
+    };
+    // The dialplan announces the call to 101 and 102 and keeps Bitrix24's CALL_ID.
+    let r = get(
+        "find_assignee",
+        vec![
+            ("phone", "+79991234567"),
+            ("telephony_show", "y"),
+            ("internal_phone", "101|102"),
+            ("return_only_call_id", "y"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let call_id = r.text().await.unwrap();
+    assert!(call_id.starts_with("externalCall."), "{call_id}");
+    let call = b.portal.call(&call_id).expect("registered in the portal");
+    assert_eq!((call.kind, call.user_id), (2, 11));
+    b.portal
+        .wait_for(WAIT, "both cards open", |p| {
+            (p.call(&call_id)?.visible.len() == 2).then_some(())
+        })
+        .await;
+    // 101 answered: the other card goes; then the call ends after 30 s of talk.
+    let r = get(
+        "telephony_hide",
+        vec![("call_id", &call_id), ("internal_phone_answered", "101")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.text().await.unwrap(), "true");
+    let r = get(
+        "telephony_finish",
+        vec![
+            ("call_id", &call_id),
+            ("internal_phone_answered", "101"),
+            ("duration", "30"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let call = b
+        .finished_call("the CallGate call finished", |c| c.call_id == call_id)
+        .await;
+    let fin = call.finished.as_ref().unwrap();
+    assert_eq!(
+        (int(&fin["USER_ID"]), int(&fin["DURATION"])),
+        (Some(11), Some(30))
+    );
+    assert_eq!(fin["STATUS_CODE"], "200");
+    assert_eq!(b.portal.calls().len(), 1);
+    b.queue_settled().await;
+    assert!(b.portal.open_cards().is_empty(), "{:?}", call.card_log);
+
+    // bitrix_api: the portal's answer, unchanged.
+    let r = b
+        .app
+        .http
+        .post(b.app.url("/rest/bitrix_api/"))
+        .query(&[("ukey", UKEY), ("method", "user.get")])
+        .json(&json!({"FILTER": {"UF_PHONE_INNER": "102"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["result"][0]["ID"], "12", "{v}");
+    assert!(v["time"].is_object(), "{v}");
 }

@@ -522,6 +522,10 @@ async fn predial_originates_from_the_users_extension() {
     let o = &app.ami.wait_for_actions("Originate", 1).await[0];
     assert_eq!(o.get("Channel"), Some("Local/102@from-internal"));
     assert_eq!(o.get("Exten"), Some("89161234567"));
+    assert_eq!(
+        o.get("Context"),
+        Some(app.state.config.ami.outbound_context.as_str())
+    );
     assert_eq!(v["call_id"].as_str(), o.get("ChannelId"));
     assert!(o.get_all("Variable").any(|v| v == "__PBXGATE_USER_ID=2"));
 
@@ -529,7 +533,7 @@ async fn predial_originates_from_the_users_extension() {
     let r = app
         .http
         .post(app.url(&format!(
-            "/rest/telephony_predial/&ukey={UKEY}&internal_phone=101"
+            "/rest/telephony_predial/&ukey={UKEY}&internal_phone=101&sip_context=ring-group"
         )))
         .form(&[("data[PHONE_NUMBER]", "555-55-55")])
         .send()
@@ -538,8 +542,12 @@ async fn predial_originates_from_the_users_extension() {
     assert_eq!(r.status(), 200);
     let o = &app.ami.wait_for_actions("Originate", 2).await[1];
     assert_eq!(
-        (o.get("Channel"), o.get("Exten")),
-        (Some("Local/101@from-internal"), Some("5555555"))
+        (o.get("Channel"), o.get("Exten"), o.get("Context")),
+        (
+            Some("Local/101@from-internal"),
+            Some("5555555"),
+            Some("ring-group")
+        )
     );
 
     // A user with no extension and no fallback; a number that is none.
