@@ -22,6 +22,7 @@ mod crm_client;
 mod dashboard;
 mod demo;
 mod fake_bitrix24;
+mod hook_bitrix24;
 mod hook_failures;
 mod hook_originate;
 mod hook_points;
