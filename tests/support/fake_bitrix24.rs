@@ -310,6 +310,8 @@ struct State {
     next_file: i64,
     next_line: i64,
     next_activity: i64,
+    /// `crm.<activity|lead|contact|company>.update` taken: (kind, id, fields).
+    updates: Vec<(String, i64, Value)>,
     // OAuth server
     codes: HashSet<String>,
     access: HashMap<String, AccessToken>,
@@ -369,6 +371,7 @@ impl State {
             next_file: 501,
             next_line: 1,
             next_activity: 9001,
+            updates: Vec::new(),
             codes: HashSet::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
@@ -534,6 +537,11 @@ impl FakeBitrix24 {
 
     pub fn bindings(&self) -> Vec<FakeBinding> {
         self.lock().bindings.clone()
+    }
+
+    /// What `crm.<activity|lead|contact|company>.update` changed: (kind, id, fields).
+    pub fn updates(&self) -> Vec<(String, i64, Value)> {
+        self.lock().updates.clone()
     }
 
     /// The scopes `scope` reports and methods are checked against (default telephony, crm,
@@ -1427,6 +1435,10 @@ async fn exec(
         "crm.duplicate.findbycomm" => find_by_comm(st, p)?,
         "crm.contact.get" => contact_get(st, p)?,
         "crm.lead.get" => lead_get(st, p)?,
+        "crm.activity.update" => crm_update(st, p, "activity")?,
+        "crm.lead.update" => crm_update(st, p, "lead")?,
+        "crm.contact.update" => crm_update(st, p, "contact")?,
+        "crm.company.update" => crm_update(st, p, "company")?,
         "user.get" => return user_get(st, p),
         "user.current" => user_json(st.users.get(&WEBHOOK_USER).unwrap()),
         "profile" => {
@@ -2201,6 +2213,27 @@ fn entity_id(p: &Value) -> Result<i64, ApiError> {
     int(get(p, "id"))
         .filter(|id| *id > 0)
         .ok_or_else(|| tel("ID is not defined or invalid."))
+}
+
+/// `crm.<kind>.update` `{id, fields}`: the record must exist and `fields` be a non-empty
+/// object; the change is kept for the tests.
+fn crm_update(st: &mut State, p: &Value, kind: &str) -> Result<Value, ApiError> {
+    let id = entity_id(p)?;
+    let exists = match kind {
+        "activity" => id < st.next_activity,
+        "lead" => st.leads.iter().any(|l| l.id == id),
+        "contact" => st.contacts.iter().any(|c| c.id == id),
+        _ => false,
+    };
+    if !exists {
+        return Err(err(400, "ERROR_CORE", "Not found"));
+    }
+    let fields = get(p, "fields").cloned().unwrap_or(Value::Null);
+    if !fields.as_object().is_some_and(|f| !f.is_empty()) {
+        return Err(err(400, "ERROR_CORE", "The parameter 'fields' must be an array."));
+    }
+    st.updates.push((kind.to_string(), id, fields.clone()));
+    Ok(json!(true))
 }
 
 fn contact_get(st: &State, p: &Value) -> Result<Value, ApiError> {

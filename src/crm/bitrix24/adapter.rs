@@ -272,6 +272,12 @@ impl Inner {
         call_full(r, &self.phones, &jiff::tz::TimeZone::system())
     }
 
+    /// `customize_show_call_card` decides every card, the first one too: then `register` shows
+    /// none (`SHOW = 0`) and the cards follow in their own requests.
+    fn card_hook(&self) -> bool {
+        self.hooks.is_configured(points::CUSTOMIZE_SHOW_CALL_CARD)
+    }
+
     /// The users to show a card to, as `customize_show_call_card` leaves them.
     async fn card_users(
         &self,
@@ -374,7 +380,7 @@ impl Inner {
                             start: now_ms(),
                             crm_create: self.config.bitrix24.crm_create,
                             line: did.clone(),
-                            show: show_card == ShowCard::Ringing && known,
+                            show: show_card == ShowCard::Ringing && known && !self.card_hook(),
                             external_id: id.clone(),
                         };
                         let full = || self.live_full(&event);
@@ -435,7 +441,7 @@ impl Inner {
                             line: click_to_call
                                 .as_ref()
                                 .and_then(|c| c.external_phone.clone()),
-                            show: show_card == ShowCard::Ringing,
+                            show: show_card == ShowCard::Ringing && !self.card_hook(),
                             external_id: id.clone(),
                         };
                         let full = || self.live_full(&event);
