@@ -11,6 +11,7 @@ mod ami_parser;
 mod backfill;
 mod bitrix24;
 mod bitrix24_client;
+mod bitrix24_durability;
 mod call_credit;
 mod call_scenarios;
 mod call_tracking;
