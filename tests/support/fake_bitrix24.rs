@@ -2230,7 +2230,11 @@ fn crm_update(st: &mut State, p: &Value, kind: &str) -> Result<Value, ApiError> 
     }
     let fields = get(p, "fields").cloned().unwrap_or(Value::Null);
     if !fields.as_object().is_some_and(|f| !f.is_empty()) {
-        return Err(err(400, "ERROR_CORE", "The parameter 'fields' must be an array."));
+        return Err(err(
+            400,
+            "ERROR_CORE",
+            "The parameter 'fields' must be an array.",
+        ));
     }
     st.updates.push((kind.to_string(), id, fields.clone()));
     Ok(json!(true))

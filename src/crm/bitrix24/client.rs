@@ -254,7 +254,7 @@ impl B24Client {
             out.errors.insert(
                 key,
                 B24Error::Api {
-                    status: 400,
+                    status: item_status(&code),
                     code,
                     description,
                 },
@@ -598,6 +598,24 @@ fn object(params: Value) -> Result<Map<String, Value>, B24Error> {
 }
 
 /// A batch's per-command map (an object, or a list when PHP saw only numeric keys).
+/// The HTTP status a batch item's error would have had on its own (items carry none): a
+/// server-side error or a limit inside a batch is as retriable as outside one.
+fn item_status(code: &str) -> u16 {
+    match code {
+        "INTERNAL_SERVER_ERROR" | "ERROR_UNEXPECTED_ANSWER" | "PORTAL_DELETED" => 500,
+        "QUERY_LIMIT_EXCEEDED" | "OVERLOAD_LIMIT" => 503,
+        "OPERATION_TIME_LIMIT" => 429,
+        "expired_token" | "invalid_token" | "NO_AUTH_FOUND" | "method_confirm_waiting" => 401,
+        "insufficient_scope"
+        | "ACCESS_DENIED"
+        | "WRONG_AUTH_TYPE"
+        | "INVALID_CREDENTIALS"
+        | "user_access_error" => 403,
+        "ERROR_METHOD_NOT_FOUND" => 404,
+        _ => 400,
+    }
+}
+
 fn entries(v: Option<&Value>) -> Vec<(String, &Value)> {
     match v {
         Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v)).collect(),
