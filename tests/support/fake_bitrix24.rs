@@ -2229,7 +2229,7 @@ fn crm_update(st: &mut State, p: &Value, kind: &str) -> Result<Value, ApiError> 
         return Err(err(400, "ERROR_CORE", "Not found"));
     }
     let fields = get(p, "fields").cloned().unwrap_or(Value::Null);
-    if !fields.as_object().is_some_and(|f| !f.is_empty()) {
+    if fields.as_object().is_none_or(|f| f.is_empty()) {
         return Err(err(
             400,
             "ERROR_CORE",
