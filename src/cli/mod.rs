@@ -6,6 +6,7 @@ mod backfill;
 mod bitrix24;
 mod demo;
 mod hooks;
+pub(crate) mod kommo_widget;
 mod outbox;
 mod service;
 

@@ -14,7 +14,8 @@ use crate::base::secret::Secret;
 #[derive(Debug, Clone, Serialize, Deserialize, Validate)]
 #[serde(deny_unknown_fields, default)]
 pub struct CrmConfig {
-    /// Which CRM pbxgate talks to: `retailcrm` (the default) or `bitrix24` (`[bitrix24]`).
+    /// Which CRM pbxgate talks to: `retailcrm` (the default), `bitrix24` (`[bitrix24]`) or
+    /// `kommo` (`[kommo]`).
     pub kind: CrmKind,
     #[validate(custom(function = "http_url"))]
     pub url: String,
@@ -91,6 +92,9 @@ pub enum CrmKind {
     /// Bitrix24 external telephony REST (`[bitrix24]`).
     #[serde(rename = "bitrix24")]
     Bitrix24,
+    /// Kommo (amoCRM) API v4 (`[kommo]`).
+    #[serde(rename = "kommo")]
+    Kommo,
 }
 
 impl Default for CrmConfig {

@@ -27,6 +27,7 @@ mod directory;
 mod history;
 mod hooks;
 mod http;
+mod kommo;
 mod load;
 mod log;
 mod manager_status;
@@ -49,6 +50,7 @@ pub use directory::{ExternalPhone, UserCode};
 pub use history::HistoryConfig;
 pub use hooks::{HookConfig, HooksConfig, HOOK_POINTS};
 pub use http::HttpConfig;
+pub use kommo::{KommoConfig, UnknownCaller};
 pub use load::{ConfigError, Origin, DEFAULT_PATH, ENV_PREFIX};
 pub use log::LogConfig;
 pub use manager_status::ManagerStatusConfig;
@@ -72,6 +74,9 @@ pub struct Config {
     /// `[callgate]`: the CallGate-compatible PBX API.
     #[validate(nested)]
     pub callgate: CallgateConfig,
+    /// `[kommo]`: the account, when `crm.kind = "kommo"`.
+    #[validate(nested)]
+    pub kommo: KommoConfig,
     #[validate(nested)]
     pub ami: AmiConfig,
     #[validate(nested)]

@@ -1,7 +1,8 @@
 //! The CRM side of pbxgate: the port ([`port`]) that everything else talks to, the neutral
-//! registration loop, and one adapter per CRM ([`retailcrm`], [`bitrix24`]). `crm.kind` selects the adapter.
+//! registration loop, and one adapter per CRM ([`retailcrm`], [`bitrix24`], [`kommo`]). `crm.kind` selects the adapter.
 
 pub mod bitrix24;
+pub mod kommo;
 pub mod port;
 pub mod registration;
 pub mod retailcrm;
@@ -35,5 +36,6 @@ pub fn connect(
             Ok(Arc::new(crm))
         }
         CrmKind::Bitrix24 => Ok(Arc::new(bitrix24::Bitrix24::new(config, state, hooks)?)),
+        CrmKind::Kommo => Ok(Arc::new(kommo::Kommo::new(config, state, hooks)?)),
     }
 }

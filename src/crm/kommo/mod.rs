@@ -1,0 +1,13 @@
+//! The Kommo (amoCRM) adapter (API v4): the client with its rate limit, typed errors and
+//! tokens ([`client`], [`error`], [`oauth`]), the widget's token check ([`widget`]), and the
+//! port's implementation ([`adapter`]).
+
+pub mod adapter;
+pub mod client;
+pub mod error;
+pub mod oauth;
+pub mod widget;
+
+pub use adapter::Kommo;
+pub use client::KommoClient;
+pub use error::KommoError;

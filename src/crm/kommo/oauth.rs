@@ -1,0 +1,1 @@
+//! OAuth tokens of a Kommo integration. (Interface; the implementation follows.)
