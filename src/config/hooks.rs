@@ -44,6 +44,11 @@ pub const HOOK_POINTS: &[&str] = &[
     "customize_attach_record_url",
     "customize_activity",
     "customize_entity",
+    "process_contact_creation_params",
+    "process_lead_creation_params",
+    "process_unsorted_params",
+    "process_contact_update_params",
+    "process_lead_update_params",
 ];
 
 /// The shortest and the longest hook timeout accepted.

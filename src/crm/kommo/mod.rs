@@ -5,7 +5,9 @@
 pub mod adapter;
 pub mod client;
 pub mod error;
+pub mod mapping;
 pub mod oauth;
+pub mod points;
 pub mod widget;
 
 pub use adapter::Kommo;
