@@ -131,7 +131,7 @@ mod tests {
 kind = "kommo"
 [kommo]
 base_url = "https://acme.kommo.com"
-long_lived_token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.secret"
+long_lived_token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.topsecretvalue"
 unknown_caller = "unsorted"
 missed_call_tasks = true
 [[users]]
@@ -145,7 +145,7 @@ code = "101"
         assert_eq!(c.kommo.unknown_caller, UnknownCaller::Unsorted);
         assert_eq!(c.kommo.origin(), "https://acme.kommo.com");
         assert!(c.kommo.is_configured() && !c.kommo.uses_oauth());
-        assert!(!format!("{c:?}").contains("secret"));
+        assert!(!format!("{c:?}").contains("topsecretvalue"));
     }
 
     #[test]

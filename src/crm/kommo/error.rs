@@ -31,7 +31,7 @@ impl KommoError {
             KommoError::Transport { .. } => FailureKind::Transient,
             KommoError::EntityNotFound => FailureKind::Refused,
             KommoError::Api { status, .. } => match status {
-                401 | 402 | 403 => FailureKind::Blocked,
+                401..=403 => FailureKind::Blocked,
                 429 => FailureKind::Transient,
                 s if *s >= 500 => FailureKind::Transient,
                 _ => FailureKind::Refused,
