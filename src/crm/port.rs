@@ -160,6 +160,13 @@ pub trait Crm: Send + Sync + 'static {
         None
     }
 
+    /// How long the CRM's next request would wait for its rate limit (zero: none). The outbox
+    /// waits that long (bounded) before reading a batch that is not full: the delivery would
+    /// wait anyway, and the calls ending meanwhile go in the same request.
+    fn pacing(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// The CRM's own id of a call in progress (Bitrix24's `CALL_ID`), waiting at most `within`
     /// for the call to be registered; `None` when this CRM has no such id, or not in time.
     fn call_ref<'a>(

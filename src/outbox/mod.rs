@@ -40,6 +40,9 @@ use crate::pipeline::{points, CallSink};
 use crate::records::Records;
 use crate::store::{Store, StoreError};
 
+/// The longest the uploader waits for the CRM's rate limit before reading a batch.
+const PACING_WAIT_MAX: Duration = Duration::from_secs(8);
+
 /// Why a drain stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drain {
@@ -452,6 +455,9 @@ impl Outbox {
             if inner.stopping.load(Ordering::Relaxed) {
                 return Drain::Paused("stopping");
             }
+            if after.is_some() {
+                self.wait_for_pacing(size).await;
+            }
             let now = now_ms();
             // Reading the queue and looking at recording files block: off the async workers.
             let this = self.clone();
@@ -512,6 +518,21 @@ impl Outbox {
                 }
                 Err(Stop::Store(e)) => return Drain::Retry(format!("store: {e}")),
             }
+        }
+    }
+
+    /// Before reading a batch that would not be full: waits as long as the CRM's rate limit
+    /// would hold its request anyway (at most [`PACING_WAIT_MAX`], ending early when the batch
+    /// fills or the service stops), so the calls ending meanwhile share the request.
+    async fn wait_for_pacing(&self, size: usize) {
+        let inner = &self.inner;
+        let until = tokio::time::Instant::now() + inner.crm.pacing().min(PACING_WAIT_MAX);
+        while tokio::time::Instant::now() < until
+            && !inner.stopping.load(Ordering::Relaxed)
+            && inner.store.counts().pending.load(Ordering::Relaxed) < size as u64
+        {
+            tokio::time::sleep(Duration::from_millis(50).min(until - tokio::time::Instant::now()))
+                .await;
         }
     }
 

@@ -1054,6 +1054,10 @@ impl Crm for Bitrix24 {
         self.inner.client.requests()
     }
 
+    fn pacing(&self) -> Duration {
+        self.inner.client.pacing()
+    }
+
     fn call_ref<'a>(
         &'a self,
         external_id: &'a str,

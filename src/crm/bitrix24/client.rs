@@ -190,6 +190,11 @@ impl B24Client {
         })
     }
 
+    /// How long the next request would wait for the portal's bucket.
+    pub fn pacing(&self) -> std::time::Duration {
+        self.inner.bucket.wait()
+    }
+
     /// Up to 50 commands `(key, method, params)` in one request (one for the leaky bucket).
     /// `halt`: the portal stops at the first failing command.
     pub async fn batch(

@@ -67,6 +67,19 @@ impl LeakyBucket {
         tokio::time::sleep_until(at).await;
     }
 
+    /// How long a request asked for now would wait for room (zero: it goes at once).
+    pub fn wait(&self) -> Duration {
+        let empty_at = *self.lock();
+        let now = Instant::now();
+        let level_end = empty_at.map_or(now, |t| t.max(now));
+        let tolerance = self.interval * (self.capacity - 1);
+        level_end
+            .checked_sub(tolerance)
+            .unwrap_or(now)
+            .max(now)
+            .duration_since(now)
+    }
+
     /// The portal said its bucket is full (`QUERY_LIMIT_EXCEEDED`): from now on, requests go
     /// out at the drain rate only, until it had time to empty.
     pub fn fill(&self) {
