@@ -1,10 +1,11 @@
 //! The Kommo (amoCRM) adapter (API v4): the client with its rate limit, typed errors and
-//! tokens ([`client`], [`error`], [`oauth`]), the widget's token check ([`widget`]), and the
+//! tokens ([`client`], [`limiter`], [`error`], [`oauth`]), the widget's token check ([`widget`]), and the
 //! port's implementation ([`adapter`]).
 
 pub mod adapter;
 pub mod client;
 pub mod error;
+pub mod limiter;
 pub mod oauth;
 pub mod widget;
 
