@@ -1,11 +1,12 @@
-//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill|hooks|bitrix24]`.
+//! Command line: `pbxgate [--config PATH] [serve|register|check|outbox|backfill|hooks|bitrix24|kommo]`.
 //! Only `main.rs` uses it; the operator commands that own a module are `outbox`, `backfill`,
-//! `hooks` and `bitrix24`.
+//! `hooks`, `bitrix24` and `kommo`.
 
 mod backfill;
 mod bitrix24;
 mod demo;
 mod hooks;
+mod kommo;
 pub(crate) mod kommo_widget;
 mod outbox;
 mod service;
@@ -70,6 +71,11 @@ pub enum Command {
         #[command(subcommand)]
         command: bitrix24::Bitrix24Command,
     },
+    /// Kommo: authorise pbxgate as an OAuth integration; write the widget's archive.
+    Kommo {
+        #[command(subcommand)]
+        command: kommo::KommoCommand,
+    },
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -124,6 +130,7 @@ pub fn main() -> ExitCode {
             Command::Backfill(args) => backfill::run(&config, &args).await,
             Command::Hooks { command } => hooks::run(&config, command).await,
             Command::Bitrix24 { command } => bitrix24::run(&config, command).await,
+            Command::Kommo { command } => kommo::run(&config, command).await,
             // Started above, before any configuration is loaded.
             Command::Demo(_) => ExitCode::SUCCESS,
         }
