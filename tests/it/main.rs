@@ -23,6 +23,7 @@ mod crm_client;
 mod dashboard;
 mod demo;
 mod fake_bitrix24;
+mod fake_kommo;
 mod hook_bitrix24;
 mod hook_failures;
 mod hook_originate;

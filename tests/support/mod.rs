@@ -5,6 +5,7 @@ pub mod captures;
 pub mod fake_ami;
 pub mod fake_bitrix24;
 pub mod fake_crm;
+pub mod fake_kommo;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use tempfile::TempDir;
 pub use fake_ami::FakeAmi;
 pub use fake_bitrix24::FakeBitrix24;
 pub use fake_crm::{FakeCrm, Fault};
+pub use fake_kommo::FakeKommo;
 
 /// Logs go to the test output when `TEST_LOG` is set.
 pub fn init_logs() {
