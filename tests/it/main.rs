@@ -35,6 +35,7 @@ mod hooks;
 mod hooks_cli;
 mod http_api;
 mod http_limits;
+mod kommo_widget;
 mod live_events;
 mod logs;
 mod manager_status;
