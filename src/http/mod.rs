@@ -7,6 +7,7 @@ pub(crate) mod callbacks;
 pub(crate) mod callgate;
 pub mod conn;
 pub(crate) mod error;
+pub(crate) mod kommo;
 pub(crate) mod params;
 pub(crate) mod pbx;
 pub(crate) mod records;
@@ -107,6 +108,8 @@ pub struct AppState {
     admin_streams: admin::Streams,
     /// The CallGate-compatible API (`/rest/...`).
     callgate: crate::callgate::CallGate,
+    /// The Kommo widget's stream tickets and open streams.
+    kommo: kommo::WidgetState,
 }
 
 impl AppState {
@@ -126,6 +129,7 @@ impl AppState {
             services,
             started: Instant::now(),
             admin_streams: admin::Streams::default(),
+            kommo: kommo::WidgetState::default(),
         }
     }
 }
@@ -360,6 +364,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::head().to(crate::http::records::recording)),
         )
         .configure(admin::routes)
+        .configure(kommo::routes)
         .configure(callgate::routes);
 }
 

@@ -12,19 +12,19 @@ use super::admin_api::{dead_call, webhook_call};
 use crate::support::TestApp;
 
 /// One browser at a time: each takes a core while it starts.
-static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// chromedriver on an ephemeral port and a headless Chromium session with a fresh profile.
-struct Browser {
-    client: Client,
+pub(crate) struct Browser {
+    pub(crate) client: Client,
     driver: tokio::process::Child,
     _profile: tempfile::TempDir,
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    pub(crate) async fn start() -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -78,7 +78,7 @@ impl Browser {
         }
     }
 
-    async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
+    pub(crate) async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .wait()
             .at_most(WAIT)
@@ -87,7 +87,7 @@ impl Browser {
             .unwrap_or_else(|e| panic!("{css}: {e}"))
     }
 
-    async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         if let Ok(png) = self.client.screenshot().await {
             if let Some(dir) = std::env::var_os("DASHBOARD_SCREENSHOTS") {
                 let _ = std::fs::write(

@@ -37,6 +37,7 @@ mod hooks_cli;
 mod http_api;
 mod http_limits;
 mod kommo_client;
+mod kommo_widget;
 mod live_events;
 mod logs;
 mod manager_status;
