@@ -36,6 +36,7 @@ mod hooks;
 mod hooks_cli;
 mod http_api;
 mod http_limits;
+mod kommo;
 mod kommo_client;
 mod kommo_widget;
 mod live_events;
