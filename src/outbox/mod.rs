@@ -521,12 +521,17 @@ impl Outbox {
         }
     }
 
-    /// Before reading a batch that would not be full: waits as long as the CRM's rate limit
-    /// would hold its request anyway (at most [`PACING_WAIT_MAX`], ending early when the batch
-    /// fills or the service stops), so the calls ending meanwhile share the request.
+    /// Before reading a batch that would not be full while the CRM's rate limit holds its
+    /// requests back (the CRM is the bottleneck): waits up to [`PACING_WAIT_MAX`] for the batch
+    /// to fill (ending early when it does, or when the service stops), so the calls ending
+    /// meanwhile share one request instead of each taking a slot of their own. Below the
+    /// limit nothing waits.
     async fn wait_for_pacing(&self, size: usize) {
         let inner = &self.inner;
-        let until = tokio::time::Instant::now() + inner.crm.pacing().min(PACING_WAIT_MAX);
+        if inner.crm.pacing().is_zero() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + PACING_WAIT_MAX;
         while tokio::time::Instant::now() < until
             && !inner.stopping.load(Ordering::Relaxed)
             && inner.store.counts().pending.load(Ordering::Relaxed) < size as u64
