@@ -940,9 +940,11 @@ impl Crm for Bitrix24 {
         phone: &'a str,
         _ignore_status: bool,
     ) -> BoxFuture<'a, Result<Option<Responsible>, CrmFailure>> {
-        async move {
-            let found = self
-                .inner
+        // Detached: the router's deadline must not cut an OAuth refresh off half-way.
+        let inner = self.inner.clone();
+        let phone = phone.to_string();
+        detached(async move {
+            let found = inner
                 .client
                 .call(
                     "telephony.externalCall.searchCrmEntities",
@@ -963,10 +965,10 @@ impl Crm for Bitrix24 {
                 .filter(|c| !c.is_empty())
                 .map(str::to_string);
             let code = user_id
-                .and_then(|u| self.inner.directory.code_of(u))
+                .and_then(|u| inner.directory.code_of(u))
                 .or(inner_phone);
             Ok(Some(Responsible { code, user_id }))
-        }
+        })
         .boxed()
     }
 
@@ -1118,15 +1120,24 @@ impl Crm for Bitrix24 {
         method: &'a str,
         params: Value,
     ) -> BoxFuture<'a, Result<(u16, Vec<u8>), CrmFailure>> {
-        async move {
-            self.inner
-                .client
-                .raw(method, params)
-                .await
-                .map_err(|e| e.failure())
-        }
-        .boxed()
+        // Detached: a caller that hangs up must not cut an OAuth refresh off half-way.
+        let inner = self.inner.clone();
+        let method = method.to_string();
+        detached(async move { inner.client.raw(&method, params).await.map_err(|e| e.failure()) })
+            .boxed()
     }
+}
+
+/// Runs `f` in a task of its own and waits for it: dropping the waiter does not cancel it.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, CrmFailure>> + Send + 'static,
+) -> Result<T, CrmFailure> {
+    tokio::spawn(f).await.unwrap_or_else(|e| {
+        Err(CrmFailure {
+            kind: FailureKind::Transient,
+            message: format!("Bitrix24 task ended: {e}"),
+        })
+    })
 }
 
 #[cfg(test)]

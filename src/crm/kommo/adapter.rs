@@ -122,6 +122,18 @@ impl Kommo {
     }
 }
 
+/// Runs `f` in a task of its own and waits for it: dropping the waiter does not cancel it.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, CrmFailure>> + Send + 'static,
+) -> Result<T, CrmFailure> {
+    tokio::spawn(f).await.unwrap_or_else(|e| {
+        Err(CrmFailure {
+            kind: FailureKind::Transient,
+            message: format!("Kommo task ended: {e}"),
+        })
+    })
+}
+
 fn store_failure(e: crate::store::StoreError) -> CrmFailure {
     CrmFailure {
         kind: FailureKind::Transient,
@@ -582,7 +594,12 @@ impl Crm for Kommo {
     }
 
     fn publish<'a>(&'a self, event: &'a LiveEvent) -> BoxFuture<'a, Result<Published, CrmFailure>> {
-        self.inner.publish(event).boxed()
+        // In a task of its own, as every request that may refresh the OAuth pair: a caller
+        // that stops waiting (the live deadline) must not cut a refresh off between Kommo
+        // rotating the pair and pbxgate writing it down (a refresh token works once).
+        let inner = self.inner.clone();
+        let event = event.clone();
+        detached(async move { inner.publish(&event).await }).boxed()
     }
 
     fn batch_limit(&self) -> usize {
@@ -646,7 +663,9 @@ impl Crm for Kommo {
         phone: &'a str,
         _ignore_status: bool,
     ) -> BoxFuture<'a, Result<Option<Responsible>, CrmFailure>> {
-        async move { self.inner.responsible(phone).await.map_err(|e| e.failure()) }.boxed()
+        let inner = self.inner.clone();
+        let phone = phone.to_string();
+        detached(async move { inner.responsible(&phone).await.map_err(|e| e.failure()) }).boxed()
     }
 
     fn directory(&self) -> Vec<DirectoryEntry> {
