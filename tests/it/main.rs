@@ -26,6 +26,7 @@ mod fake_bitrix24;
 mod fake_kommo;
 mod hook_bitrix24;
 mod hook_failures;
+mod hook_kommo;
 mod hook_originate;
 mod hook_points;
 mod hook_records;
