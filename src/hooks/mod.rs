@@ -85,7 +85,7 @@ pub enum FieldKind {
     /// An object whose values are all strings (e.g. channel variables).
     StringMap,
     Array,
-    /// Anything but `null`.
+    /// Any value with no `null` in it, at any depth (CRMs that refuse nulls: Kommo).
     Any,
 }
 
@@ -107,7 +107,7 @@ impl FieldKind {
                 .as_object()
                 .is_some_and(|m| m.values().all(Value::is_string)),
             FieldKind::Array => v.is_array(),
-            FieldKind::Any => !v.is_null(),
+            FieldKind::Any => !has_null(v),
         }
     }
 
@@ -123,7 +123,7 @@ impl FieldKind {
             FieldKind::OptObject => "an object or null",
             FieldKind::StringMap => "an object of strings",
             FieldKind::Array => "an array",
-            FieldKind::Any => "a value (not null)",
+            FieldKind::Any => "a value with no null in it",
         }
     }
 }
@@ -427,6 +427,16 @@ impl Drop for GivenUp<'_> {
 }
 
 /// The fields of a `{"state": "success", "data": {...}}` answer the point allows.
+/// A `null` anywhere in the value.
+fn has_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(has_null),
+        Value::Object(m) => m.values().any(has_null),
+        _ => false,
+    }
+}
+
 fn accept(body: &[u8], fields: &[(&str, FieldKind)]) -> Result<Map<String, Value>, HookFailure> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         if body.iter().all(u8::is_ascii_whitespace) {

@@ -389,11 +389,42 @@ impl Inner {
         let Some((entity_id, kind)) = entity else {
             return;
         };
-        let (point, path) = match kind.as_str() {
-            "contacts" | "contact" => (points::PROCESS_CONTACT_UPDATE_PARAMS, "/api/v4/contacts"),
-            "leads" | "lead" => (points::PROCESS_LEAD_UPDATE_PARAMS, "/api/v4/leads"),
-            _ => return,
-        };
+        match kind.as_str() {
+            "contacts" | "contact" => {
+                self.update(r, points::PROCESS_CONTACT_UPDATE_PARAMS, "/api/v4/contacts", entity_id, "contacts")
+                    .await
+            }
+            "leads" | "lead" => {
+                self.update(r, points::PROCESS_LEAD_UPDATE_PARAMS, "/api/v4/leads", entity_id, "leads")
+                    .await;
+                // The lead's main contact gets its own point.
+                if !self.hooks.is_configured(points::PROCESS_CONTACT_UPDATE_PARAMS) {
+                    return;
+                }
+                let lead = self
+                    .client
+                    .get(&format!("/api/v4/leads/{entity_id}"), &[("with", "contacts".into())])
+                    .await;
+                let contacts = match &lead {
+                    Ok(Some(l)) => l["_embedded"]["contacts"].as_array().cloned().unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                let main = contacts
+                    .iter()
+                    .find(|c| c["is_main"] == true)
+                    .or(contacts.first())
+                    .and_then(|c| id_of(&c["id"]));
+                if let Some(contact) = main {
+                    self.update(r, points::PROCESS_CONTACT_UPDATE_PARAMS, "/api/v4/contacts", contact, "contacts")
+                        .await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// One update point on one record: `PATCH` with what the hook gives, if anything.
+    async fn update(&self, r: &CallRecord, point: &str, path: &str, entity_id: i64, kind: &str) {
         let about = json!({"id": entity_id, "type": kind});
         let mut fields =
             points::update(&self.hooks, point, &r.external_id, about, || self.full(r)).await;
