@@ -39,6 +39,7 @@ mod http_api;
 mod http_limits;
 mod kommo;
 mod kommo_client;
+mod kommo_durability;
 mod kommo_widget;
 mod live_events;
 mod logs;
