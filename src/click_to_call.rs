@@ -446,7 +446,14 @@ impl ClickToCall {
         let placed = self.call_as(req.clone(), call_id).await;
         let reason = match &placed {
             Ok(Outcome::Originated { .. }) => return placed,
+            // A repeated callback: the first one is the call.
+            Ok(Outcome::Duplicate) if crm_ref.is_empty() => return placed,
             Ok(Outcome::Duplicate) => "the same call was placed moments ago".to_string(),
+            // It may ring after all: its own history (if any) finishes the CRM's call.
+            Err(ClickToCallError::Timeout | ClickToCallError::Disconnected) => {
+                tracing::warn!(crm_ref, "the Originate's answer was lost; if the call never rings, the CRM's card stays open");
+                return placed;
+            }
             Err(e) => e.to_string(),
         };
         let record = unplaced_call(

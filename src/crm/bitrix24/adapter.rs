@@ -57,6 +57,8 @@ use crate::store::crm_state::CrmState;
 const CALL_PREFIX: &str = "bitrix24:call:";
 /// Calls per delivery: each takes up to three commands of one `batch` (hide, finish, record).
 const CALLS_PER_DELIVERY: usize = 16;
+/// Most entries kept in memory (the state tree has them all).
+const MAX_CACHED: usize = 4096;
 /// Entries of calls done are kept this long (a late duplicate delivery is recognised).
 const KEEP_DONE_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -180,6 +182,11 @@ impl Inner {
             if done {
                 entries.remove(id);
             } else {
+                // Only a cache of the state tree: calls that never finish (refused) must not
+                // make it grow without end.
+                if entries.len() >= MAX_CACHED {
+                    entries.clear();
+                }
                 entries.insert(id.to_string(), entry.clone());
             }
         }
@@ -557,10 +564,11 @@ impl Inner {
             },
             start: r.start,
             crm_create: self.config.bitrix24.crm_create,
+            // As the live register had it, so that the portal folds a repeat into it.
             line: if r.direction == Direction::Out {
                 r.external_phone.clone()
             } else {
-                r.did.clone().or_else(|| r.external_phone.clone())
+                r.did.clone()
             },
             show: false,
             external_id: r.external_id.clone(),
@@ -607,6 +615,9 @@ impl Inner {
             todo.push((i, entry));
         }
         let mut cmds: Vec<(String, String, Value)> = Vec::new();
+        // One recording sent as the file per request (16 of them would make one huge body);
+        // the others go as links.
+        let mut inline_left = 1usize;
         for (i, entry) in &todo {
             let (r, url) = &calls[*i];
             let finisher = self.finisher(r, entry);
@@ -633,7 +644,10 @@ impl Inner {
                     finish,
                 ));
             }
-            if let Some(record) = self.record_params(entry, r, url.as_deref()).await {
+            if let Some(record) = self
+                .record_params(entry, r, url.as_deref(), &mut inline_left)
+                .await
+            {
                 let record =
                     points::record(&self.hooks, &r.external_id, record, || self.full(r)).await;
                 cmds.push((
@@ -660,7 +674,7 @@ impl Inner {
             }
         };
         for (i, mut entry) in todo {
-            let (r, url) = &calls[i];
+            let (r, _) = &calls[i];
             let id = &r.external_id;
             if !entry.finished {
                 match answer.errors.get(&format!("f{i}")) {
@@ -694,7 +708,7 @@ impl Inner {
                         if failure.is_retriable() {
                             tracing::warn!(id = %id, error = %failure, "recording not attached yet; will retry");
                         } else {
-                            tracing::warn!(id = %id, error = %failure, url = url.as_deref().unwrap_or(""),
+                            tracing::warn!(id = %id, error = %failure,
                                 "Bitrix24 refused the recording; the call stays without it");
                             entry.record_done = true;
                         }
@@ -765,14 +779,16 @@ impl Inner {
         entry: &Entry,
         r: &CallRecord,
         url: Option<&str>,
+        inline_left: &mut usize,
     ) -> Option<Value> {
         if entry.record_done || r.outcome != Outcome::Answered {
             return None;
         }
         let url = url?;
         let name = record_name(r, url);
-        if self.config.bitrix24.record_upload == RecordUpload::File {
+        if self.config.bitrix24.record_upload == RecordUpload::File && *inline_left > 0 {
             if let Some(content) = self.record_file(r).await {
+                *inline_left -= 1;
                 return Some(json!({
                     "CALL_ID": entry.call_id,
                     "FILENAME": name,
@@ -1123,8 +1139,14 @@ impl Crm for Bitrix24 {
         // Detached: a caller that hangs up must not cut an OAuth refresh off half-way.
         let inner = self.inner.clone();
         let method = method.to_string();
-        detached(async move { inner.client.raw(&method, params).await.map_err(|e| e.failure()) })
-            .boxed()
+        detached(async move {
+            inner
+                .client
+                .raw(&method, params)
+                .await
+                .map_err(|e| e.failure())
+        })
+        .boxed()
     }
 }
 

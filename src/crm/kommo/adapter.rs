@@ -265,10 +265,17 @@ impl Inner {
             return delivery_of(f);
         }
         let item = call_item(r, &cx);
+        // Whether a failed request may still have been carried out (no answer in time, a
+        // server error): then the mark stays, and the next attempt says it may double.
+        let mut maybe_taken = false;
         let outcome = match self.client.post("/api/v4/calls", &json!([item])).await {
             Ok(answer) => Ok(self.logged_call(&answer)),
             Err(e) if e.is_entity_not_found() => self.unknown_caller(r, &cx, &item).await,
-            Err(e) => Err(e.failure()),
+            Err(e) => {
+                maybe_taken = matches!(e, KommoError::Transport { timeout: true, .. })
+                    || e.status().is_some_and(|s| s >= 500);
+                Err(e.failure())
+            }
         };
         match outcome {
             Ok(Some((how, entity))) => {
@@ -289,7 +296,7 @@ impl Inner {
             }
             Err(f) => {
                 tracing::warn!(id = %id, error = %f, "Kommo did not take the call");
-                if !f.is_retriable() {
+                if !maybe_taken {
                     let _ = self.state.as_ref().map(|s| s.remove(&key));
                 }
                 delivery_of(f)
@@ -391,22 +398,43 @@ impl Inner {
         };
         match kind.as_str() {
             "contacts" | "contact" => {
-                self.update(r, points::PROCESS_CONTACT_UPDATE_PARAMS, "/api/v4/contacts", entity_id, "contacts")
-                    .await
+                self.update(
+                    r,
+                    points::PROCESS_CONTACT_UPDATE_PARAMS,
+                    "/api/v4/contacts",
+                    entity_id,
+                    "contacts",
+                )
+                .await
             }
             "leads" | "lead" => {
-                self.update(r, points::PROCESS_LEAD_UPDATE_PARAMS, "/api/v4/leads", entity_id, "leads")
-                    .await;
+                self.update(
+                    r,
+                    points::PROCESS_LEAD_UPDATE_PARAMS,
+                    "/api/v4/leads",
+                    entity_id,
+                    "leads",
+                )
+                .await;
                 // The lead's main contact gets its own point.
-                if !self.hooks.is_configured(points::PROCESS_CONTACT_UPDATE_PARAMS) {
+                if !self
+                    .hooks
+                    .is_configured(points::PROCESS_CONTACT_UPDATE_PARAMS)
+                {
                     return;
                 }
                 let lead = self
                     .client
-                    .get(&format!("/api/v4/leads/{entity_id}"), &[("with", "contacts".into())])
+                    .get(
+                        &format!("/api/v4/leads/{entity_id}"),
+                        &[("with", "contacts".into())],
+                    )
                     .await;
                 let contacts = match &lead {
-                    Ok(Some(l)) => l["_embedded"]["contacts"].as_array().cloned().unwrap_or_default(),
+                    Ok(Some(l)) => l["_embedded"]["contacts"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
                     _ => Vec::new(),
                 };
                 let main = contacts
@@ -415,8 +443,14 @@ impl Inner {
                     .or(contacts.first())
                     .and_then(|c| id_of(&c["id"]));
                 if let Some(contact) = main {
-                    self.update(r, points::PROCESS_CONTACT_UPDATE_PARAMS, "/api/v4/contacts", contact, "contacts")
-                        .await;
+                    self.update(
+                        r,
+                        points::PROCESS_CONTACT_UPDATE_PARAMS,
+                        "/api/v4/contacts",
+                        contact,
+                        "contacts",
+                    )
+                    .await;
                 }
             }
             _ => {}
@@ -481,28 +515,32 @@ impl Inner {
         }
         body.insert("request_id".into(), json!("0"));
         let body = Value::Object(body);
-        if self.put(&key, &"owed").await.is_err() {
+        // The task is kept to be retried before it is sent: a crash now leaves it to the
+        // sweep (after a minute, so it does not race this attempt), never forgotten.
+        let retry_key = format!("{TASK_RETRY_PREFIX}{}", r.external_id);
+        let now = now_ms();
+        let mut retry = TaskRetry {
+            body: body.clone(),
+            attempts: 1,
+            since: now,
+            next_at: now + 60_000,
+        };
+        if self.put(&retry_key, &retry).await.is_err() || self.put(&key, &"owed").await.is_err() {
             return;
         }
         match self.client.post("/api/v4/tasks", &json!([body])).await {
             Ok(_) => {
+                let _ = self.state.as_ref().map(|s| s.remove(&retry_key));
                 let _ = self.put(&key, &"done").await;
                 tracing::info!(id = %r.external_id, "missed-call task created in Kommo");
             }
             Err(e) if e.failure().is_retriable() => {
-                let now = now_ms();
-                let retry = TaskRetry {
-                    body,
-                    attempts: 1,
-                    since: now,
-                    next_at: now + 1000,
-                };
-                let _ = self
-                    .put(&format!("{TASK_RETRY_PREFIX}{}", r.external_id), &retry)
-                    .await;
+                retry.next_at = now_ms() + 1000;
+                let _ = self.put(&retry_key, &retry).await;
                 tracing::warn!(id = %r.external_id, error = %e, "missed-call task not created yet; will retry");
             }
             Err(e) => {
+                let _ = self.state.as_ref().map(|s| s.remove(&retry_key));
                 let _ = self.put(&key, &"done").await;
                 tracing::warn!(id = %r.external_id, error = %e, "Kommo refused the missed-call task");
             }

@@ -327,6 +327,13 @@ impl KommoClient {
                     }
                 }
             }
+            // Kommo does not deduplicate: a POST that may have been carried out (no answer in
+            // time, a server error) goes back to the caller, which knows whether sending it
+            // again is safe. Only what certainly did nothing is sent again here.
+            if method == Method::POST && !post_may_retry(&e) {
+                tracing::debug!(base = %inner.base, path, error = %e, "Kommo request failed");
+                return Err(e);
+            }
             self.give_up_or_wait(&e, &mut attempt, &mut others_ok, failed.retry_after, path)
                 .await?;
         }
@@ -509,6 +516,15 @@ impl Inner {
         tracing::error!(base = %self.base, path, error = %e,
             cooldown_s = cooldown.as_secs(), "Kommo refuses the account: nothing is sent until the cooldown has passed, then one request tries again");
     }
+}
+
+/// A failed POST that certainly changed nothing: the rate limit, or a connection that was
+/// never made (a refused connection, not a timeout).
+fn post_may_retry(e: &KommoError) -> bool {
+    matches!(
+        e,
+        KommoError::RateLimited { .. } | KommoError::Transport { timeout: false, .. }
+    )
 }
 
 fn halted(alarm: &Alarm, now: Instant) -> KommoError {
