@@ -495,19 +495,25 @@ async fn a_429_pauses_at_least_a_second_then_the_request_is_retried() {
     assert!(gap >= Duration::from_secs(1), "{gap:?}");
     assert!(gap < Duration::from_secs(3), "{gap:?}");
 
-    // Server errors are retried too, at most crm.max_retries times.
-    for _ in 0..5 {
-        stub.script(
-            "/api/v4/calls",
-            503,
-            "application/problem+json",
-            r#"{"title":"Service Unavailable","status":503}"#,
-        );
+    // Server errors: a GET is retried, at most crm.max_retries times; a POST is not (it may
+    // have been carried out, and Kommo does not deduplicate): the caller decides.
+    for path in ["/api/v4/users", "/api/v4/calls"] {
+        for _ in 0..5 {
+            stub.script(
+                path,
+                503,
+                "application/problem+json",
+                r#"{"title":"Service Unavailable","status":503}"#,
+            );
+        }
     }
+    let e = client.get("/api/v4/users", &[]).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e:?}");
+    assert_eq!(stub.seen("/api/v4/users").len(), 4);
     let e = client.post("/api/v4/calls", &json!([])).await.unwrap_err();
     assert_eq!(e.status(), Some(503), "{e:?}");
     assert!(e.is_retriable());
-    assert_eq!(stub.seen("/api/v4/calls").len(), 4);
+    assert_eq!(stub.seen("/api/v4/calls").len(), 1);
     stub.stop().await;
 }
 
@@ -738,7 +744,7 @@ async fn requests_stay_below_the_account_limit() {
     }
     let times: Vec<Instant> = stub.seen("/api/v4/account").iter().map(|s| s.at).collect();
     assert_eq!(times.len(), 14);
-    // Kommo's limit is 7 per second: no second of arrivals holds more than 6.
+    // Kommo's limit is 7 per second: no second of arrivals holds more (7 per 1.05 s go out).
     let most = times
         .iter()
         .map(|t| {
@@ -749,7 +755,7 @@ async fn requests_stay_below_the_account_limit() {
         })
         .max()
         .unwrap();
-    assert!(most <= 6, "{most} requests within a second");
+    assert!(most <= 7, "{most} requests within a second");
     stub.stop().await;
 }
 
